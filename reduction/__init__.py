@@ -1,0 +1,48 @@
+"""tokenreduce.reduction: pure-JAX token merging and pruning, importable into any JAX model.
+
+No Flax import here: every op takes and returns arrays (or the small pytrees ``TokenState`` and
+``ReductionStep``), with counts as static Python ints.
+"""
+
+from reduction.attention import combine_biases, key_mask_bias, proportional_attention_bias
+from reduction.flops import (
+    attention_flops,
+    block_flops,
+    mlp_flops,
+    transformer_flops,
+    vit_flops,
+)
+from reduction.reducers import (
+    ATTENTION,
+    HIDDEN,
+    KEYS,
+    METRIC,
+    LayerInfo,
+    Reducer,
+    ToMe,
+    available_methods,
+    build_layer_reducers,
+    register,
+    tokens_per_layer,
+)
+from reduction.schedule import (
+    constant_ratio_tokens,
+    keep_count,
+    ratio_to_r,
+    tome_clamp,
+    tome_r_schedule,
+    tome_tokens_per_layer,
+)
+from reduction.state import TokenState, init_state, source_matrix, unmerge
+from reduction.step import (
+    ReductionStep,
+    apply_step,
+    apply_to_tokens,
+    compose_steps,
+    identity_step,
+    merge_step,
+    prune_step,
+)
+from reduction.tome import bipartite_soft_matching, cosine_normalize, merged_tokens, tome_merge
+
+__all__ = [name for name in dir() if not name.startswith("_")]

@@ -1,0 +1,166 @@
+"""One representation of a reduction step, applied in one place.
+
+Every method in this package (merging or pruning) produces a :class:`ReductionStep`; only
+:func:`apply_step` touches tokens, sizes, positions, the validity mask and the source map. This keeps
+the bookkeeping identical across methods and makes any method composable with any other.
+
+A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
+
+* ``assign[b, t]`` is the output slot of input token ``t``, or ``-1`` if the token is dropped.
+* ``anchor[b, k]`` is the input token that represents slot ``k`` (the kept token for pruning, the
+  destination token for merging); positions and validity are taken from it.
+* ``merges`` (static) says whether several inputs may share one slot. Pruning steps (``merges=False``)
+  are applied as a gather of ``anchor``; merging steps as a size-weighted segment sum over ``assign``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from reduction.state import TokenState
+from reduction.validate import check_rank
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ReductionStep:
+    """``assign: [B, T] int32``, ``anchor: [B, K] int32``; ``num_out`` (= K) and ``merges`` static."""
+
+    assign: jax.Array
+    anchor: jax.Array
+    num_out: int = dataclasses.field(metadata=dict(static=True))
+    merges: bool = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_in(self) -> int:
+        return self.assign.shape[1]
+
+
+def identity_step(batch: int, num_tokens: int) -> ReductionStep:
+    """The step that keeps every token in place."""
+    idx = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32), (batch, num_tokens))
+    return ReductionStep(assign=idx, anchor=idx, num_out=num_tokens, merges=False)
+
+
+def prune_step(keep_idx: jax.Array, num_tokens: int) -> ReductionStep:
+    """Pruning step from kept indices.
+
+    ``keep_idx: [B, K]`` int indices into ``T = num_tokens`` input tokens, in output order (callers sort
+    them to keep the original order). Returns a step with ``assign[b, keep_idx[b, k]] = k`` and ``-1``
+    elsewhere.
+    """
+    check_rank(keep_idx, 2, "keep_idx")
+    b, k = keep_idx.shape
+    keep_idx = keep_idx.astype(jnp.int32)
+    assign = jnp.full((b, num_tokens), -1, jnp.int32)
+    assign = jax.vmap(lambda a, i: a.at[i].set(jnp.arange(k, dtype=jnp.int32)))(assign, keep_idx)
+    return ReductionStep(assign=assign, anchor=keep_idx, num_out=k, merges=False)
+
+
+def merge_step(assign: jax.Array, anchor: jax.Array) -> ReductionStep:
+    """Merging step from an assignment ``[B, T]`` (slot or ``-1``) and anchors ``[B, K]``."""
+    check_rank(assign, 2, "assign")
+    check_rank(anchor, 2, "anchor")
+    return ReductionStep(
+        assign=assign.astype(jnp.int32), anchor=anchor.astype(jnp.int32), num_out=anchor.shape[1], merges=True
+    )
+
+
+def _take(arr: jax.Array, idx: jax.Array) -> jax.Array:
+    """Gather along the token axis: ``arr: [B, T, ...], idx: [B, K] -> [B, K, ...]``."""
+    idx = idx.reshape(idx.shape + (1,) * (arr.ndim - 2))
+    return jnp.take_along_axis(arr, idx, axis=1)
+
+
+def _segment_sum(values: jax.Array, assign: jax.Array, num_out: int) -> jax.Array:
+    """Per-example segment sum of ``values: [B, T, ...]`` into ``num_out`` slots; ``-1`` is discarded."""
+    slots = jnp.where(assign < 0, num_out, assign)
+
+    def one(v, s):
+        return jax.ops.segment_sum(v, s, num_segments=num_out + 1, indices_are_sorted=False)[:num_out]
+
+    return jax.vmap(one)(values, slots)
+
+
+def remap_source(source: Optional[jax.Array], assign: jax.Array) -> Optional[jax.Array]:
+    """Compose a ``[B, N]`` source map with a step's ``[B, T]`` assignment (``-1`` stays ``-1``)."""
+    if source is None:
+        return None
+    moved = jnp.take_along_axis(assign, jnp.maximum(source, 0), axis=1)
+    return jnp.where(source >= 0, moved, -1)
+
+
+def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
+    """Apply a step to every field of the state.
+
+    ``x: [B, T, C] -> [B, K, C]``, ``sizes/positions/valid: [B, T] -> [B, K]``, ``source: [B, N]`` stays
+    ``[B, N]`` with slot indices remapped.
+
+    Merging is the size-weighted average ``x_k = sum_{t -> k} s_t x_t / sum_{t -> k} s_t`` computed in
+    float32 (cast back to ``x.dtype``), with ``s_k = sum s_t``. When a validity mask is present, invalid
+    tokens carry zero weight so padding never leaks into a valid token. Differentiable in ``x``.
+    """
+    check_rank(state.x, 3, "state.x")
+    if step.num_in != state.num_tokens:
+        raise ValueError(f"step expects {step.num_in} tokens but state.x has {state.num_tokens}")
+    if not step.merges:
+        return TokenState(
+            x=_take(state.x, step.anchor),
+            sizes=_take(state.sizes, step.anchor),
+            positions=_take(state.positions, step.anchor),
+            valid=None if state.valid is None else _take(state.valid, step.anchor),
+            source=remap_source(state.source, step.assign),
+        )
+    weights = state.sizes.astype(jnp.float32)
+    if state.valid is not None:
+        weights = jnp.where(state.valid, weights, 0.0)
+    mass = _segment_sum(state.x.astype(jnp.float32) * weights[..., None], step.assign, step.num_out)
+    sizes = _segment_sum(weights, step.assign, step.num_out)
+    x = (mass / jnp.maximum(sizes, jnp.finfo(jnp.float32).tiny)[..., None]).astype(state.x.dtype)
+    return TokenState(
+        x=x,
+        sizes=sizes,
+        positions=_take(state.positions, step.anchor),
+        valid=None if state.valid is None else _take(state.valid, step.anchor),
+        source=remap_source(state.source, step.assign),
+    )
+
+
+def compose_steps(first: ReductionStep, second: ReductionStep) -> ReductionStep:
+    """One step equivalent to applying ``first`` then ``second`` (for the bookkeeping fields)."""
+    if second.num_in != first.num_out:
+        raise ValueError(f"second step expects {second.num_in} tokens, first produces {first.num_out}")
+    assign = remap_source(first.assign, second.assign)
+    anchor = jnp.take_along_axis(first.anchor, second.anchor, axis=1)
+    return ReductionStep(assign=assign, anchor=anchor, num_out=second.num_out, merges=first.merges or second.merges)
+
+
+def apply_to_tokens(values: jax.Array, step: ReductionStep, sizes: Optional[jax.Array] = None) -> jax.Array:
+    """Apply a step to an extra per-token array ``[B, T, ...] -> [B, K, ...]`` (e.g. a key cache).
+
+    Pruning gathers; merging takes the size-weighted average with ``sizes`` (default ones).
+    """
+    if not step.merges:
+        return _take(values, step.anchor)
+    if sizes is None:
+        sizes = jnp.ones(values.shape[:2], jnp.float32)
+    w = sizes.reshape(sizes.shape + (1,) * (values.ndim - 2)).astype(jnp.float32)
+    total = _segment_sum(jnp.broadcast_to(w, values.shape), step.assign, step.num_out)
+    mass = _segment_sum(values.astype(jnp.float32) * w, step.assign, step.num_out)
+    return (mass / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)).astype(values.dtype)
+
+
+__all__ = [
+    "ReductionStep",
+    "identity_step",
+    "prune_step",
+    "merge_step",
+    "apply_step",
+    "apply_to_tokens",
+    "compose_steps",
+    "remap_source",
+]

@@ -1,0 +1,133 @@
+"""ToMe: bipartite soft matching (Bolya et al., ICLR 2023), as the reference ``tome/merge.py`` behaves.
+
+The plan (which token goes where) is computed from a metric (in ViTs: keys averaged over heads) and
+returned as a :class:`~reduction.step.ReductionStep`; :func:`~reduction.step.apply_step` does the
+size-weighted merge. Reference behaviour reproduced here:
+
+* tokens split by parity: A = even positions (sources), B = odd positions (destinations);
+* cosine similarity of the metric in float32, ``scores = A @ B^T``;
+* the class token (index 0, in A) never merges away; a distillation token (index 1 = B[0]) never
+  receives a merge;
+* each A token's best B partner, A tokens sorted by that score (descending, stable), the top ``r``
+  merge into their partner; several may share one destination;
+* ``r`` is clamped per layer to ``(T - protected) // 2``;
+* output order ``[unmerged A, B]``; the unmerged A tokens are in ascending original order when there is a
+  class token and in descending-score order otherwise; with a distillation token the order is
+  ``[cls, dist, unmerged A[1:], B[1:]]``.
+
+Deliberate deviations from the reference (documented, tested):
+* Cosine normalisation divides by ``max(||m||, 1e-12)``, so a zero-norm metric row has similarity 0 with
+  everything instead of the reference's NaN (which sorts first in PyTorch and gets merged).
+* NaN in the metric: a NaN similarity is replaced by ``-inf`` so it is never chosen as a best match and
+  never ranks first; the NaN in ``x`` itself still propagates through the merge into the output, so it
+  stays visible instead of being silently averaged into a clean plan.
+* Sorting is stable (ties keep the lower index first); PyTorch's default argsort is not, so the reference
+  is only reproducible on tie-free inputs.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from reduction.schedule import tome_clamp
+from reduction.state import TokenState
+from reduction.step import ReductionStep, apply_step, identity_step, merge_step
+from reduction.validate import check_count, check_leading, check_rank
+
+_EPS = 1e-12
+
+
+def cosine_normalize(metric: jax.Array) -> jax.Array:
+    """``[..., C] -> [..., C]`` float32 unit vectors; zero vectors stay zero (no NaN)."""
+    m = metric.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(m * m, axis=-1, keepdims=True))
+    return m / jnp.maximum(norm, _EPS)
+
+
+def _stable_descending(values: jax.Array) -> jax.Array:
+    """Indices that sort ``values`` descending; ties keep index order; NaN is treated as ``-inf``."""
+    values = jnp.where(jnp.isnan(values), -jnp.inf, values)
+    return jnp.argsort(-values, stable=True)
+
+
+def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: bool):
+    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r]``."""
+    t = metric.shape[0]
+    m = cosine_normalize(jax.lax.stop_gradient(metric))
+    a, b = m[0::2], m[1::2]
+    na, nb = a.shape[0], b.shape[0]
+    scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    if class_token:
+        scores = scores.at[0, :].set(-jnp.inf)
+    if distill_token:
+        scores = scores.at[:, 0].set(-jnp.inf)
+    node_max = jnp.max(scores, axis=-1)
+    node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    order = _stable_descending(node_max).astype(jnp.int32)
+    src_idx, unm_idx = order[:r], order[r:]
+    if class_token:
+        unm_idx = jnp.sort(unm_idx)
+    n_unm = na - r
+    dst_idx = node_idx[src_idx]
+
+    # Slot of every output position in the reference layout [unm, B] (or the distill layout).
+    slot = jnp.arange(n_unm + nb, dtype=jnp.int32)
+    if distill_token:
+        # [unm0, B0, unm1.., B1..]: unm i>0 shifts by one, B0 goes to 1, B j>0 stays at n_unm + j.
+        slot = jnp.concatenate(
+            [jnp.array([0], jnp.int32), jnp.arange(2, n_unm + 1, dtype=jnp.int32),
+             jnp.array([1], jnp.int32), jnp.arange(n_unm + 1, n_unm + nb, dtype=jnp.int32)]
+        )
+    unm_slot, b_slot = slot[:n_unm], slot[n_unm:]
+
+    assign_a = jnp.zeros((na,), jnp.int32).at[unm_idx].set(unm_slot).at[src_idx].set(b_slot[dst_idx])
+    assign = jnp.zeros((t,), jnp.int32).at[0::2].set(assign_a).at[1::2].set(b_slot)
+    anchor_by_pos = jnp.concatenate([2 * unm_idx, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
+    anchor = jnp.zeros((n_unm + nb,), jnp.int32).at[slot].set(anchor_by_pos)
+    return assign, anchor
+
+
+def bipartite_soft_matching(
+    metric: jax.Array, *, r: int, class_token: bool = False, distill_token: bool = False
+) -> ReductionStep:
+    """ToMe's plan. ``metric: [B, T, Cm]`` -> a step mapping ``T`` tokens to ``T - r'`` slots, where
+    ``r' = min(r, (T - protected) // 2)``. ``r' = 0`` gives the identity step."""
+    check_rank(metric, 3, "metric")
+    r = check_count(r, "r")
+    bsz, t = metric.shape[:2]
+    protected = int(class_token) + int(distill_token)
+    r = tome_clamp(t, r, protected)
+    if r == 0:
+        return identity_step(bsz, t)
+    assign, anchor = jax.vmap(lambda m: _bipartite_one(m, r, class_token, distill_token))(metric)
+    return merge_step(assign, anchor)
+
+
+def tome_merge(
+    state: TokenState,
+    metric: jax.Array,
+    *,
+    r: int,
+    class_token: bool = False,
+    distill_token: bool = False,
+) -> TokenState:
+    """One ToMe layer on a token state: ``x: [B, T, C] -> [B, T - r', C]`` (``r'`` after the clamp).
+
+    ``metric: [B, T, Cm]`` (keys averaged over heads). Sizes add up, the merged feature is the
+    size-weighted average, the source map follows. Gradients flow through ``x``; the plan does not
+    depend differentiably on the metric (as in the reference, which plans under ``no_grad``).
+    """
+    check_rank(metric, 3, "metric")
+    check_leading(metric, state.x.shape[:2], "metric", "state.x")
+    step = bipartite_soft_matching(metric, r=r, class_token=class_token, distill_token=distill_token)
+    return apply_step(state, step)
+
+
+def merged_tokens(num_tokens: int, r: int, *, class_token: bool = False, distill_token: bool = False) -> int:
+    """Static output count of :func:`bipartite_soft_matching` (the clamp included)."""
+    return num_tokens - tome_clamp(num_tokens, r, int(class_token) + int(distill_token))
+
+
+__all__ = ["bipartite_soft_matching", "tome_merge", "cosine_normalize", "merged_tokens"]
