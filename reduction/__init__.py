@@ -12,6 +12,7 @@ from reduction.flops import (
     transformer_flops,
     vit_flops,
 )
+from reduction.pitome import PiToMe, margin_schedule, pitome_energy, pitome_matching, pitome_merge, pitome_r
 from reduction.reducers import (
     ATTENTION,
     HIDDEN,
@@ -43,6 +44,7 @@ from reduction.step import (
     merge_step,
     prune_step,
 )
-from reduction.tome import bipartite_soft_matching, cosine_normalize, merged_tokens, tome_merge
+from reduction.tome import (bipartite_soft_matching, cosine_normalize, kth_bipartite_soft_matching, merged_tokens,
+                            random_bipartite_soft_matching, tome_merge)
 
 __all__ = [name for name in dir() if not name.startswith("_")]

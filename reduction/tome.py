@@ -27,8 +27,11 @@ Deliberate deviations from the reference (documented, tested):
 
 from __future__ import annotations
 
+from typing import Optional
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reduction.schedule import tome_clamp
 from reduction.state import TokenState
@@ -105,6 +108,103 @@ def bipartite_soft_matching(
     return merge_step(assign, anchor)
 
 
+# -- variants --------------------------------------------------------------------------------------------
+
+
+def _best_partner(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Index of the most similar row of ``b`` for every row of ``a`` (unit vectors, float32).
+
+    ``a: [Ta, Cm], b: [Tb, Cm] -> [Ta] int32``; NaN similarities count as ``-inf``; ties pick the first.
+    """
+    scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def kth_bipartite_soft_matching(metric: jax.Array, *, k: int) -> ReductionStep:
+    """ToMe's ``kth_bipartite_soft_matching``: ``metric: [B, T, Cm]`` -> a step ``T -> T // k`` slots.
+
+    The first ``(T // k) * k`` tokens form ``T // k`` groups of ``k`` consecutive tokens; the last token of
+    each group is a destination (B), the other ``k - 1`` are sources (A) and *all* of them merge into their
+    most similar destination (any group). Output: the destinations in original order. As in the reference
+    there is no class-token protection and no top-r step, and the ``T - (T // k) * k`` tail tokens are
+    dropped (``assign == -1``: their mass leaves the state). ``k <= 1`` gives the identity step.
+    """
+    check_rank(metric, 3, "metric")
+    k = check_count(k, "k")
+    bsz, t = metric.shape[:2]
+    if k <= 1:
+        return identity_step(bsz, t)
+    if k > t:
+        raise ValueError(f"k must be <= the number of tokens T={t}, got {k}")
+    groups = t // k
+    a_pos = (np.arange(groups)[:, None] * k + np.arange(k - 1)[None, :]).reshape(-1).astype(np.int32)
+    b_pos = (np.arange(groups) * k + (k - 1)).astype(np.int32)
+
+    def one(m):
+        m = cosine_normalize(jax.lax.stop_gradient(m))
+        dst = _best_partner(m[a_pos], m[b_pos])
+        assign = jnp.full((t,), -1, jnp.int32).at[b_pos].set(jnp.arange(groups, dtype=jnp.int32))
+        return assign.at[a_pos].set(dst)
+
+    assign = jax.vmap(one)(metric)
+    return merge_step(assign, jnp.broadcast_to(jnp.asarray(b_pos), (bsz, groups)))
+
+
+def random_bipartite_soft_matching(
+    metric: jax.Array,
+    *,
+    r: int,
+    key: Optional[jax.Array] = None,
+    permutation: Optional[jax.Array] = None,
+    class_token: bool = False,
+) -> ReductionStep:
+    """ToMe's ``random_bipartite_soft_matching``: ``metric: [B, T, Cm]`` -> a step ``T -> T - r`` slots.
+
+    Each example draws a random permutation of its tokens; the first ``r`` are sources (A), the rest
+    destinations (B), and every source merges into its most similar destination. Output: the destinations
+    in permutation order. The reference protects nothing (``class_token=False``, the default);
+    ``class_token=True`` keeps token 0 out of the permutation and puts it first in the output, untouched.
+
+    Args:
+      metric: ``[B, T, Cm]`` similarity features.
+      r: static number of sources; ``0 <= r <= T - protected - 1`` (at least one destination).
+      key: a PRNG key; the permutation is ``argsort(uniform(key, [B, T']))`` with ``T' = T - protected``.
+      permutation: ``[B, T']`` int token indices (in ``[protected, T)``) to use instead of ``key``, e.g.
+        to reproduce a reference run exactly.
+      class_token: protect token 0.
+    """
+    check_rank(metric, 3, "metric")
+    r = check_count(r, "r")
+    bsz, t = metric.shape[:2]
+    p = int(class_token)
+    if r == 0:
+        return identity_step(bsz, t)
+    if r > t - p - 1:
+        raise ValueError(f"r must leave at least one destination: r <= {t - p - 1} for T={t}, got {r}")
+    if permutation is None:
+        if key is None:
+            raise ValueError("key is required when no permutation is given")
+        permutation = jnp.argsort(jax.random.uniform(key, (bsz, t - p)), axis=1) + p
+    else:
+        check_rank(permutation, 2, "permutation")
+        check_leading(permutation, (bsz, t - p), "permutation", "metric minus protected tokens")
+    perm = permutation.astype(jnp.int32)
+    front = jnp.arange(p, dtype=jnp.int32)
+    n_dst = t - p - r
+
+    def one(m, perm):
+        m = cosine_normalize(jax.lax.stop_gradient(m))
+        src, dst = perm[:r], perm[r:]
+        best = _best_partner(m[src], m[dst])
+        assign = jnp.zeros((t,), jnp.int32).at[front].set(front)
+        assign = assign.at[dst].set(p + jnp.arange(n_dst, dtype=jnp.int32)).at[src].set(p + best)
+        return assign, jnp.concatenate([front, dst])
+
+    assign, anchor = jax.vmap(one)(metric, perm)
+    return merge_step(assign, anchor)
+
+
 def tome_merge(
     state: TokenState,
     metric: jax.Array,
@@ -130,4 +230,11 @@ def merged_tokens(num_tokens: int, r: int, *, class_token: bool = False, distill
     return num_tokens - tome_clamp(num_tokens, r, int(class_token) + int(distill_token))
 
 
-__all__ = ["bipartite_soft_matching", "tome_merge", "cosine_normalize", "merged_tokens"]
+__all__ = [
+    "bipartite_soft_matching",
+    "kth_bipartite_soft_matching",
+    "random_bipartite_soft_matching",
+    "tome_merge",
+    "cosine_normalize",
+    "merged_tokens",
+]
