@@ -51,7 +51,7 @@ from reduction.reducers import METRIC, LayerInfo, Reducer, register
 from reduction.schedule import ratio_to_r
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, identity_step, merge_step
-from reduction.tome import _stable_descending, cosine_normalize
+from reduction.tome import _first_argmax, _stable_descending, cosine_normalize
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
 
 ENERGY_FNS = ("paper", "elu")
@@ -133,14 +133,15 @@ def _pitome_one(metric, r: int, p: int, margin: float, alpha: float, energy_fn: 
         a, b = order[0::2], order[1::2]
         scores = sim[a][:, b]
         node_max = jnp.max(scores, axis=-1)
-        node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        node_idx = _first_argmax(scores, node_max)
         edge = _stable_descending(node_max).astype(jnp.int32)
         src, unm = a[edge[:r]], a[edge[r:]]
         keep = jnp.concatenate([unm, b])
         src_slot = unm.shape[0] + node_idx[edge[:r]]
     else:
         a, b, prot = order[0 : 2 * r : 2], order[1 : 2 * r : 2], order[2 * r :]
-        dst = jnp.argmax(sim[a][:, b], axis=-1).astype(jnp.int32)
+        scores = sim[a][:, b]
+        dst = _first_argmax(scores, jnp.max(scores, axis=-1))
         keep = jnp.concatenate([prot, b])
         src = a
         src_slot = prot.shape[0] + dst

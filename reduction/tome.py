@@ -54,41 +54,72 @@ def _stable_descending(values: jax.Array) -> jax.Array:
     return jnp.argsort(-values, stable=True)
 
 
+def _first_argmax(scores: jax.Array, best: jax.Array) -> jax.Array:
+    """``argmax`` over the last axis given its ``max`` (ties -> first index). ``[..., n] -> [...]`` int32.
+
+    Written as a masked min over an iota: XLA's CPU variadic argmax reduction is several times slower.
+    """
+    n = scores.shape[-1]
+    iota = jnp.arange(n, dtype=jnp.int32)
+    return jnp.min(jnp.where(scores == best[..., None], iota, n), axis=-1).clip(max=n - 1)
+
+
+def _descending_rank(values: jax.Array) -> jax.Array:
+    """Position of every entry in the stable descending order of ``values: [n]`` (no NaN) -> ``[n]``.
+
+    The inverse of ``_stable_descending`` computed by pairwise comparison, which avoids a sort and a
+    scatter for the short rows ToMe ranks.
+    """
+    n = values.shape[-1]
+    iota = jnp.arange(n)
+    before = (values[None, :] > values[:, None]) | ((values[None, :] == values[:, None]) & (iota[None, :] < iota[:, None]))
+    return jnp.sum(before, axis=-1, dtype=jnp.int32)
+
+
+def _output_layout(n_unm: int, nb: int, distill_token: bool) -> np.ndarray:
+    """Static map from the base layout ``[unm, B]`` to the output slots (distillation reorder)."""
+    if not distill_token:
+        return np.arange(n_unm + nb, dtype=np.int32)
+    # [unm0, B0, unm1.., B1..]: unm i>0 shifts by one, B0 goes to 1, B j>0 stays at n_unm + j.
+    return np.concatenate([[0], np.arange(2, n_unm + 1), [1], np.arange(n_unm + 1, n_unm + nb)]).astype(np.int32)
+
+
 def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: bool):
     """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r]``."""
     t = metric.shape[0]
     m = cosine_normalize(jax.lax.stop_gradient(metric))
     a, b = m[0::2], m[1::2]
     na, nb = a.shape[0], b.shape[0]
-    scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
-    scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    if class_token:
-        scores = scores.at[0, :].set(-jnp.inf)
-    if distill_token:
-        scores = scores.at[:, 0].set(-jnp.inf)
-    node_max = jnp.max(scores, axis=-1)
-    node_idx = jnp.argmax(scores, axis=-1).astype(jnp.int32)
-    order = _stable_descending(node_max).astype(jnp.int32)
-    src_idx, unm_idx = order[:r], order[r:]
-    if class_token:
-        unm_idx = jnp.sort(unm_idx)
     n_unm = na - r
-    dst_idx = node_idx[src_idx]
-
-    # Slot of every output position in the reference layout [unm, B] (or the distill layout).
-    slot = jnp.arange(n_unm + nb, dtype=jnp.int32)
+    scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
+    blocked = jnp.isnan(scores)
+    if class_token:
+        blocked = blocked | (np.arange(na) == 0)[:, None]
     if distill_token:
-        # [unm0, B0, unm1.., B1..]: unm i>0 shifts by one, B0 goes to 1, B j>0 stays at n_unm + j.
-        slot = jnp.concatenate(
-            [jnp.array([0], jnp.int32), jnp.arange(2, n_unm + 1, dtype=jnp.int32),
-             jnp.array([1], jnp.int32), jnp.arange(n_unm + 1, n_unm + nb, dtype=jnp.int32)]
-        )
-    unm_slot, b_slot = slot[:n_unm], slot[n_unm:]
+        blocked = blocked | (np.arange(nb) == 0)[None, :]
+    scores = jnp.where(blocked, -jnp.inf, scores)
+    node_max = jnp.max(scores, axis=-1)
+    node_idx = _first_argmax(scores, node_max)
+    rank = _descending_rank(node_max)               # the top r of A merge away
+    merged = rank < r
+    if class_token:                                 # unmerged A in ascending original order
+        unm_slot = jnp.cumsum(~merged, dtype=jnp.int32) - 1
+    else:                                           # unmerged A in descending-score order
+        unm_slot = rank - r
+    slot_a = jnp.where(merged, n_unm + node_idx, unm_slot)
+    # Anchor of every unmerged slot k: the A token sitting in it (as a masked sum over A).
+    hit = (~merged)[None, :] & (slot_a[None, :] == jnp.arange(n_unm, dtype=jnp.int32)[:, None])
+    unm_tok = jnp.sum(jnp.where(hit, 2 * jnp.arange(na, dtype=jnp.int32), 0), axis=-1)
+    anchor_base = jnp.concatenate([unm_tok, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
 
-    assign_a = jnp.zeros((na,), jnp.int32).at[unm_idx].set(unm_slot).at[src_idx].set(b_slot[dst_idx])
-    assign = jnp.zeros((t,), jnp.int32).at[0::2].set(assign_a).at[1::2].set(b_slot)
-    anchor_by_pos = jnp.concatenate([2 * unm_idx, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
-    anchor = jnp.zeros((n_unm + nb,), jnp.int32).at[slot].set(anchor_by_pos)
+    layout = _output_layout(n_unm, nb, distill_token)
+    slot_a = jnp.asarray(layout)[slot_a]
+    slot_b = jnp.asarray(layout[n_unm:])
+    anchor = anchor_base[np.argsort(layout)]
+    # Interleave A (even positions) and B (odd positions) back into token order.
+    assign = jnp.stack([slot_a[:nb], slot_b], axis=-1).reshape(-1)
+    if na > nb:
+        assign = jnp.concatenate([assign, slot_a[nb:]])
     return assign, anchor
 
 
@@ -118,7 +149,7 @@ def _best_partner(a: jax.Array, b: jax.Array) -> jax.Array:
     """
     scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
     scores = jnp.where(jnp.isnan(scores), -jnp.inf, scores)
-    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+    return _first_argmax(scores, jnp.max(scores, axis=-1))
 
 
 def kth_bipartite_soft_matching(metric: jax.Array, *, k: int) -> ReductionStep:

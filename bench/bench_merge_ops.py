@@ -1,0 +1,130 @@
+"""Cost of one merge step (plan + apply) relative to one ViT-S block, on the local JAX backend.
+
+    python bench/bench_merge_ops.py            # full run (median of 30 interleaved repeats)
+    python bench/bench_merge_ops.py --quick    # tiny run that only proves the script works
+
+Setting: B=8, T=197 (cls + 196 patches), C=384, H=6, MLP 1536, float32, fused
+``jax.nn.dot_product_attention`` and exact GELU. ToMe removes r=13 tokens (metric = keys averaged over
+heads, [B, T, 64]); PiToMe keeps ratio 0.9 (r=19) with the paper preset's first-layer margin. Each
+function is jitted, warmed up, then the three are timed interleaved (block, ToMe, PiToMe, block, ...)
+with ``block_until_ready``; the JSON at ``--out`` holds the medians, the ratios and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import reduction as R  # noqa: E402
+
+
+def make_block_params(key, dim=384, mlp=1536):
+    ks = jax.random.split(key, 4)
+    init = lambda k, shape: jax.random.normal(k, shape, jnp.float32) * shape[0] ** -0.5
+    return dict(
+        ln1=(jnp.ones(dim), jnp.zeros(dim)), ln2=(jnp.ones(dim), jnp.zeros(dim)),
+        qkv=(init(ks[0], (dim, 3 * dim)), jnp.zeros(3 * dim)), proj=(init(ks[1], (dim, dim)), jnp.zeros(dim)),
+        fc1=(init(ks[2], (dim, mlp)), jnp.zeros(mlp)), fc2=(init(ks[3], (mlp, dim)), jnp.zeros(dim)),
+    )
+
+
+def _ln(x, p):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(var + 1e-6) * p[0] + p[1]
+
+
+def vit_block(params, x, heads=6):
+    """Pre-norm ViT block ``[B, T, C] -> [B, T, C]``."""
+    b, t, c = x.shape
+    qkv = _ln(x, params["ln1"]) @ params["qkv"][0] + params["qkv"][1]
+    q, k, v = jnp.split(qkv.reshape(b, t, 3 * heads, c // heads), 3, axis=2)
+    att = jax.nn.dot_product_attention(q, k, v).reshape(b, t, c)
+    x = x + att @ params["proj"][0] + params["proj"][1]
+    h = jax.nn.gelu(_ln(x, params["ln2"]) @ params["fc1"][0] + params["fc1"][1], approximate=False)
+    return x + h @ params["fc2"][0] + params["fc2"][1]
+
+
+def tome_step(x, sizes, metric):
+    state = R.TokenState(x=x, sizes=sizes, positions=jnp.zeros(sizes.shape, jnp.int32))
+    out = R.tome_merge(state, metric, r=13, class_token=True)
+    return out.x, out.sizes
+
+
+def pitome_step(x, sizes, metric):
+    state = R.TokenState(x=x, sizes=sizes, positions=jnp.zeros(sizes.shape, jnp.int32))
+    out = R.pitome_merge(state, metric, ratio=0.9, margin=0.9)
+    return out.x, out.sizes
+
+
+def _time(fn, args):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up: proves the script runs")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--out", default="results/bench/merge_ops.json")
+    args = ap.parse_args(argv)
+    repeats, warmup = (3, 1) if args.quick else (args.repeats, 5)
+
+    key = jax.random.key(0)
+    kx, km, kp = jax.random.split(key, 3)
+    b, t, c = args.batch, 197, 384
+    x = jax.random.normal(kx, (b, t, c), jnp.float32)
+    metric = jax.random.normal(km, (b, t, 64), jnp.float32)
+    sizes = jnp.ones((b, t), jnp.float32)
+    params = make_block_params(kp)
+
+    fns = {
+        "block": (jax.jit(vit_block), (params, x)),
+        "tome": (jax.jit(tome_step), (x, sizes, metric)),
+        "pitome": (jax.jit(pitome_step), (x, sizes, metric)),
+    }
+    for fn, a in fns.values():
+        for _ in range(warmup):
+            _time(fn, a)
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, a) in fns.items():
+            samples[name].append(_time(fn, a))
+    ms = {name: statistics.median(v) for name, v in samples.items()}
+    result = dict(
+        setting=dict(batch=b, tokens=t, dim=c, heads=6, mlp=1536, dtype="float32", tome_r=13, pitome_ratio=0.9,
+                     repeats=repeats, quick=args.quick),
+        median_ms=ms,
+        ratio_tome_to_block=ms["tome"] / ms["block"],
+        ratio_pitome_to_block=ms["pitome"] / ms["block"],
+        targets=dict(tome=0.03, pitome=0.08),
+        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                     backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
+                     jax=jax.__version__),
+    )
+    print(f"machine: {result['machine']['processor']}, {os.cpu_count()} CPUs, backend {jax.default_backend()}")
+    for name in fns:
+        print(f"{name:7s} {ms[name]:8.3f} ms")
+    print(f"ToMe/block   {result['ratio_tome_to_block']:.3%} (target <= 3%)")
+    print(f"PiToMe/block {result['ratio_pitome_to_block']:.3%} (target <= 8%)")
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
