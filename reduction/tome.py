@@ -15,6 +15,10 @@ size-weighted merge. Reference behaviour reproduced here:
   class token and in descending-score order otherwise; with a distillation token the order is
   ``[cls, dist, unmerged A[1:], B[1:]]``.
 
+Variants: :func:`kth_bipartite_soft_matching` (groups of ``k``, the last of each group is a destination,
+every other token merges, tail tokens dropped) and :func:`random_bipartite_soft_matching` (a random
+permutation from a PRNG key or an injected one; optional class-token protection).
+
 Deliberate deviations from the reference (documented, tested):
 * Cosine normalisation divides by ``max(||m||, 1e-12)``, so a zero-norm metric row has similarity 0 with
   everything instead of the reference's NaN (which sorts first in PyTorch and gets merged).
@@ -23,6 +27,8 @@ Deliberate deviations from the reference (documented, tested):
   stays visible instead of being silently averaged into a clean plan.
 * Sorting is stable (ties keep the lower index first); PyTorch's default argsort is not, so the reference
   is only reproducible on tie-free inputs.
+* ToMe's ``unmerge`` closure ignores the distillation reorder; :func:`~reduction.state.unmerge` follows the
+  ``source`` map and is correct for every layout.
 """
 
 from __future__ import annotations
