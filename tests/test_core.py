@@ -1,5 +1,7 @@
 """Shared core: token state, reduction steps, schedules, FLOP counts and reducer plumbing."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,13 +83,19 @@ def test_compose_steps_equals_sequential_application():
     bsz, t = 2, 15
     x = jnp.asarray(_rand(3, bsz, t, 5))
     sizes = jnp.asarray(np.random.default_rng(4).integers(1, 4, size=(bsz, t)).astype(np.float32))
-    state = R.init_state(x, sizes=sizes, track_source=True)
-    s1 = R.bipartite_soft_matching(jnp.asarray(_rand(5, bsz, t, 4)), r=4, class_token=True)
-    mid = R.apply_step(state, s1)
-    s2 = R.bipartite_soft_matching(jnp.asarray(_rand(6, bsz, t - 4, 4)), r=3, class_token=True)
-    s3 = R.prune_step(jnp.asarray([[0, 2, 3, 5, 7], [0, 1, 4, 6, 7]]), t - 7)
-    seq = R.apply_step(R.apply_step(mid, s2), s3)
-    both = R.apply_step(state, R.compose_steps(R.compose_steps(s1, s2), s3))
+    m1, m2 = jnp.asarray(_rand(5, bsz, t, 4)), jnp.asarray(_rand(6, bsz, t - 4, 4))
+    keep = jnp.asarray([[0, 2, 3, 5, 7], [0, 1, 4, 6, 7]])
+
+    @jax.jit
+    def run(x, sizes, m1, m2, keep):
+        state = R.init_state(x, sizes=sizes, track_source=True)
+        s1 = R.bipartite_soft_matching(m1, r=4, class_token=True)
+        s2 = R.bipartite_soft_matching(m2, r=3, class_token=True)
+        s3 = R.prune_step(keep, t - 7)
+        seq = R.apply_step(R.apply_step(R.apply_step(state, s1), s2), s3)
+        return seq, R.apply_step(state, R.compose_steps(R.compose_steps(s1, s2), s3)), s1
+
+    seq, both, s1 = run(x, sizes, m1, m2, keep)
     np.testing.assert_allclose(np.asarray(both.x), np.asarray(seq.x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(both.sizes), np.asarray(seq.sizes), rtol=1e-6)
     for name in ("positions", "source"):
@@ -200,7 +208,7 @@ def test_tome_reducer_layers_and_distill():
     assert counts[0] == (198, 198 - 32)
     x = jnp.asarray(_rand(12, 2, 198, 8))
     info = R.LayerInfo(layer=0, num_layers=12, num_protected=2, num_distill=1, metric=x[..., :4])
-    out = reducers[0](R.init_state(x), info)
+    out = jax.jit(lambda x: reducers[0](R.init_state(x), dataclasses.replace(info, metric=x[..., :4])))(x)
     assert out.num_tokens == 198 - 32
     np.testing.assert_array_equal(np.asarray(out.x[:, :2]), np.asarray(x[:, :2]))
     with pytest.raises(ValueError, match="unknown reduction method"):

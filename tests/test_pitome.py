@@ -129,8 +129,12 @@ def test_presets_and_margin_schedule():
 def test_reducer_runs_in_a_layer_and_counts_flops():
     red = pitome_layers(12, ratio=0.9, preset="code")[0]
     x = jnp.asarray(_rand(4, 2, 21, 8))
-    info = R.LayerInfo(layer=0, num_layers=12, num_protected=1, metric=x[..., :4])
-    out = red(R.init_state(x), info)
+
+    def layer(x):
+        return red(R.init_state(x), R.LayerInfo(layer=0, num_layers=12, num_protected=1, metric=x[..., :4]))
+
+    out = jax.jit(layer)(x)
+    info = R.LayerInfo(layer=0, num_layers=12, num_protected=1)
     assert out.num_tokens == red.num_out(21, info) == 21 - 2
     assert red.flops(197, dim=384, heads=6) == 2 * 196 * 196 * 64
 
@@ -181,10 +185,11 @@ def test_invariants_jit_vmap_grad_and_traces():
         return out.x, out.sizes
 
     eager = f(x, sizes, metric)
-    jitted = jax.jit(f)(x, sizes, metric)
-    np.testing.assert_allclose(np.asarray(jitted[0]), np.asarray(eager[0]), atol=1e-6)
-    loop = [f(x[b : b + 1], sizes[b : b + 1], metric[b : b + 1]) for b in range(bsz)]
-    vm = jax.vmap(lambda a, s, m: jax.tree.map(lambda v: v[0], f(a[None], s[None], m[None])))(x, sizes, metric)
+    jf = jax.jit(f)
+    np.testing.assert_allclose(np.asarray(jf(x, sizes, metric)[0]), np.asarray(eager[0]), atol=1e-6)
+    loop = [jf(x[b : b + 1], sizes[b : b + 1], metric[b : b + 1]) for b in range(bsz)]
+    vm = jax.jit(jax.vmap(lambda a, s, m: jax.tree.map(lambda v: v[0], f(a[None], s[None], m[None]))))(
+        x, sizes, metric)
     np.testing.assert_allclose(np.asarray(vm[0]), np.concatenate([l[0] for l in loop]), atol=1e-6)
     # sizes and mass conserved
     np.testing.assert_allclose(np.asarray(eager[1]).sum(1), np.asarray(sizes).sum(1), rtol=1e-6)
@@ -192,7 +197,7 @@ def test_invariants_jit_vmap_grad_and_traces():
     mass_out = (np.asarray(eager[0]) * np.asarray(eager[1])[..., None]).sum(1)
     np.testing.assert_allclose(mass_out, mass_in, rtol=1e-5, atol=1e-5)
     # gradients through the merge are finite and non-zero
-    g = jax.grad(lambda x: jnp.sum(f(x, sizes, x[..., :4])[0] ** 2))(x)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(f(x, sizes, x[..., :4])[0] ** 2)))(x)
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
     # new data of the same shape does not retrace
     traces = []

@@ -282,9 +282,10 @@ def test_jit_equals_eager_and_vmap_equals_loop():
         return R.tome_merge(R.init_state(x), metric, r=4, class_token=True).x
 
     eager = f(x, metric)
-    np.testing.assert_allclose(np.asarray(jax.jit(f)(x, metric)), np.asarray(eager), atol=1e-6)
-    per_example = np.stack([np.asarray(f(x[b : b + 1], metric[b : b + 1]))[0] for b in range(bsz)])
-    vmapped = jax.vmap(lambda a, m: f(a[None], m[None])[0])(x, metric)
+    jf = jax.jit(f)
+    np.testing.assert_allclose(np.asarray(jf(x, metric)), np.asarray(eager), atol=1e-6)
+    per_example = np.stack([np.asarray(jf(x[b : b + 1], metric[b : b + 1]))[0] for b in range(bsz)])
+    vmapped = jax.jit(jax.vmap(lambda a, m: f(a[None], m[None])[0]))(x, metric)
     np.testing.assert_allclose(np.asarray(vmapped), per_example, atol=1e-6)
     np.testing.assert_allclose(np.asarray(eager), per_example, atol=1e-6)
 
@@ -296,7 +297,7 @@ def test_gradients_are_finite():
     def loss(x):
         return jnp.sum(R.tome_merge(R.init_state(x), x[..., :4] + metric, r=5, class_token=True).x ** 2)
 
-    g = jax.grad(loss)(x)
+    g = jax.jit(jax.grad(loss))(x)
     assert np.isfinite(np.asarray(g)).all() and np.abs(np.asarray(g)).sum() > 0
 
 
