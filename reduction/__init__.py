@@ -47,4 +47,12 @@ from reduction.step import (
 from reduction.tome import (bipartite_soft_matching, cosine_normalize, kth_bipartite_soft_matching, merged_tokens,
                             random_bipartite_soft_matching, tome_merge)
 
+from reduction.dart import (  # noqa: E402  (pruning methods register themselves on import)
+    cpython_set_order,
+    dart_keep_indices,
+    dart_kept_per_image,
+    dart_keeps_all,
+    dart_vit_keep_indices,
+)
+
 __all__ = [name for name in dir() if not name.startswith("_")]

@@ -108,3 +108,33 @@ def pitome_flops(tokens: int, metric_dim: int) -> int:
 def pagerank_flops(tokens: int, heads: int, iterations: int) -> int:
     """Weighted PageRank: ``iterations`` products of ``A^T s`` per head."""
     return 2 * heads * iterations * tokens * tokens
+
+
+# -- pruning methods' own costs (Zero-TPrune, DART, ATP, baselines) ----------------------------------------
+
+
+def cosine_rows_flops(rows: int, cols: int, dim: int) -> int:
+    """``rows x cols`` cosine similarities of width ``dim`` (the normalisation is O(T*C), not counted)."""
+    return 2 * rows * cols * dim
+
+
+def zerotprune_flops(tokens: int, heads: int, key_dim: int, *, r_similarity: int, iterations: int,
+                     preview_iterations: int = 1) -> int:
+    """Zero-TPrune at one layer: the one-step I' ranking on ``T`` tokens, the S-stage cosine scores
+    between the two halves of the ``T - 1`` non-class tokens (keys of width ``key_dim``), and the full
+    I-stage WPR on the ``T - r_similarity`` survivors."""
+    cand = tokens - 1
+    half_a = (cand + 1) // 2
+    s_stage = cosine_rows_flops(half_a, cand - half_a, key_dim) if r_similarity > 0 else 0
+    return (pagerank_flops(tokens, heads, preview_iterations) + s_stage
+            + pagerank_flops(tokens - r_similarity, heads, iterations))
+
+
+def dart_flops(tokens: int, dim: int, *, num_pivots: int = 8) -> int:
+    """DART selection: each pivot's cosine with every candidate (at most ``T``) tokens."""
+    return cosine_rows_flops(num_pivots, tokens, dim)
+
+
+def attention_score_flops(queries: int, tokens: int, heads: int) -> int:
+    """Averaging ``queries`` attention rows over heads and queries (ATP, EViT, FastV); adds count as FLOPs."""
+    return heads * queries * tokens
