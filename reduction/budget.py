@@ -47,6 +47,8 @@ class ViTDims:
     num_distill: int = 0
     in_chans: int = 3
     num_classes: int = 0
+    gelu: str = "exact"          # "exact" (erf) or "tanh": only the elementwise estimate depends on it
+    layer_scale: bool = False    # DINOv2-style per-channel scales on both residual branches
 
     @property
     def num_tokens(self) -> int:
@@ -100,6 +102,33 @@ def spec_flops(dims: ViTDims, spec: Optional[Spec]) -> int:
 def base_flops(dims: ViTDims) -> int:
     """FLOPs of the unreduced model."""
     return spec_flops(dims, None)
+
+
+# XLA's cost analysis counts one FLOP per element for adds and multiplies, and more for composite ops.
+# Per-element counts measured with ``cost_analysis()`` on jax 0.10 CPU: LayerNorm 6 (+2 for the affine
+# scale and shift), softmax 4, exact (erf) GELU 64, tanh GELU 8.
+ELEMENTWISE_PER_ELEMENT = {"layer_norm": 8, "softmax": 4, "gelu_exact": 64, "gelu_tanh": 8}
+
+
+def elementwise_flops(dims: ViTDims, reducers: Sequence[Any]) -> int:
+    """A stated estimate of the elementwise FLOPs that the matmul convention leaves out, in XLA's
+    counting: per block two LayerNorms, the q scaling, softmax over ``H x T x T`` logits, bias adds,
+    GELU, residual adds (and layer-scale multiplies), plus the final LayerNorm and the position-embedding
+    add. Used only to cross-check against XLA; the budget solver and the reported GFLOPs use the
+    matmul convention of :func:`reducers_flops`."""
+    per = ELEMENTWISE_PER_ELEMENT
+    gelu = per["gelu_exact"] if dims.gelu == "exact" else per["gelu_tanh"]
+    c, m, h = dims.dim, dims.mlp_dim, dims.heads
+    total = dims.num_tokens * c  # position embedding add
+    t_last = dims.num_tokens
+    for _, a, t_mlp in layer_token_counts(dims, reducers):
+        residual = (2 if dims.layer_scale else 1) * c
+        total += a * (per["layer_norm"] * c + 3 * c + c + c + residual)   # LN1, qkv bias, q scale, proj bias, residual
+        total += h * a * a * per["softmax"]
+        total += t_mlp * (per["layer_norm"] * c + m + gelu * m + c + residual)  # LN2, fc1 bias, GELU, fc2 bias, residual
+        t_last = t_mlp
+    total += t_last * per["layer_norm"] * c
+    return int(total)
 
 
 # -- search spaces --------------------------------------------------------------------------------------

