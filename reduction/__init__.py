@@ -54,5 +54,22 @@ from reduction.dart import (  # noqa: E402  (pruning methods register themselves
     dart_keeps_all,
     dart_vit_keep_indices,
 )
+from reduction.zerotprune import ZeroTPrune, ZeroTPruneConfig, eir_vhf, wpr_per_head, zerotprune, zerotprune_step  # noqa: E402
+from reduction.baselines import (  # noqa: E402
+    fastv_keep_indices,
+    pool_step,
+    pool_tokens,
+    random_keep_indices,
+    topk_keep_indices,
+)
+from reduction.atp import (  # noqa: E402
+    budget_loss,
+    compact_keep,
+    hard_keep_mask,
+    received_attention,
+    redundancy_score,
+    soft_keep_mask,
+    spatial_grid_mask,
+)
 
 __all__ = [name for name in dir() if not name.startswith("_")]
