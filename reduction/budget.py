@@ -186,10 +186,26 @@ def _pitome_space(dims: ViTDims) -> list:
     return [{"method": "pitome", "ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
 
 
-def prune_space(method: str, dims: ViTDims) -> list:
-    """Pruning methods: ``keep_ratio`` (per pruning layer) x a few layer sets."""
-    return [{"method": method, "keep_ratio": k, "layers": layers}
-            for layers in default_prune_layers(dims.depth) for k in ratio_grid(0.02, 1.0, 0.01)]
+@register_search_space("atp")
+def _atp_space(dims: ViTDims) -> list:
+    """ATP keeps a data-dependent count under a static capacity; the compute (and the analytic count)
+    is set by ``capacity_ratio``, so that is the knob (threshold ``theta`` at its default)."""
+    layers = default_prune_layers(dims.depth)[0]
+    return [{"method": "atp", "capacity_ratio": k, "layers": layers} for k in ratio_grid(0.02, 1.0, 0.005)]
+
+
+@register_search_space("pool")
+def _pool_space(dims: ViTDims) -> list:
+    """Average pooling of the token grid with window ``k`` at one ``layer``."""
+    return [{"method": "pool", "k": k, "layer": layer} for k in (2, 3, 4) for layer in range(dims.depth)]
+
+
+def prune_space(method: str, dims: ViTDims, layers: Optional[Sequence[int]] = None) -> list:
+    """Pruning methods: one staged schedule (``layers``, default DynamicViT's ``[3, 6, 9]`` scaled to
+    the depth) with ``keep_ratio`` per pruning layer as the knob, in steps of 0.005. One schedule per
+    method keeps the points of a method on one curve (the solver does not hop between schedules)."""
+    layers = list(default_prune_layers(dims.depth)[0] if layers is None else layers)
+    return [{"method": method, "keep_ratio": k, "layers": layers} for k in ratio_grid(0.02, 1.0, 0.005)]
 
 
 def search_space(method: str, dims: ViTDims) -> list:

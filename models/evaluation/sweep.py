@@ -72,7 +72,8 @@ class SweepSettings:
     l2_grid: Sequence[float] = DEFAULT_L2
 
 
-EXCLUDED_FROM_ALL = ("none",)
+# "none" is the reference point; topk_text and fastv rank tokens by text-query attention (VLM only).
+EXCLUDED_FROM_ALL = ("none", "topk_text", "fastv")
 
 
 def resolve_methods(methods: Sequence[str]) -> list[str]:
