@@ -1,0 +1,449 @@
+"""Flax NNX Vision Transformer (ViT / DeiT / DINOv2 layouts) with a reducer slot in every block.
+
+Dimension vocabulary: B batch, N original tokens, T current tokens, C channels (width), H heads,
+K kept tokens. Images are ``[B, H, W, 3]`` float32 NHWC.
+
+Each block runs ``x = x + ls1(attn(norm1(x)))``, then calls its reducer (if any) at the reducer's
+``position`` (``"after_attention"``: between the attention residual and the MLP, as ToMe does;
+``"before_attention"``: at the start of the block), then ``x = x + ls2(mlp(norm2(x)))``. The block hands the
+reducer a :class:`reduction.LayerInfo` holding only what the reducer ``needs``. Attention uses the fused
+``jax.nn.dot_product_attention`` unless the reducer needs attention probabilities. Token bookkeeping is a
+:class:`reduction.TokenState` threaded through the blocks, so sizes, positions, validity and the source map
+stay consistent for every method.
+
+Reducers are static: pass a tuple with one :class:`reduction.Reducer` (or ``None``) per block; token counts per
+layer are Python ints known before tracing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import reduction as R
+from reduction.validate import check_rank
+from models.layers import Attention, LayerScale, Mlp, PatchEmbed, layer_norm, resize_grid
+
+# big_vision's width / depth / mlp / heads per size name.
+VARIANTS: dict[str, dict[str, int]] = {
+    "mu": dict(width=32, depth=1, mlp_dim=128, heads=2),
+    "Ti": dict(width=192, depth=12, mlp_dim=768, heads=3),
+    "S": dict(width=384, depth=12, mlp_dim=1536, heads=6),
+    "M": dict(width=512, depth=12, mlp_dim=2048, heads=8),
+    "B": dict(width=768, depth=12, mlp_dim=3072, heads=12),
+    "L": dict(width=1024, depth=24, mlp_dim=4096, heads=16),
+    "H": dict(width=1280, depth=32, mlp_dim=5120, heads=16),
+    "g": dict(width=1408, depth=40, mlp_dim=6144, heads=16),
+}
+
+POOLS = ("token", "avg", "gap", "cls+avg")
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture of a :class:`ViT`.
+
+    Attributes:
+      width, depth, mlp_dim, heads: transformer size (``C``, blocks, MLP hidden width, ``H``).
+      patch_size: square patch side in pixels.
+      image_size: resolution the learned position embedding is laid out for (grid ``image_size / patch``);
+        other resolutions interpolate it bicubically.
+      num_classes: ``0`` means no head (the model returns pooled features).
+      class_token / distill_token / num_registers: leading tokens, in the order
+        ``[cls, dist, registers..., patches]``; all of them are protected from reduction.
+      pos_embed_prefix: the position embedding also covers the class/distillation tokens (timm, HF); big_vision
+        adds it to the patches only.
+      layer_scale: initial LayerScale value (DINOv2), ``None`` for none.
+      ln_eps: LayerNorm epsilon (timm/big_vision 1e-6, HF ViT 1e-12, DINOv2 1e-6).
+      pool: ``"token"`` (class token), ``"avg"``/``"gap"`` (size-weighted mean of non-protected tokens) or
+        ``"cls+avg"`` (concatenation, ``[B, 2C]``).
+      qkv_bias: biases on the qkv projection.
+      dtype: compute dtype (parameters stay float32); ``None`` = float32.
+    """
+
+    width: int = 384
+    depth: int = 12
+    mlp_dim: int = 1536
+    heads: int = 6
+    patch_size: int = 16
+    image_size: int = 224
+    num_classes: int = 0
+    class_token: bool = True
+    distill_token: bool = False
+    num_registers: int = 0
+    pos_embed_prefix: bool = True
+    layer_scale: Optional[float] = None
+    ln_eps: float = 1e-6
+    pool: str = "token"
+    qkv_bias: bool = True
+    dtype: Optional[Any] = None
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pool in ("token", "cls+avg") and not self.class_token:
+            raise ValueError(f"pool={self.pool!r} needs class_token=True")
+        if self.distill_token and not self.class_token:
+            raise ValueError("distill_token=True needs class_token=True")
+        if self.width % self.heads:
+            raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+
+    @property
+    def num_protected(self) -> int:
+        """Leading tokens that reductions must keep: class + distillation + registers."""
+        return int(self.class_token) + int(self.distill_token) + self.num_registers
+
+    @property
+    def num_prefix(self) -> int:
+        """Class + distillation tokens (the ones the position embedding may cover)."""
+        return int(self.class_token) + int(self.distill_token)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    def replace(self, **changes) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+    """``"S/16"`` -> ``dict(width=384, depth=12, mlp_dim=1536, heads=6, patch_size=16)`` (big_vision names)."""
+    m = re.fullmatch(r"([A-Za-z]+)(?:/(\d+))?", variant.strip())
+    if m is None or m.group(1) not in VARIANTS:
+        raise ValueError(f"variant {variant!r} not understood; sizes: {sorted(VARIANTS)}, e.g. 'B/16'")
+    out = dict(VARIANTS[m.group(1)])
+    if m.group(2):
+        out["patch_size"] = int(m.group(2))
+    return out
+
+
+def vit_config(variant: Optional[str] = None, **overrides) -> ViTConfig:
+    """Build a :class:`ViTConfig` from a variant name plus field overrides (unknown fields raise)."""
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown ViT config fields {unknown}; fields: {sorted(fields)}")
+    base = parse_variant(variant) if variant else {}
+    base.update(overrides)
+    return ViTConfig(**base)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block with an optional reducer call (see the module docstring)."""
+
+    def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
+        c = cfg.width
+        self.norm1 = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        self.attn = Attention(c, cfg.heads, qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, rngs=rngs)
+        self.norm2 = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        self.mlp = Mlp(c, cfg.mlp_dim, dtype=cfg.dtype, rngs=rngs)
+        self.ls1 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
+        self.ls2 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
+
+    def _bias(self, state: R.TokenState, prop_attn: bool) -> Optional[jax.Array]:
+        prop = R.proportional_attention_bias(state.sizes) if prop_attn else None
+        return R.combine_biases(prop, R.key_mask_bias(state.valid))
+
+    def _info(self, reducer, base: dict, keys, probs, hidden) -> R.LayerInfo:
+        needs = reducer.needs
+        b, t = hidden.shape[:2]
+        return R.LayerInfo(
+            **base,
+            metric=jnp.mean(keys, axis=2) if R.METRIC in needs else None,
+            attention=probs if R.ATTENTION in needs else None,
+            keys=keys.reshape(b, t, -1) if R.KEYS in needs else None,
+            hidden=hidden if R.HIDDEN in needs else None,
+        )
+
+    def __call__(self, state: R.TokenState, *, reducer: Optional[R.Reducer] = None, info: Optional[dict] = None,
+                 prop_attn: bool = False) -> R.TokenState:
+        """``state.x: [B, T, C] -> [B, K, C]`` (``K = T`` without a reducer). ``info``: the static LayerInfo fields
+        (layer, num_layers, num_protected, num_distill, rng)."""
+        info = info or {}
+        if reducer is not None and reducer.position == "before_attention":
+            keys = probs = None
+            if reducer.needs & {R.METRIC, R.ATTENTION, R.KEYS}:
+                # Scores come from this block's own attention over the tokens about to be reduced.
+                _, keys, probs = self.attn(self.norm1(state.x), bias=self._bias(state, prop_attn),
+                                           need_probs=R.ATTENTION in reducer.needs)
+            b, t = state.x.shape[:2]
+            if keys is None:
+                keys = jnp.zeros((b, t, 1, 1), state.x.dtype)
+            state = reducer(state, self._info(reducer, info, keys, probs, state.x))
+        elif reducer is not None and reducer.position != "after_attention":
+            raise ValueError(f"reducer.position must be 'after_attention' or 'before_attention', "
+                             f"got {reducer.position!r}")
+
+        need_probs = reducer is not None and reducer.position == "after_attention" and R.ATTENTION in reducer.needs
+        x = state.x
+        y, keys, probs = self.attn(self.norm1(x), bias=self._bias(state, prop_attn), need_probs=need_probs)
+        x = x + (self.ls1(y) if self.ls1 is not None else y)
+        state = state.replace(x=x)
+        if reducer is not None and reducer.position == "after_attention":
+            state = reducer(state, self._info(reducer, info, keys, probs, x))
+        x = state.x
+        y = self.mlp(self.norm2(x))
+        return state.replace(x=x + (self.ls2(y) if self.ls2 is not None else y))
+
+
+def _as_reducers(reducers, depth: int) -> tuple:
+    if reducers is None:
+        return (None,) * depth
+    if isinstance(reducers, Mapping):
+        reducers = R.build_layer_reducers(depth, reducers)
+    reducers = tuple(reducers)
+    if len(reducers) != depth:
+        raise ValueError(f"reducers has {len(reducers)} entries but the model has {depth} blocks")
+    for i, red in enumerate(reducers):
+        if red is not None and not isinstance(red, R.Reducer):
+            raise ValueError(f"reducers[{i}] must be a reduction.Reducer or None, got {type(red).__name__}")
+    return reducers
+
+
+def _prop_flags(reducers: Sequence[Optional[R.Reducer]]) -> list[bool]:
+    """Static per-layer switch: proportional attention once a reducer with ``prop_attn`` has run."""
+    flags, active = [], False
+    for red in reducers:
+        if red is not None and red.prop_attn and red.position == "before_attention":
+            active = True
+        flags.append(active)
+        if red is not None and red.prop_attn:
+            active = True
+    return flags
+
+
+class ViT(nnx.Module):
+    """Vision Transformer. ``model(images [B, H, W, 3]) -> (out, aux)``; see :meth:`__call__`."""
+
+    def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        cfg = config
+        c = cfg.width
+        self.patch_embed = PatchEmbed(cfg.patch_size, c, dtype=cfg.dtype, rngs=rngs)
+        init = nnx.initializers.truncated_normal(stddev=0.02)
+        self.cls_token = nnx.Param(jnp.zeros((1, 1, c))) if cfg.class_token else None
+        self.dist_token = nnx.Param(init(rngs.params(), (1, 1, c))) if cfg.distill_token else None
+        self.reg_tokens = nnx.Param(init(rngs.params(), (1, cfg.num_registers, c))) if cfg.num_registers else None
+        n_pos = cfg.grid * cfg.grid + (cfg.num_prefix if cfg.pos_embed_prefix else 0)
+        self.pos_embed = nnx.Param(init(rngs.params(), (1, n_pos, c)))
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
+        self.norm = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
+        feat = 2 * c if cfg.pool == "cls+avg" else c
+        zeros = nnx.initializers.zeros
+        self.head = (nnx.Linear(feat, cfg.num_classes, kernel_init=zeros, dtype=cfg.dtype, rngs=rngs)
+                     if cfg.num_classes else None)
+        self.head_dist = (nnx.Linear(c, cfg.num_classes, kernel_init=zeros, dtype=cfg.dtype, rngs=rngs)
+                          if cfg.num_classes and cfg.distill_token else None)
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: Union[ViTConfig, Mapping[str, Any], str, None] = None, *,
+                    rngs: Optional[nnx.Rngs] = None, seed: int = 0, **overrides) -> "ViT":
+        """Build from a :class:`ViTConfig`, a mapping (e.g. an ``ml_collections`` node with ``variant`` and
+        field overrides), or a variant name like ``"S/16"``; keyword ``overrides`` win."""
+        if isinstance(config, ViTConfig):
+            cfg = config.replace(**overrides) if overrides else config
+        else:
+            if isinstance(config, str):
+                spec = {"variant": config}
+            elif config is None:
+                spec = {}
+            else:
+                spec = dict(config.to_dict() if hasattr(config, "to_dict") else config)
+            spec.update(overrides)
+            cfg = vit_config(spec.pop("variant", None), **spec)
+        return cls(cfg, rngs=rngs if rngs is not None else nnx.Rngs(seed))
+
+    # -- static helpers -------------------------------------------------------------------------------
+
+    def num_tokens(self, image_hw: Union[int, Sequence[int]]) -> int:
+        """Tokens entering the first block for an image of ``image_hw`` pixels."""
+        h, w = _hw(image_hw)
+        p = self.config.patch_size
+        return (h // p) * (w // p) + self.config.num_protected
+
+    def build_reducers(self, spec: Optional[Mapping[str, Any]]) -> tuple:
+        """One reducer (or ``None``) per block from a plain spec such as ``{"method": "tome", "r": 13}``."""
+        return tuple(R.build_layer_reducers(self.config.depth, spec))
+
+    def tokens_per_layer(self, image_hw, reducers=None) -> list[tuple[int, int]]:
+        """Static ``(attention tokens, MLP tokens)`` per block."""
+        reducers = _as_reducers(reducers, self.config.depth)
+        return R.tokens_per_layer(self.num_tokens(image_hw), reducers, num_protected=self.config.num_protected,
+                                  num_distill=int(self.config.distill_token))
+
+    def flops(self, image_size: Union[int, Sequence[int]] = None, reducers=None) -> int:
+        """Analytic FLOPs (2 x MACs) per image: patch embedding, blocks at the scheduled token counts, the
+        reducers' own cost and the head."""
+        cfg = self.config
+        image_size = cfg.image_size if image_size is None else image_size
+        reducers = _as_reducers(reducers, cfg.depth)
+        counts = self.tokens_per_layer(image_size, reducers)
+        t = self.num_tokens(image_size)
+        red_flops = []
+        for (a, m), red in zip(counts, reducers):
+            red_flops.append(0 if red is None else red.flops(t, dim=cfg.width, heads=cfg.heads))
+            t = m
+        h, w = _hw(image_size)
+        n = (h // cfg.patch_size) * (w // cfg.patch_size)
+        return R.vit_flops([a for a, _ in counts], mlp_tokens=[m for _, m in counts], dim=cfg.width,
+                           mlp_dim=cfg.mlp_dim, patch_size=cfg.patch_size, num_patches=n,
+                           num_classes=cfg.num_classes, reduction_flops=red_flops)
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def _pos_embed(self, gh: int, gw: int) -> tuple[Optional[jax.Array], jax.Array]:
+        """``(prefix part [1, P, C] or None, patch part [1, gh*gw, C])`` at the requested grid."""
+        cfg = self.config
+        pe = self.pos_embed[...]
+        n_pre = cfg.num_prefix if cfg.pos_embed_prefix else 0
+        pre, grid = (pe[:, :n_pre], pe[:, n_pre:]) if n_pre else (None, pe)
+        g = cfg.grid
+        grid = resize_grid(grid.reshape(g, g, -1), (gh, gw)).reshape(1, gh * gw, -1)
+        return pre, grid
+
+    def embed(self, images: jax.Array) -> jax.Array:
+        """``images [B, H, W, 3] -> tokens [B, P + R + N, C]`` (prefix, registers, patches) before block 0."""
+        cfg = self.config
+        check_rank(images, 4, "images")
+        b, h, w, ch = images.shape
+        p = cfg.patch_size
+        if h % p or w % p:
+            raise ValueError(f"images has spatial shape {(h, w)}, which is not a multiple of patch_size={p}")
+        if ch != 3:
+            raise ValueError(f"images must be NHWC with 3 channels, got shape {images.shape}")
+        dtype = cfg.dtype or jnp.float32
+        x = self.patch_embed(images.astype(dtype))
+        pre_pe, grid_pe = self._pos_embed(h // p, w // p)
+        x = x + grid_pe.astype(x.dtype)
+        prefix = []
+        if cfg.class_token:
+            prefix.append(self.cls_token[...])
+        if cfg.distill_token:
+            prefix.append(self.dist_token[...])
+        if prefix:
+            pre = jnp.concatenate(prefix, axis=1).astype(x.dtype)
+            if pre_pe is not None:
+                pre = pre + pre_pe.astype(x.dtype)
+            x = jnp.concatenate([jnp.broadcast_to(pre, (b,) + pre.shape[1:]), x], axis=1)
+        if cfg.num_registers:
+            reg = jnp.broadcast_to(self.reg_tokens[...].astype(x.dtype), (b, cfg.num_registers, cfg.width))
+            n_pre = cfg.num_prefix
+            x = jnp.concatenate([x[:, :n_pre], reg, x[:, n_pre:]], axis=1)
+        return x
+
+    def pool(self, tokens: jax.Array, state: R.TokenState) -> jax.Array:
+        """``tokens [B, T, C] -> [B, C]`` (``[B, 2C]`` for ``"cls+avg"``) following ``config.pool``."""
+        cfg = self.config
+        if cfg.pool == "token":
+            return tokens[:, 0]
+        w = state.sizes.astype(jnp.float32)
+        if state.valid is not None:
+            w = jnp.where(state.valid, w, 0.0)
+        w = w.at[:, : cfg.num_protected].set(0.0)
+        avg = jnp.einsum("bt,btc->bc", w, tokens.astype(jnp.float32)) / jnp.maximum(
+            jnp.sum(w, axis=1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+        avg = avg.astype(tokens.dtype)
+        if cfg.pool == "cls+avg":
+            return jnp.concatenate([tokens[:, 0], avg], axis=-1)
+        return avg
+
+    def __call__(self, images: jax.Array, *, reducers=None, return_source: bool = False,
+                 deterministic: bool = True, rng: Optional[jax.Array] = None):
+        """Forward pass.
+
+        Args:
+          images: ``[B, H, W, 3]`` float (``H, W`` multiples of the patch size; other resolutions than
+            ``config.image_size`` interpolate the position embedding bicubically).
+          reducers: ``None``, a tuple with one :class:`reduction.Reducer` or ``None`` per block, or a spec
+            mapping (``{"method": "tome", "r": 13}``). Static under ``jax.jit``.
+          return_source: also track and return the ``[B, N]`` source map (``aux["source"]``), where ``N``
+            counts every initial token (prefix and registers included).
+          deterministic: the model has no dropout; kept for API symmetry with training code.
+          rng: PRNG key handed (folded with the layer index) to stochastic reducers.
+
+        Returns:
+          ``(out, aux)``: ``out`` = logits ``[B, num_classes]`` if the model has a head, else the pooled
+          features. ``aux``: ``tokens_per_layer`` (static list of ``(attention, MLP)`` tokens), ``features``
+          (pooled, pre-head), ``tokens`` (final normed ``[B, K, C]``), ``sizes`` ``[B, K]``, ``positions``,
+          ``valid`` (or ``None``) and, with ``return_source``, ``source`` ``[B, N]``.
+        """
+        del deterministic
+        cfg = self.config
+        reducers = _as_reducers(reducers, cfg.depth)
+        x = self.embed(images)
+        state = R.init_state(x, track_source=return_source)
+        props = _prop_flags(reducers)
+        for layer, (blk, red) in enumerate(zip(self.blocks, reducers)):
+            info = dict(layer=layer, num_layers=cfg.depth, num_protected=cfg.num_protected,
+                        num_distill=int(cfg.distill_token),
+                        rng=None if rng is None else jax.random.fold_in(rng, layer))
+            state = blk(state, reducer=red, info=info, prop_attn=props[layer])
+        tokens = self.norm(state.x)
+        features = self.pool(tokens, state)
+        if self.head is None:
+            out = features
+        elif self.head_dist is not None and cfg.pool == "token":
+            out = (self.head(features) + self.head_dist(tokens[:, 1])) / 2
+        else:
+            out = self.head(features)
+        aux = {
+            "tokens_per_layer": R.tokens_per_layer(x.shape[1], reducers, num_protected=cfg.num_protected,
+                                                   num_distill=int(cfg.distill_token)),
+            "features": features,
+            "tokens": tokens,
+            "sizes": state.sizes,
+            "positions": state.positions,
+            "valid": state.valid,
+        }
+        if return_source:
+            aux["source"] = state.source
+        return out, aux
+
+
+def _hw(image_hw) -> tuple[int, int]:
+    if isinstance(image_hw, int):
+        return image_hw, image_hw
+    h, w = image_hw
+    return int(h), int(w)
+
+
+def make_forward(model: ViT, reducers=None, *, return_source: bool = False):
+    """Jitted ``fn(images) -> (out, aux)`` for eval and benchmarks.
+
+    The model is split once (``graphdef, state = nnx.split(model)``); the pure function merges it inside
+    ``jax.jit`` with the reducers closed over as static values. ``aux["tokens_per_layer"]`` is added back
+    outside the jit as plain Python ints. ``fn.num_traces()`` reports how often the function was traced
+    (new data of the same shape must not retrace). Parameters are captured at call time of
+    ``make_forward``; call it again after changing the model.
+    """
+    reducers = _as_reducers(reducers, model.config.depth)
+    graphdef, params = nnx.split(model)
+    traces = [0]
+
+    @jax.jit
+    def pure(params, images):
+        traces[0] += 1
+        m = nnx.merge(graphdef, params)
+        out, aux = m(images, reducers=reducers, return_source=return_source)
+        aux = dict(aux)
+        aux.pop("tokens_per_layer")
+        return out, aux
+
+    def fn(images):
+        out, aux = pure(params, images)
+        aux["tokens_per_layer"] = model.tokens_per_layer(images.shape[1:3], reducers)
+        return out, aux
+
+    fn.num_traces = lambda: traces[0]
+    fn.reducers = reducers
+    return fn
+
+
+__all__ = ["ViT", "ViTConfig", "Block", "VARIANTS", "parse_variant", "vit_config", "make_forward"]
