@@ -1,0 +1,58 @@
+"""Data pipelines (grain + Pillow) for training and evaluation.
+
+Sources (random access, records are dicts of numpy arrays):
+  fashion_mnist, animal_mnist, image_folder (ImageNet-style class folders), easy_vqa, synth_vqa
+  (generated multi-object VQA), synthetic (tiny in-memory set for tests).
+:func:`make_source` builds one from a config's ``data`` block; :mod:`models.data.pipeline` turns it into
+a sharded, shuffled, augmented, checkpointable stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from models.data.animal_mnist import animal_mnist
+from models.data.easy_vqa import easy_vqa
+from models.data.fashion_mnist import fashion_mnist
+from models.data.image_folder import image_folder
+from models.data.pipeline import Augment, eval_batches, num_eval_batches, shard_options, train_dataset
+from models.data.sources import ArraySource, DataError, FileImageSource, SkipStats, load_image
+from models.data.synth_vqa import SynthVQA
+from models.data.synthetic import synthetic_classification
+from models.data.text import WordVocab
+
+DATASETS = ("fashion_mnist", "animal_mnist", "image_folder", "easy_vqa", "synth_vqa", "synthetic")
+
+
+def make_source(data: Mapping[str, Any], split: str):
+    """Build the source named by ``data["name"]`` for ``split`` from a config ``data`` block.
+
+    Keys used (missing ones take defaults): ``path``, ``image_size``, ``on_error`` ("raise" | "skip"),
+    ``size`` / ``seed`` (generated sets), ``grid``, ``min_objects``, ``max_objects``, ``style`` (synth_vqa),
+    ``num_classes`` (synthetic), ``limit`` (easy_vqa).
+    """
+    get = (lambda k, d=None: data[k] if k in data else d)
+    name = get("name")
+    if name == "fashion_mnist":
+        return fashion_mnist(split, get("path") or None)
+    if name == "animal_mnist":
+        return animal_mnist(split, seed=get("split_seed", 0))
+    if name == "image_folder":
+        if not get("path"):
+            raise DataError("data.path must point at the image folder root for data.name='image_folder'")
+        return image_folder(get("path"), split, size=get("image_size", 224), on_error=get("on_error", "raise"))
+    if name == "easy_vqa":
+        return easy_vqa(split, limit=get("limit") or None, on_error=get("on_error", "raise"))
+    if name == "synth_vqa":
+        sizes = {"train": get("size", 20000), "val": get("eval_size", 1000), "test": get("eval_size", 1000)}
+        return SynthVQA(split, size=sizes[split], seed=get("seed", 0), image_size=get("image_size", 64),
+                        grid=get("grid", 4), min_objects=get("min_objects", 3), max_objects=get("max_objects", 10),
+                        style=get("style", "auto"))
+    if name == "synthetic":
+        size = get("size", 512) if split == "train" else get("eval_size", 128)
+        return synthetic_classification(size, image_size=get("image_size", 16), channels=get("channels", 3),
+                                        num_classes=get("num_classes", 4), seed=get("seed", 0), split=split)
+    raise ValueError(f"unknown data.name {name!r}; available: {', '.join(DATASETS)}")
+
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,117 @@
+"""Grain pipelines: per-host sharding, seeded shuffling, augmentation, batching, padded evaluation.
+
+Training: ``source -> shard by process -> shuffle(seed) -> repeat -> random_map(augment) -> drop
+unreadable records -> batch(drop_remainder)``. Each epoch is reshuffled (grain reseeds per epoch) and
+the augmentation of element ``i`` depends only on ``(seed, i)``, so the stream is reproducible and the
+iterator state (``get_state``/``set_state``) is a tiny dict that checkpoints with the model.
+
+Evaluation: every example exactly once, padded to whole global batches with ``mask = False`` rows so
+all hosts run the same number of steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Random crop (zero-pad by ``crop_padding`` then crop back) and horizontal flip of ``image``."""
+
+    crop_padding: int = 0
+    flip: bool = False
+
+    def __call__(self, record: dict | None, rng: np.random.Generator) -> dict | None:
+        if record is None:
+            return None
+        image = record["image"]
+        if self.crop_padding > 0:
+            p = self.crop_padding
+            h, w = image.shape[:2]
+            padded = np.pad(image, ((p, p), (p, p), (0, 0)))
+            top, left = rng.integers(0, 2 * p + 1, size=2)
+            image = padded[top:top + h, left:left + w]
+        if self.flip and rng.random() < 0.5:
+            image = image[:, ::-1]
+        return {**record, "image": np.ascontiguousarray(image)}
+
+
+def shard_options(shard_index: int | None = None, shard_count: int | None = None) -> tuple[int, int]:
+    """``(index, count)`` of this host's shard: ``grain.sharding.ShardByJaxProcess`` unless given."""
+    if shard_index is None or shard_count is None:
+        opts = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+        return opts.shard_index, opts.shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index}")
+    return shard_index, shard_count
+
+
+def _read_options(num_threads: int) -> grain.ReadOptions:
+    return grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(8, 4 * num_threads))
+
+
+def train_dataset(source, *, batch_size: int, seed: int, augment: Augment | None = None, shuffle: bool = True,
+                  num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
+                  num_threads: int = 2) -> grain.IterDataset:
+    """The training stream of this host: batches of ``batch_size // shard_count`` records.
+
+    Args:
+      source: random-access records (``None`` for a skipped unreadable file: dropped here).
+      batch_size: the GLOBAL batch; each host yields ``batch_size // shard_count`` rows.
+      seed: shuffling and augmentation seed (same on every host; shards are disjoint by index).
+      num_epochs: ``None`` repeats forever.
+    """
+    index, count = shard_options(shard_index, shard_count)
+    if batch_size % count:
+        raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of hosts ({count})")
+    ds = grain.MapDataset.source(source)
+    if len(ds) < count:
+        raise ValueError(f"source has {len(ds)} records, fewer than the {count} hosts")
+    usable = (len(ds) // count) * count  # equal shards keep hosts in lock-step
+    ds = ds[index:usable:count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(num_epochs)
+    if augment is not None and (augment.crop_padding or augment.flip):
+        ds = ds.random_map(augment, seed=seed + 1)
+    it = ds.to_iter_dataset(_read_options(num_threads))  # drops None (skipped) records
+    return it.batch(batch_size // count, drop_remainder=True)
+
+
+def eval_batches(source, *, batch_size: int, shard_index: int | None = None, shard_count: int | None = None,
+                 limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every record once (or the first ``limit``), in order, as this host's part of padded global batches.
+
+    Each batch has ``batch_size // shard_count`` rows and a bool ``mask``; padding rows (and records
+    whose file was skipped) repeat a real record with ``mask = False``.
+    """
+    index, count = shard_options(shard_index, shard_count)
+    n = len(source) if limit is None else min(limit, len(source))
+    total = math.ceil(n / batch_size) * batch_size
+    local = batch_size // count
+    template = None
+    for start in range(index * local, total, batch_size):
+        rows = []
+        for i in range(start, start + local):
+            rec = source[i] if i < n else None
+            if rec is not None and template is None:
+                template = rec
+            rows.append((rec, i < n and rec is not None))
+        if template is None:  # nothing readable yet: look ahead for a template
+            template = next((r for r in (source[j] for j in range(n)) if r is not None), None)
+            if template is None:
+                raise ValueError("evaluation source has no readable record")
+        recs = [r if ok else template for r, ok in rows]
+        batch = {k: np.stack([np.asarray(r[k]) for r in recs]) for k in template}
+        batch["mask"] = np.array([ok for _, ok in rows], bool)
+        yield batch
+
+
+def num_eval_batches(source, batch_size: int, limit: int | None = None) -> int:
+    n = len(source) if limit is None else min(limit, len(source))
+    return math.ceil(n / batch_size)
