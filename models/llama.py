@@ -1,0 +1,369 @@
+"""A Llama-family decoder-only LM in Flax NNX, with an in-LLM token-pruning hook and a per-layer KV cache.
+
+Pieces: RMSNorm, rotary position embeddings (Hugging Face ``rotate_half`` layout, so HF weights load
+as they are), grouped-query attention, SwiGLU MLP, tied or untied LM head.
+
+Position ids are explicit inputs: a pruned sequence keeps its original positions (with gaps), and
+left-padded batches count positions from each example's first real token.
+
+In-LLM pruning: an :class:`LLMPruner` runs once during prefill, just before decoder layer ``K =
+pruner.layer``, on what layer ``K - 1`` produced (its output hidden states through the final norm, its
+post-RoPE keys, and optionally its attention probabilities). It returns the kept positions; the hidden
+states, positions and validity mask are gathered with :func:`reduction.prune_step` /
+:func:`reduction.apply_step`, and every later layer (and its KV cache) holds only the kept tokens.
+
+Attention uses ``jax.nn.dot_product_attention`` everywhere except at layer ``K - 1`` when the pruner
+needs attention probabilities; there the probabilities are computed explicitly, for the last
+``pruner.attention_rows`` queries only when that suffices (FastV reads one row).
+
+Dimension vocabulary: B batch, T current tokens, N original tokens, C channels (``dim``), H query heads,
+G key/value heads, D head dim, V vocabulary, K kept tokens, S cache slots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.kv_cache import KVCache, LayerCache, append, layer_cache_from_prefill
+from reduction.state import init_state
+from reduction.step import apply_step, prune_step
+from reduction.validate import check_count, check_rank
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static shape of the LM. ``head_dim`` defaults to ``dim // num_heads``."""
+
+    vocab_size: int = 32000
+    dim: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    mlp_dim: int = 11008
+    head_dim: Optional[int] = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    dtype: Any = jnp.float32
+
+    @property
+    def dh(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+
+
+# -- rotary embeddings ----------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``positions: [B, T]`` int -> ``cos, sin: [B, T, D]`` float32 (HF layout: the frequencies repeated)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x: [B, T, H, D]`` rotated with HF's ``rotate_half`` convention, computed in float32."""
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# -- pruning hook --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneInputs:
+    """What layer ``K - 1`` hands to an :class:`LLMPruner` (``None`` for what the pruner does not need).
+
+    Attributes:
+      hidden: ``[B, T, C]`` hidden states leaving layer ``K - 1``, passed through the LM's final norm.
+      keys: ``[B, T, H * D]`` post-RoPE keys of layer ``K - 1`` (key/value heads repeated to ``H``).
+      attention: ``[B, H, Tq, T]`` float32 attention probabilities of layer ``K - 1`` for its last ``Tq``
+        queries.
+      image_starts: ``[B]`` or ``[B, M]`` int32 first position of each image span (traced).
+      image_len: static tokens per image span.
+      valid: ``[B, T]`` bool (``False`` for padding).
+      rng: optional PRNG key.
+    """
+
+    hidden: Optional[jax.Array]
+    keys: Optional[jax.Array]
+    attention: Optional[jax.Array]
+    image_starts: jax.Array
+    image_len: int
+    valid: jax.Array
+    rng: Optional[jax.Array] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LLMPruner:
+    """Base class of in-LLM pruners (frozen, hashable: safe as a static jit argument).
+
+    ``layer`` is ``K``: pruning happens before decoder layer ``K`` (``K >= 1``). Subclasses set the class
+    flags and implement :meth:`num_out` (static output count) and :meth:`select`, which returns
+    ``(keep_idx [B, K] ascending, keep_valid [B, K] bool or None)``; ``keep_valid`` lets instance-adaptive
+    methods keep a static capacity and mask the unused slots.
+    """
+
+    layer: int = 2
+    needs_hidden: ClassVar[bool] = False
+    needs_keys: ClassVar[bool] = False
+    needs_attention: ClassVar[bool] = False
+    attention_rows: ClassVar[Optional[int]] = None  # None: all query rows; n: only the last n rows
+
+    def num_out(self, num_tokens: int, image_len: int, num_images: int = 1) -> int:
+        raise NotImplementedError
+
+    def select(self, inputs: PruneInputs) -> tuple[jax.Array, Optional[jax.Array]]:
+        raise NotImplementedError
+
+
+# -- layers --------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nnx.Module):
+    """``x / rms(x) * scale`` computed in float32, cast back to ``x.dtype`` before the scale (as HF does)."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+
+
+def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Attention with its probabilities. ``q: [B, Tq, H, D]``, ``k, v: [B, S, G, D]``, ``mask: [B, 1, Tq, S]``
+    -> ``out [B, Tq, H, D]``, ``probs [B, H, Tq, S]`` float32. Fully masked rows give uniform weights."""
+    h, g = q.shape[2], k.shape[2]
+    kr = jnp.repeat(k, h // g, axis=2).astype(jnp.float32)
+    vr = jnp.repeat(v, h // g, axis=2).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), kr) * (q.shape[-1] ** -0.5)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqs,bshd->bqhd", probs, vr).astype(q.dtype)
+    return out, probs
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE (no biases, as in Llama)."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dh = cfg.dh
+        self.q_proj = _linear(cfg.dim, cfg.num_heads * dh, cfg, rngs)
+        self.k_proj = _linear(cfg.dim, cfg.num_kv_heads * dh, cfg, rngs)
+        self.v_proj = _linear(cfg.dim, cfg.num_kv_heads * dh, cfg, rngs)
+        self.o_proj = _linear(cfg.num_heads * dh, cfg.dim, cfg, rngs)
+
+    def project(self, x: jax.Array, positions: jax.Array):
+        """``x: [B, T, C]`` -> ``q [B, T, H, D]``, ``k, v [B, T, G, D]`` with RoPE applied to q and k."""
+        b, t, _ = x.shape
+        cfg = self.cfg
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.dh)
+        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.dh)
+        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.dh)
+        cos, sin = rope_cos_sin(positions, cfg.dh, cfg.rope_theta)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o: jax.Array) -> jax.Array:
+        b, t = o.shape[:2]
+        return self.o_proj(o.reshape(b, t, -1))
+
+
+class Mlp(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg.dim, cfg.mlp_dim, cfg, rngs)
+        self.up_proj = _linear(cfg.dim, cfg.mlp_dim, cfg, rngs)
+        self.down_proj = _linear(cfg.mlp_dim, cfg.dim, cfg, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder block: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(cfg, rngs=rngs)
+
+    def prefill(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, probs: str = "none",
+                rows: Optional[int] = None):
+        """``x: [B, T, C]``, ``mask: [B, 1, T, T]`` bool -> ``(y [B, T, C], k, v [B, T, G, D], p)``.
+
+        ``probs``: ``"none"`` (fused attention, ``p = None``), ``"rows"`` (fused attention plus explicit
+        probabilities of the last ``rows`` queries) or ``"all"`` (explicit attention, ``p: [B, H, T, T]``).
+        """
+        q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
+        p = None
+        if probs == "all":
+            o, p = explicit_attention(q, k, v, mask)
+        else:
+            o = jax.nn.dot_product_attention(q, k, v, mask=mask)
+            if probs == "rows":
+                _, p = explicit_attention(q[:, -rows:], k, v, mask[:, :, -rows:])
+        x = x + self.self_attn.out(o)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v, p
+
+    def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache):
+        """One token per example: ``x: [B, 1, C]``, ``positions: [B, 1]`` -> ``(y [B, 1, C], cache)``."""
+        q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
+        cache = append(cache, k, v)
+        o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=cache.valid[:, None, None, :])
+        x = x + self.self_attn.out(o)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, cache
+
+
+def prefill_mask(valid: jax.Array) -> jax.Array:
+    """``valid: [B, T]`` -> ``[B, 1, T, T]`` bool: causal by sequence index, invalid keys masked, and the
+    diagonal always allowed so padded queries never see an empty row. Sequence order is position order
+    (pruning keeps the original order), so this equals the sub-block of the unpruned causal mask."""
+    t = valid.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = causal[None] & valid[:, None, :]
+    mask = mask | jnp.eye(t, dtype=bool)[None]
+    return mask[:, None]
+
+
+def positions_from_valid(valid: jax.Array) -> jax.Array:
+    """Left-padding positions: ``cumsum(valid) - 1`` clipped at 0 (HF generate's rule). ``[B, T] -> [B, T]``."""
+    return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), axis=1) - 1, 0)
+
+
+class Llama(nnx.Module):
+    """The decoder LM. ``Llama(cfg, rngs=nnx.Rngs(0))``."""
+
+    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
+
+    # -- pieces ---------------------------------------------------------------------------------------
+
+    def embed(self, ids: jax.Array) -> jax.Array:
+        """``ids: [B, T]`` int -> ``[B, T, C]``."""
+        return self.embed_tokens(ids)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """Final norm + LM head: ``[..., C] -> [..., V]`` float32."""
+        h = self.norm(h)
+        out = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return out.astype(jnp.float32)
+
+    # -- prefill ----------------------------------------------------------------------------------------
+
+    def prefill_embeds(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *,
+                       pruner: Optional[LLMPruner] = None, image_starts: Optional[jax.Array] = None,
+                       image_len: int = 0, rng: Optional[jax.Array] = None):
+        """Run all layers on ``x: [B, N, C]`` with ``positions, valid: [B, N]``.
+
+        Returns ``(h [B, K, C], kv, aux)``: the final hidden states (before the final norm) of the ``K``
+        tokens left after pruning (``K = N`` without a pruner), ``kv`` a list of per-layer
+        ``(k, v, valid)`` with ``k, v: [B, T_l, G, D]``, and ``aux`` with ``positions``/``valid`` ``[B, K]``,
+        ``keep_idx`` ``[B, K]`` (or ``None``) and ``tokens_per_layer`` (static list of ``T_l``).
+        """
+        check_rank(x, 3, "x")
+        cfg = self.cfg
+        if pruner is not None:
+            if not 1 <= pruner.layer < cfg.num_layers:
+                raise ValueError(f"pruner.layer must be in [1, {cfg.num_layers}), got {pruner.layer}")
+            if image_starts is None:
+                raise ValueError("image_starts is required when a pruner is given")
+            check_count(image_len, "image_len", allow_zero=False)
+        state = init_state(x, valid=valid, positions=positions)
+        kv, counts, keep_idx = [], [], None
+        prev_keys = prev_probs = None
+        for layer, block in enumerate(self.layers):
+            if pruner is not None and layer == pruner.layer:
+                inputs = PruneInputs(
+                    hidden=self.norm(state.x) if pruner.needs_hidden else None,
+                    keys=prev_keys, attention=prev_probs, image_starts=image_starts, image_len=image_len,
+                    valid=state.valid, rng=rng)
+                keep_idx, keep_valid = pruner.select(inputs)
+                state = apply_step(state, prune_step(keep_idx, state.num_tokens))
+                if keep_valid is not None:
+                    state = state.replace(valid=state.valid & keep_valid)
+                prev_keys = prev_probs = None
+            probs = "none"
+            before = pruner is not None and layer == pruner.layer - 1
+            if before and pruner.needs_attention:
+                probs = "all" if pruner.attention_rows is None else "rows"
+            h, k, v, p = block.prefill(state.x, state.positions, prefill_mask(state.valid), probs=probs,
+                                       rows=None if pruner is None else pruner.attention_rows)
+            if before:
+                prev_probs = p
+                if pruner.needs_keys:
+                    prev_keys = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2).reshape(
+                        k.shape[0], k.shape[1], -1)
+            kv.append((k, v, state.valid))
+            counts.append(state.num_tokens)
+            state = state.replace(x=h)
+        aux = dict(positions=state.positions, valid=state.valid, keep_idx=keep_idx, tokens_per_layer=counts)
+        return state.x, kv, aux
+
+    def __call__(self, ids: jax.Array, *, positions: Optional[jax.Array] = None, valid: Optional[jax.Array] = None,
+                 pruner: Optional[LLMPruner] = None, image_starts: Optional[jax.Array] = None, image_len: int = 0):
+        """Full forward for scoring: ``ids: [B, N]`` -> ``(logits [B, K, V] float32, aux)``."""
+        check_rank(ids, 2, "ids")
+        valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
+        positions = positions_from_valid(valid) if positions is None else positions
+        h, _, aux = self.prefill_embeds(self.embed(ids), positions, valid, pruner=pruner,
+                                        image_starts=image_starts, image_len=image_len)
+        return self.logits(h), aux
+
+    # -- generation pieces ------------------------------------------------------------------------------
+
+    def prefill_cache(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, extra: int,
+                      pruner: Optional[LLMPruner] = None, image_starts: Optional[jax.Array] = None,
+                      image_len: int = 0, rng: Optional[jax.Array] = None):
+        """Prefill for generation: ``(last_logits [B, V], cache, aux)``; each layer's cache gets ``extra``
+        free slots. The next position is ``max(positions of valid tokens) + 1`` per example, i.e. it continues
+        from the original, unpruned prompt length."""
+        extra = check_count(extra, "extra")
+        h, kv, aux = self.prefill_embeds(x, positions, valid, pruner=pruner, image_starts=image_starts,
+                                         image_len=image_len, rng=rng)
+        layers = tuple(layer_cache_from_prefill(k, v, m, extra) for k, v, m in kv)
+        next_pos = jnp.max(jnp.where(valid, positions, -1), axis=1).astype(jnp.int32) + 1
+        return self.logits(h[:, -1]), KVCache(layers=layers, next_position=next_pos), aux
+
+    def decode_step(self, tokens: jax.Array, cache: KVCache):
+        """``tokens: [B]`` int -> ``(logits [B, V], cache)`` with every layer's cache advanced by one slot."""
+        x = self.embed(tokens[:, None])
+        pos = cache.next_position[:, None]
+        new_layers = []
+        for block, lc in zip(self.layers, cache.layers):
+            x, lc = block.decode(x, pos, lc)
+            new_layers.append(lc)
+        return self.logits(x[:, 0]), KVCache(layers=tuple(new_layers), next_position=cache.next_position + 1)
+
+
+__all__ = [
+    "LlamaConfig", "Llama", "Block", "Attention", "Mlp", "RMSNorm", "LLMPruner", "PruneInputs",
+    "rope_cos_sin", "apply_rope", "explicit_attention", "prefill_mask", "positions_from_valid",
+]
