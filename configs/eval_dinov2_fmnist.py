@@ -10,7 +10,8 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.config_name = "eval_dinov2_fmnist"
-    cfg.backbone = "dinov2_small"      # models.evaluation.builtin: dinov2_small | vit | checkpoint
+    cfg.backbone = "dinov2_small"      # models.evaluation.builtin: dinov2_small, vit or checkpoint
+    cfg.vit_variant = "Ti/14"          # backbone=vit: a randomly initialised models.vit ViT (smoke runs)
     cfg.checkpoint = ""                # train.py checkpoint folder (backbone=checkpoint)
     cfg.train_config = ""              # train.py config name/path of that checkpoint ("" = the saved config.json)
     cfg.image_size = 112
@@ -20,8 +21,8 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.seed = 0
     cfg.methods = ("all",)             # every registered method (tome, pitome, pruning methods, baselines)
     cfg.targets = (0.9, 0.75, 0.6, 0.5)  # fractions of the unreduced analytic FLOPs
-    cfg.batch_size = 50
-    cfg.throughput_batch = 32
+    cfg.batch_size = 32                # one compiled executable per point serves accuracy and timing
+    cfg.throughput_batch = 32          # (a different value compiles every point twice)
     cfg.warmup = 1
     cfg.repeats = 5
     cfg.flop_tolerance = 0.05

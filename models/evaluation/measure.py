@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,9 @@ import numpy as np
 
 from models.evaluation.data import batches, to_rgb
 
-FeatureFn = Callable[[jax.Array, tuple, jax.Array], jax.Array]  # (images [B,S,S,3], reducers, rng) -> [B, F]
+# (params, images [B, S, S, 3], reducers, rng) -> [B, F]; params are passed as an argument (not baked in as
+# constants) so compilation stays fast and XLA sees the same program as a training-time forward.
+FeatureFn = Callable[[Any, jax.Array, tuple, jax.Array], jax.Array]
 
 
 @dataclasses.dataclass
@@ -45,22 +47,29 @@ def xla_flops(compiled) -> Optional[float]:
     return float(cost["flops"])
 
 
-def compile_setting(features: FeatureFn, reducers: Sequence, *, batch_size: int, image_size: int) -> Compiled:
-    """``jax.jit(features).lower(...).compile()`` with the reducers closed over (static)."""
+def compile_setting(features: FeatureFn, reducers: Sequence, *, batch_size: int, image_size: int,
+                    params: Any = None) -> Compiled:
+    """``jax.jit(features).lower(...).compile()`` with the reducers closed over (static) and ``params``
+    passed as an argument. ``Compiled.fn(images, rng)`` runs it with those params."""
     reducers = tuple(reducers)
 
-    def run(images, rng):
-        return features(images, reducers, rng)
+    def run(p, images, rng):
+        return features(p, images, reducers, rng)
 
     start = time.perf_counter()
     lowered = jax.jit(run).lower(
+        params,
         jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.float32),
         jax.ShapeDtypeStruct((2,), jnp.uint32),
     )
     compiled = lowered.compile()
     elapsed = time.perf_counter() - start
     total = xla_flops(compiled)
-    return Compiled(fn=compiled, batch_size=batch_size, image_size=image_size, compile_s=elapsed,
+
+    def fn(images, rng):
+        return compiled(params, images, rng)
+
+    return Compiled(fn=fn, batch_size=batch_size, image_size=image_size, compile_s=elapsed,
                     xla_flops_per_image=None if total is None else total / batch_size)
 
 

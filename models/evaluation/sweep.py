@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import numpy as np
@@ -31,7 +31,8 @@ class Backbone:
       name: shown in reports.
       dims: static ViT shape (depth, width, heads, patches at ``image_size``).
       image_size: input side S in pixels.
-      features: ``(images [B, S, S, 3] f32, reducers tuple, rng) -> [B, F]``, pure and jit-able.
+      features: ``(params, images [B, S, S, 3] f32, reducers tuple, rng) -> [B, F]``, pure and jit-able.
+      params: the pytree passed as ``features``' first argument (weights stay arguments, not constants).
       analytic_flops: the model's own analytic count ``reducers -> FLOPs per image``; defaults to
         :func:`reduction.budget.reducers_flops` on ``dims``.
       tokens_per_layer: the model's own static count ``reducers -> [(attention, mlp) tokens per layer]``.
@@ -41,6 +42,7 @@ class Backbone:
     dims: budget.ViTDims
     image_size: int
     features: measure.FeatureFn
+    params: Any = None
     analytic_flops: Optional[Callable[[tuple], int]] = None
     tokens_per_layer: Optional[Callable[[tuple], list]] = None
 
@@ -106,7 +108,7 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
         final_tokens=counts[-1][1] if counts else backbone.dims.num_tokens,
     )
     comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.batch_size,
-                                   image_size=backbone.image_size)
+                                   image_size=backbone.image_size, params=backbone.params)
     row["compile_s"] = comp.compile_s
     elementwise = backbone.elementwise_flops(reducers)
     row["elementwise_gflops"] = elementwise / 1e9
@@ -127,7 +129,7 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
     row["acc_retained"] = acc / base_acc if base_acc else 1.0
     if settings.throughput_batch != settings.batch_size:
         comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.throughput_batch,
-                                       image_size=backbone.image_size)
+                                       image_size=backbone.image_size, params=backbone.params)
     timing = measure.throughput(comp, images, warmup=settings.warmup, repeats=settings.repeats)
     row.update(images_per_s=timing.images_per_s, batch_ms=timing.median_batch_s * 1e3,
                throughput_batch=timing.batch_size)
@@ -139,7 +141,7 @@ def fit_probe(backbone: Backbone, train_images: np.ndarray, train_labels: np.nda
     """Extract unreduced training features and fit the ridge probe. Returns ``(probe, seconds)``."""
     start = time.perf_counter()
     comp = measure.compile_setting(backbone.features, (None,) * backbone.dims.depth,
-                                   batch_size=settings.batch_size, image_size=backbone.image_size)
+                                   batch_size=settings.batch_size, image_size=backbone.image_size, params=backbone.params)
     feats = measure.extract(comp, train_images, seed=settings.seed)
     probe = fit_ridge_probe(feats, train_labels, num_classes=num_classes, l2_grid=settings.l2_grid)
     return probe, time.perf_counter() - start
