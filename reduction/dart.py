@@ -113,15 +113,16 @@ def _resize_target(minused: int) -> int:
     return size
 
 
-def _insert_clean(table: jax.Array, values: jax.Array, item: jax.Array) -> jax.Array:
+def _insert_clean(table: jax.Array, values: jax.Array, item: jax.Array, active=True) -> jax.Array:
     """Place ``item`` (an index into ``values``) in an open-addressing ``table`` like CPython's sets.
 
     ``table: [S]`` int32 holding item indices or ``-1``; the hash of a small non-negative int is itself.
-    Linear probing over up to 10 slots when they fit before the table end, then perturbation.
+    Linear probing over up to 10 slots when they fit before the table end, then perturbation. An inactive
+    insert (``active`` False) leaves the table unchanged.
     """
     size = table.shape[0]
     mask = size - 1
-    h = values[item]
+    h = values[jnp.maximum(item, 0)]
     probe = jnp.arange(_LINEAR_PROBES + 1, dtype=jnp.int32)
 
     def body(carry):
@@ -134,16 +135,17 @@ def _insert_clean(table: jax.Array, values: jax.Array, item: jax.Array) -> jax.A
         i = (i * 5 + 1 + perturb) & mask
         return i, perturb, slot
 
-    init = (h & mask, h, jnp.int32(-1))
+    active = jnp.asarray(active)
+    init = (h & mask, h, jnp.where(active, -1, 0).astype(jnp.int32))
     _, _, slot = jax.lax.while_loop(lambda c: c[2] < 0, body, init)
-    return table.at[slot].set(item)
+    return table.at[slot].set(jnp.where(active, item, table[slot]))
 
 
 def _reinsert(old: jax.Array, values: jax.Array, new_size: int) -> jax.Array:
     """Re-insert the live entries of ``old`` in slot order into an empty table of ``new_size``."""
     table = jnp.full((new_size,), -1, jnp.int32)
     for s in range(old.shape[0]):  # static loop over table slots (at most a few dozen)
-        table = jax.lax.cond(old[s] >= 0, lambda t: _insert_clean(t, values, old[s]), lambda t: t, table)
+        table = _insert_clean(table, values, old[s], old[s] >= 0)
     return table
 
 

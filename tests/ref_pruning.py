@@ -1,0 +1,293 @@
+"""Slow, loop-based NumPy references for the pruning methods, written from the specs (not from the JAX code).
+
+Every function works on ONE example with plain Python loops over tokens, heads and pivots, in float64,
+and returns Python lists / NumPy arrays. Tie-breaking everywhere: lower index first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+# -- shared ---------------------------------------------------------------------------------------------
+
+
+def cos_torch(u, v, eps=1e-8):
+    """torch.nn.functional.cosine_similarity for two vectors (each norm clamped at eps)."""
+    nu = max(math.sqrt(float(np.dot(u, u))), eps)
+    nv = max(math.sqrt(float(np.dot(v, v))), eps)
+    return float(np.dot(u / nu, v / nv))
+
+
+def top_desc(values, k, allowed=None):
+    """Indices of the k largest values (ties: lower index), restricted to ``allowed``."""
+    idx = [i for i in range(len(values)) if allowed is None or allowed[i]]
+    return sorted(idx, key=lambda i: (-values[i], i))[:k]
+
+
+# -- DART -----------------------------------------------------------------------------------------------
+
+
+def dart_ref(h, k, starts, image_len, budget, valid=None, nip=4, ntp=4, source="keys", order="ascending"):
+    """Kept positions (sorted) of one sequence with images at ``starts`` (reference algorithm)."""
+    h = np.asarray(h, np.float64)
+    t = h.shape[0]
+    src = np.asarray(k if source == "keys" else h, np.float64)
+    l1 = [float(np.sum(np.abs(src[i]))) for i in range(t)]
+    valid = [True] * t if valid is None else [bool(v) for v in valid]
+    in_img = [any(s <= i < s + image_len for s in starts) for i in range(t)]
+    npiv = nip + ntp
+    topk = budget // npiv
+    kept_all = set(i for i in range(t) if not in_img[i])
+    for s in starts:
+        span = list(range(s, s + image_len))
+        if nip + npiv * topk >= image_len:
+            kept_all.update(span)
+            continue
+        img_piv = [span[j] for j in top_desc([l1[p] for p in span], nip)]
+        txt_ok = [valid[i] and not in_img[i] and i >= s + image_len for i in range(t)]
+        txt_piv = top_desc(l1, ntp, txt_ok)
+        if order == "ascending":
+            pivots = sorted(img_piv + txt_piv) + [None] * (ntp - len(txt_piv))
+        else:
+            pivots = list(set(img_piv + txt_piv).copy())
+        cands = [p for p in span if p not in img_piv]
+        keep = set(img_piv)
+        for p in pivots:
+            hp = np.zeros(h.shape[1]) if p is None else h[p]
+            sims = {c: cos_torch(hp, h[c]) for c in cands}
+            n = min(topk, len(cands))
+            pick = sorted(cands, key=lambda c: (sims[c], c))[:n]
+            keep.update(pick)
+            cands = [c for c in cands if c not in pick]
+        kept_all.update(keep)
+    return sorted(kept_all)
+
+
+def dart_vit_ref(x, keep, num_protected=1, num_pivots=8, keys=None):
+    x = np.asarray(x, np.float64)
+    t = x.shape[0]
+    src = x if keys is None else np.asarray(keys, np.float64)
+    others = list(range(num_protected, t))
+    pivots = min(num_pivots, keep - num_protected)
+    rest = keep - num_protected - pivots
+    per = rest // pivots
+    counts = [per + rest - per * pivots] + [per] * (pivots - 1)
+    l1 = [float(np.sum(np.abs(src[i]))) for i in others]
+    piv = sorted(others[j] for j in top_desc(l1, pivots))
+    cands = [i for i in others if i not in piv]
+    kept = set(range(num_protected)) | set(piv)
+    for p, n in zip(piv, counts):
+        sims = {c: cos_torch(x[p], x[c]) for c in cands}
+        pick = sorted(cands, key=lambda c: (sims[c], c))[:n]
+        kept.update(pick)
+        cands = [c for c in cands if c not in pick]
+    return sorted(kept)
+
+
+# -- FastV ----------------------------------------------------------------------------------------------
+
+
+def fastv_ref(attn, starts, image_len, budget, valid=None):
+    """``attn: [H, Tq, T]``; rows are the last Tq positions."""
+    attn = np.asarray(attn, np.float64)
+    nh, tq, t = attn.shape
+    valid = [True] * t if valid is None else list(valid)
+    rows = [r for r in range(tq) if valid[t - tq + r]]
+    row = rows[-1] if rows else tq - 1
+    score = [sum(attn[hh, row, j] for hh in range(nh)) / nh for j in range(t)]
+    keep = set(j for j in range(t) if not any(s <= j < s + image_len for s in starts))
+    for s in starts:
+        span = list(range(s, s + image_len))
+        keep.update(span[j] for j in top_desc([score[p] for p in span], min(budget, image_len)))
+    return sorted(keep)
+
+
+# -- top-k / random / pool --------------------------------------------------------------------------------
+
+
+def topk_ref(scores, keep, num_protected=0, valid=None):
+    t = len(scores)
+    valid = [True] * t if valid is None else [bool(v) for v in valid]
+    rest = sorted(range(num_protected, t), key=lambda i: (not valid[i], -scores[i], i))
+    return sorted(list(range(num_protected)) + rest[: keep - num_protected])
+
+
+def pool_ref(x, sizes, k, num_protected, h, w):
+    """Size-weighted average pooling of the h x w grid after the protected tokens (ceil mode)."""
+    x = np.asarray(x, np.float64)
+    oh, ow = -(-h // k), -(-w // k)
+    out_x, out_s = [x[i] for i in range(num_protected)], [sizes[i] for i in range(num_protected)]
+    for i in range(oh):
+        for j in range(ow):
+            acc, tot = np.zeros(x.shape[1]), 0.0
+            for r in range(i * k, min(h, i * k + k)):
+                for c in range(j * k, min(w, j * k + k)):
+                    t = num_protected + r * w + c
+                    acc += sizes[t] * x[t]
+                    tot += sizes[t]
+            out_x.append(acc / tot)
+            out_s.append(tot)
+    return np.stack(out_x), np.asarray(out_s)
+
+
+# -- Zero-TPrune ------------------------------------------------------------------------------------------
+
+
+def wpr_ref(attn, mask, iterations, init="cls_boost", renormalize=True):
+    """``attn: [H, T, T]`` -> ``[H, T]`` after ``iterations`` steps of s_j <- sum_i A_ij s_i."""
+    attn = np.asarray(attn, np.float64)
+    nh, t, _ = attn.shape
+    a = np.zeros_like(attn)
+    for hh in range(nh):
+        for i in range(t):
+            for j in range(t):
+                if mask[i] and mask[j]:
+                    a[hh, i, j] = attn[hh, i, j]
+            if renormalize:
+                row = sum(a[hh, i, :])
+                if row > 0:
+                    a[hh, i, :] /= row
+    n = sum(bool(m) for m in mask)
+    s0 = [1.0 if mask[i] else 0.0 for i in range(t)]
+    if init == "cls_boost":
+        s0[0] *= math.sqrt(n)
+    tot = sum(s0)
+    s0 = [v / tot for v in s0]
+    out = np.zeros((nh, t))
+    for hh in range(nh):
+        s = list(s0)
+        for _ in range(iterations):
+            s = [sum(a[hh, i, j] * s[i] for i in range(t)) for j in range(t)]
+        out[hh] = s
+    return out
+
+
+def eir_vhf_ref(s, mask, v_min=0.01, v_max=0.7, var_scale="num_tokens", fallback="all"):
+    nh, t = s.shape
+    idx = [i for i in range(t) if mask[i]]
+    n = len(idx)
+    scale = n if var_scale == "num_tokens" else 1.0
+    var = []
+    for hh in range(nh):
+        z = [scale * s[hh, i] for i in idx]
+        mu = sum(z) / n
+        var.append(sum((v - mu) ** 2 for v in z) / n)
+    eta = [1.0 if v_min <= v <= v_max else 0.0 for v in var]
+    if sum(eta) == 0:
+        eta = [1.0] * nh if fallback == "all" else [1.0 if hh == int(np.argmax(var)) else 0.0 for hh in range(nh)]
+    out = []
+    for i in range(t):
+        if not mask[i]:
+            out.append(-math.inf)
+        else:
+            out.append(math.sqrt(sum(eta[hh] * s[hh, i] ** 2 for hh in range(nh)) / sum(eta)))
+    return out
+
+
+def zerotprune_ref(attn, metric, r_s, r_i, num_protected=1, valid=None, iterations=10, preview_iterations=1,
+                   init="cls_boost", v_min=0.01, v_max=0.7, var_scale="num_tokens", fallback="all",
+                   renormalize=True):
+    """Kept original indices (sorted) after I' -> S -> I for one example."""
+    attn = np.asarray(attn, np.float64)
+    metric = np.asarray(metric, np.float64)
+    t = attn.shape[-1]
+    valid = [True] * t if valid is None else [bool(v) for v in valid]
+    agg = dict(v_min=v_min, v_max=v_max, var_scale=var_scale, fallback=fallback)
+    survivors = list(range(t))
+    if r_s > 0:
+        imp = eir_vhf_ref(wpr_ref(attn, valid, preview_iterations, init, renormalize), valid, **agg)
+        others = sorted(range(num_protected, t), key=lambda i: (-imp[i], i))
+        n = len(others)
+        n_a = n // 2
+        group_b, group_a = others[: n - n_a], others[n - n_a:]
+        best = {}
+        for a in group_a:
+            if not valid[a]:
+                best[a] = math.inf
+                continue
+            sims = [cos_torch(metric[a], metric[b], eps=1e-12) for b in group_b if valid[b]]
+            best[a] = max(sims) if sims else -math.inf
+        ranked = sorted(range(len(group_a)), key=lambda j: (-best[group_a[j]], j))
+        drop = {group_a[j] for j in ranked[:r_s]}
+        survivors = [i for i in range(t) if i not in drop]
+    if r_i > 0:
+        sub = attn[:, survivors][:, :, survivors]
+        sub_valid = [valid[i] for i in survivors]
+        imp = eir_vhf_ref(wpr_ref(sub, sub_valid, iterations, init, renormalize), sub_valid, **agg)
+        imp = [math.inf if j < num_protected else imp[j] for j in range(len(survivors))]
+        order = sorted(range(len(survivors)), key=lambda j: (-imp[j], j))
+        keep = sorted(order[: len(survivors) - r_i])
+        survivors = [survivors[j] for j in keep]
+    return survivors
+
+
+# -- ATP ------------------------------------------------------------------------------------------------------
+
+
+def received_ref(attn, weights, exclude_self=False):
+    """``attn: [H, Tq, T]`` -> list ``[T]``."""
+    attn = np.asarray(attn, np.float64)
+    nh, tq, t = attn.shape
+    out = []
+    for j in range(t):
+        acc = 0.0
+        for q in range(tq):
+            if exclude_self and q == j:
+                continue
+            acc += weights[q] * sum(attn[hh, q, j] for hh in range(nh)) / nh
+        out.append(acc / max(sum(weights), 1e-30))
+    return out
+
+
+def redundancy_ref(self_r, cross_r, cand, self_weight=0.5):
+    ms = max([self_r[i] for i in range(len(cand)) if cand[i]] + [0.0])
+    mc = max([cross_r[i] for i in range(len(cand)) if cand[i]] + [0.0])
+    out = []
+    for i in range(len(cand)):
+        if not cand[i]:
+            out.append(0.0)
+        else:
+            out.append(self_weight * self_r[i] / max(ms, 1e-30) + (1 - self_weight) * cross_r[i] / max(mc, 1e-30))
+    return out
+
+
+def compact_ref(keep, score, capacity, forced=None):
+    t = len(keep)
+    forced = [False] * t if forced is None else list(forced)
+
+    def key(i):
+        if forced[i]:
+            return (0, 0.0, i)
+        if keep[i]:
+            return (1, -score[i], i)
+        return (2, 0.0, i)
+
+    chosen = sorted(sorted(range(t), key=key)[:capacity])
+    return chosen, [bool(keep[i]) for i in chosen]
+
+
+# -- invariant helpers shared by the pruning tests ----------------------------------------------------------
+
+
+def check_pruned_state(state_in, state_out, keep_idx, num_protected=0):
+    """A pruned state must equal gathering ``keep_idx`` from the input, with a consistent source map."""
+    x_in, x_out = np.asarray(state_in.x), np.asarray(state_out.x)
+    keep_idx = np.asarray(keep_idx)
+    b, k = keep_idx.shape
+    assert x_out.shape == (b, k, x_in.shape[-1])
+    for e in range(b):
+        assert list(keep_idx[e]) == sorted(set(keep_idx[e].tolist())), "kept indices must be sorted and unique"
+        assert set(range(num_protected)) <= set(keep_idx[e].tolist()), "protected tokens must survive"
+        np.testing.assert_array_equal(x_out[e], x_in[e][keep_idx[e]])
+        np.testing.assert_array_equal(np.asarray(state_out.positions)[e], np.asarray(state_in.positions)[e][keep_idx[e]])
+        np.testing.assert_array_equal(np.asarray(state_out.sizes)[e], np.asarray(state_in.sizes)[e][keep_idx[e]])
+        if state_out.source is not None:
+            src = np.asarray(state_out.source)[e]
+            for n, slot in enumerate(src):
+                if slot >= 0:
+                    assert keep_idx[e][slot] == np.asarray(state_in.source)[e][n]
+                else:
+                    assert np.asarray(state_in.source)[e][n] not in set(keep_idx[e].tolist())
