@@ -1,0 +1,252 @@
+"""Hugging Face Llama and LLaVA checkpoints (safetensors + ``config.json``) -> :mod:`models.llama` / :mod:`models.vlm`.
+
+* :func:`load_hf_llama`: ``LlamaForCausalLM`` -> :class:`models.llama.Llama`;
+* :func:`load_hf_llava`: ``LlavaForConditionalGeneration`` (CLIP vision tower, ``multi_modal_projector``,
+  Llama ``language_model``) -> :class:`models.vlm.VLM`.
+
+Both accept a directory with ``model.safetensors`` or a sharded ``model.safetensors.index.json``. Key
+layouts of transformers 4.x (``language_model.model.*``, ``vision_tower.vision_model.*``) and 5.x
+(``model.language_model.*``, ``model.vision_tower.*``) are recognised. Supported: default RoPE
+(``rope_type="default"``), a single integer ``vision_feature_layer``, the ``"default"`` (drop the class token)
+and ``"full"`` feature strategies, the ``gelu`` projector. Anything else raises ``ValueError``.
+Weights are converted to float32. No PyTorch is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any, Mapping
+
+import numpy as np
+from flax import nnx
+
+from models.clip_vision import CLIPVisionConfig
+from models.llama import Llama, LlamaConfig
+from models.loaders.common import KeyTracker, LoadReport, assign_params, torch_conv, torch_linear
+from models.vlm import VLM, VLMConfig
+
+# Canonical prefixes: "lm." (decoder body), "lm_head.", "vision.", "projector.".
+_PREFIXES = [
+    (r"^model\.language_model\.", "lm."),
+    (r"^language_model\.model\.", "lm."),
+    (r"^language_model\.lm_head\.", "lm_head."),
+    (r"^model\.vision_tower\.vision_model\.", "vision."),
+    (r"^model\.vision_tower\.", "vision."),
+    (r"^vision_tower\.vision_model\.", "vision."),
+    (r"^vision_tower\.", "vision."),
+    (r"^model\.multi_modal_projector\.", "projector."),
+    (r"^multi_modal_projector\.", "projector."),
+    (r"^model\.", "lm."),
+    (r"^lm_head\.", "lm_head."),
+]
+
+
+def _to_numpy(arr) -> np.ndarray:
+    return np.asarray(arr, dtype=np.float32) if np.asarray(arr).dtype.kind == "f" else np.asarray(arr)
+
+
+def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    try:
+        from safetensors.numpy import load_file
+
+        tensors = load_file(str(path))
+    except (TypeError, ValueError):  # bfloat16 files: read through JAX's dtype support
+        from safetensors.flax import load_file
+
+        tensors = load_file(str(path))
+    return {k: _to_numpy(v) for k, v in tensors.items()}
+
+
+def read_checkpoint(path) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(config dict, {key: float32 array})`` from a directory (single file or sharded index)."""
+    path = pathlib.Path(path)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        tensors = _load_safetensors(single)
+    elif index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        tensors = {}
+        for shard in shards:
+            tensors.update(_load_safetensors(path / shard))
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    return json.loads(cfg_path.read_text()), tensors
+
+
+def canonical_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for key, value in tensors.items():
+        new = key
+        for pattern, repl in _PREFIXES:
+            if re.match(pattern, key):
+                new = re.sub(pattern, repl, key, count=1)
+                break
+        out[new] = value
+    return out
+
+
+def _rope_theta(hf: Mapping[str, Any]) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    if rope_type != "default":
+        raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default')")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def llama_config_from_hf(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
+    """``LlamaConfig`` from an HF Llama config dict (HF defaults fill absent fields)."""
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf.get('hidden_act')!r} is not supported (only 'silu')")
+    if hf.get("attention_bias", False) or hf.get("mlp_bias", False):
+        raise ValueError("attention_bias / mlp_bias checkpoints are not supported")
+    heads = int(hf.get("num_attention_heads", 32))
+    dim = int(hf.get("hidden_size", 4096))
+    kw = dict(
+        vocab_size=int(hf.get("vocab_size", 32000)), dim=dim, num_layers=int(hf.get("num_hidden_layers", 32)),
+        num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+        mlp_dim=int(hf.get("intermediate_size", 11008)), head_dim=hf.get("head_dim") or None,
+        rope_theta=_rope_theta(hf), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def clip_config_from_hf(hf: Mapping[str, Any], *, feature_layer: int, strategy: str, **overrides) -> CLIPVisionConfig:
+    if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
+        raise ValueError(f"vision hidden_act={hf.get('hidden_act')!r} is not supported (only 'quick_gelu')")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy={strategy!r} is not supported")
+    if not isinstance(feature_layer, int):
+        raise ValueError(f"vision_feature_layer={feature_layer!r}: only a single int is supported")
+    kw = dict(
+        image_size=int(hf.get("image_size", 224)), patch_size=int(hf.get("patch_size", 32)),
+        dim=int(hf.get("hidden_size", 768)), num_layers=int(hf.get("num_hidden_layers", 12)),
+        num_heads=int(hf.get("num_attention_heads", 12)), mlp_dim=int(hf.get("intermediate_size", 3072)),
+        norm_eps=float(hf.get("layer_norm_eps", 1e-5)), feature_layer=feature_layer, drop_cls=strategy == "default",
+    )
+    kw.update(overrides)
+    return CLIPVisionConfig(**kw)
+
+
+class _Source(KeyTracker):
+    """A key tracker whose ``get`` returns ``None`` for absent keys, so they end up as *missing*."""
+
+    def get(self, key: str):
+        return super().get(key) if key in self else None
+
+
+def _present(params: dict) -> dict:
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _linear_or_none(w):
+    return None if w is None else torch_linear(w)
+
+
+def _convert_lm(src: KeyTracker, cfg: LlamaConfig, prefix: str) -> dict[str, np.ndarray]:
+    """``{our path: array}`` for a :class:`Llama` whose path prefix is ``prefix``."""
+    out = {f"{prefix}embed_tokens.embedding": src.get("lm.embed_tokens.weight"),
+           f"{prefix}norm.scale": src.get("lm.norm.weight")}
+    for i in range(cfg.num_layers):
+        s, d = f"lm.layers.{i}.", f"{prefix}layers.{i}."
+        out[d + "input_layernorm.scale"] = src.get(s + "input_layernorm.weight")
+        out[d + "post_attention_layernorm.scale"] = src.get(s + "post_attention_layernorm.weight")
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out[d + f"self_attn.{name}.kernel"] = _linear_or_none(src.get(s + f"self_attn.{name}.weight"))
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            out[d + f"mlp.{name}.kernel"] = _linear_or_none(src.get(s + f"mlp.{name}.weight"))
+        src.skip(s + "self_attn.rotary_emb.inv_freq")
+    src.skip("lm.rotary_emb.inv_freq")
+    if cfg.tie_embeddings:
+        src.skip("lm_head.weight")
+    else:
+        out[f"{prefix}lm_head.kernel"] = _linear_or_none(src.get("lm_head.weight"))
+    return out
+
+
+def _convert_clip(src: KeyTracker, cfg: CLIPVisionConfig, prefix: str) -> dict[str, np.ndarray]:
+    out = {
+        f"{prefix}patch_embed.proj.kernel": _conv_or_none(src.get("vision.embeddings.patch_embedding.weight")),
+        f"{prefix}patch_embed.proj.bias": np.zeros((cfg.dim,), np.float32),  # CLIP's patch conv has no bias
+        f"{prefix}class_embedding": src.get("vision.embeddings.class_embedding"),
+        f"{prefix}position_embedding": src.get("vision.embeddings.position_embedding.weight"),
+        f"{prefix}pre_layrnorm.scale": src.get("vision.pre_layrnorm.weight"),
+        f"{prefix}pre_layrnorm.bias": src.get("vision.pre_layrnorm.bias"),
+        f"{prefix}post_layernorm.scale": src.get("vision.post_layernorm.weight"),
+        f"{prefix}post_layernorm.bias": src.get("vision.post_layernorm.bias"),
+    }
+    src.skip("vision.embeddings.position_ids")
+    for i in range(cfg.num_layers):
+        s, d = f"vision.encoder.layers.{i}.", f"{prefix}layers.{i}."
+        for n in ("layer_norm1", "layer_norm2"):
+            out[d + f"{n}.scale"] = src.get(s + f"{n}.weight")
+            out[d + f"{n}.bias"] = src.get(s + f"{n}.bias")
+        qkv_w = [src.get(s + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+        qkv_b = [src.get(s + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
+        out[d + "attn.qkv.kernel"] = torch_linear(np.concatenate(qkv_w, axis=0))
+        out[d + "attn.qkv.bias"] = np.concatenate(qkv_b, axis=0)
+        out[d + "attn.proj.kernel"] = _linear_or_none(src.get(s + "self_attn.out_proj.weight"))
+        out[d + "attn.proj.bias"] = src.get(s + "self_attn.out_proj.bias")
+        for n in ("fc1", "fc2"):
+            out[d + f"mlp.{n}.kernel"] = _linear_or_none(src.get(s + f"mlp.{n}.weight"))
+            out[d + f"mlp.{n}.bias"] = src.get(s + f"mlp.{n}.bias")
+    return out
+
+
+def _conv_or_none(w):
+    return None if w is None else torch_conv(w)
+
+
+def _finish(model, params, src: KeyTracker, source: str, strict: bool) -> LoadReport:
+    params = _present(params)
+    report = LoadReport(source=source)
+    report.unexpected.extend(src.unused())
+    report.skipped.extend(sorted(k for k in src.used if k.endswith(("inv_freq", "position_ids"))))
+    assign_params(model, params, report, strict=strict)
+    return report
+
+
+def load_hf_llama(path, *, strict: bool = True, seed: int = 0, **config_overrides) -> tuple[Llama, LoadReport]:
+    """``LlamaForCausalLM`` directory -> ``(Llama, LoadReport)``."""
+    hf, tensors = read_checkpoint(path)
+    cfg = llama_config_from_hf(hf, **config_overrides)
+    model = Llama(cfg, rngs=nnx.Rngs(seed))
+    src = _Source(canonical_keys(tensors))
+    params = _convert_lm(src, cfg, "")
+    return model, _finish(model, params, src, str(path), strict)
+
+
+def vlm_config_from_hf(hf: Mapping[str, Any], **text_overrides) -> VLMConfig:
+    if hf.get("projector_hidden_act", "gelu") != "gelu":
+        raise ValueError(f"projector_hidden_act={hf.get('projector_hidden_act')!r} is not supported (only 'gelu')")
+    if not hf.get("multimodal_projector_bias", True):
+        raise ValueError("multimodal_projector_bias=False is not supported")
+    vision = clip_config_from_hf(hf.get("vision_config", {}), feature_layer=hf.get("vision_feature_layer", -2),
+                                 strategy=hf.get("vision_feature_select_strategy", "default"))
+    text = llama_config_from_hf(hf.get("text_config", {}), **text_overrides)
+    image_token = hf.get("image_token_index", hf.get("image_token_id", 32000))
+    return VLMConfig(vision=vision, text=text, image_token_id=int(image_token))
+
+
+def load_hf_llava(path, *, strict: bool = True, seed: int = 0, **text_overrides) -> tuple[VLM, LoadReport]:
+    """``LlavaForConditionalGeneration`` directory -> ``(VLM, LoadReport)``."""
+    hf, tensors = read_checkpoint(path)
+    cfg = vlm_config_from_hf(hf, **text_overrides)
+    model = VLM(cfg, rngs=nnx.Rngs(seed))
+    src = _Source(canonical_keys(tensors))
+    params = _convert_lm(src, cfg.text, "language_model.")
+    params.update(_convert_clip(src, cfg.vision, "vision_tower."))
+    for n in ("linear_1", "linear_2"):
+        params[f"multi_modal_projector.{n}.kernel"] = _linear_or_none(src.get(f"projector.{n}.weight"))
+        params[f"multi_modal_projector.{n}.bias"] = src.get(f"projector.{n}.bias")
+    return model, _finish(model, params, src, str(path), strict)
+
+
+__all__ = ["load_hf_llama", "load_hf_llava", "read_checkpoint", "canonical_keys", "llama_config_from_hf",
+           "clip_config_from_hf", "vlm_config_from_hf"]
