@@ -314,3 +314,34 @@ def test_cls_and_mean_weights_by_size_and_skips_invalid():
     valid = jnp.asarray([[True, True, True, False]])
     out = np.asarray(cls_and_mean(tokens, sizes, valid, 1))
     np.testing.assert_allclose(out, [[9.0, 9.0, 0.75, 0.25]])
+
+
+def test_render_groups_by_hand():
+    from models.evaluation.visual import render_groups
+
+    groups = np.array([[0, 0], [1, -1]])
+    rgb = render_groups(np.full((4, 4), 0.2), groups)
+    assert rgb.shape == (4, 4, 3)
+    np.testing.assert_allclose(rgb[3, 3], 0.0)           # pruned cell is black
+    np.testing.assert_allclose(rgb[0, 0], rgb[0, 2])     # one group, one colour (no border inside)
+    np.testing.assert_allclose(rgb[1, 0], 1.0)           # border between group 0 (row 1) and group 1 (row 2)
+    assert not np.allclose(rgb[0, 0], rgb[2, 0])
+
+
+def test_token_groups_from_repo_vit_source_map(tmp_path):
+    from models.evaluation import visual
+
+    bb = _tiny_repo_vit()
+    images = np.random.default_rng(0).integers(0, 255, (2, 28, 28), dtype=np.uint8)
+    plain = visual.token_groups(bb, None, images)
+    np.testing.assert_array_equal(plain[0], np.arange(1, 17).reshape(4, 4))  # token i+1 holds patch i
+    pooled = visual.token_groups(bb, {"method": "pool", "k": 2, "layer": 0}, images)
+    # 2x2 average pooling: each 2x2 window of patches becomes one token
+    np.testing.assert_array_equal(pooled[0], np.kron(np.arange(1, 5).reshape(2, 2), np.ones((2, 2), int)))
+    pruned = visual.token_groups(bb, {"method": "topk_cls", "keep_ratio": 0.5, "layers": [1]}, images)
+    assert (pruned == -1).sum(axis=(1, 2)).tolist() == [8, 8]
+    result = {"points": [{"method": "pool", "spec": json.dumps({"method": "pool", "k": 2, "layer": 0}),
+                          "flops_fraction": 0.5, "final_tokens": 5}]}
+    cfg = type("C", (), {"seed": 0})()
+    paths = visual.save_visualisations(bb, result, (images, None), tmp_path, cfg, num_images=2)
+    assert paths["token_groups"].stat().st_size > 0

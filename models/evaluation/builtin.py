@@ -10,6 +10,8 @@ Every backbone yields CLS + size-weighted mean of the non-protected final tokens
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -56,6 +58,15 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
 
     dims = vit_dims(model.config, image_size)
 
+    @functools.partial(jax.jit, static_argnums=3)
+    def _source(p, images, rng, reducers):
+        m = nnx.merge(graphdef, p)
+        _, aux = m(images, reducers=reducers, rng=rng, return_source=True)
+        return aux["source"]
+
+    def source_map(p, images, reducers, rng):
+        return _source(p, images, rng, reducers)
+
     def analytic(reducers):
         # the pooled features skip the head, so count the model without it
         return model.flops(image_size, reducers) - 2 * model.config.num_classes * (
@@ -63,7 +74,8 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
 
     return Backbone(name=name, dims=dims, image_size=image_size, features=features, params=params,
                     analytic_flops=analytic,
-                    tokens_per_layer=lambda reducers: model.tokens_per_layer(image_size, reducers))
+                    tokens_per_layer=lambda reducers: model.tokens_per_layer(image_size, reducers),
+                    source_map=source_map)
 
 
 @register_backbone("dinov2_small")

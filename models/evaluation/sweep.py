@@ -36,6 +36,8 @@ class Backbone:
       analytic_flops: the model's own analytic count ``reducers -> FLOPs per image``; defaults to
         :func:`reduction.budget.reducers_flops` on ``dims``.
       tokens_per_layer: the model's own static count ``reducers -> [(attention, mlp) tokens per layer]``.
+      source_map: optional ``(params, images, reducers, rng) -> [B, N]`` final token of every original
+        token (``-1`` if pruned), for the visualisations.
     """
 
     name: str
@@ -45,6 +47,7 @@ class Backbone:
     params: Any = None
     analytic_flops: Optional[Callable[[tuple], int]] = None
     tokens_per_layer: Optional[Callable[[tuple], list]] = None
+    source_map: Optional[Callable] = None
 
     def flops(self, reducers: tuple) -> int:
         if self.analytic_flops is not None:
