@@ -345,3 +345,30 @@ def test_token_groups_from_repo_vit_source_map(tmp_path):
     cfg = type("C", (), {"seed": 0})()
     paths = visual.save_visualisations(bb, result, (images, None), tmp_path, cfg, num_images=2)
     assert paths["token_groups"].stat().st_size > 0
+
+
+# -- bench/run_all.py -------------------------------------------------------------------------------------
+
+
+def test_bench_run_all_summarises_ok_and_failing_scripts(tmp_path):
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("run_all", pathlib.Path(__file__).parents[1] / "bench" / "run_all.py")
+    run_all = iu.module_from_spec(spec)
+    spec.loader.exec_module(run_all)
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    (bench / "good.py").write_text(
+        "import argparse, json\np = argparse.ArgumentParser(); p.add_argument('--quick', action='store_true')\n"
+        "p.add_argument('--out')\na = p.parse_args()\njson.dump({'quick': a.quick, 'x': 3}, open(a.out, 'w'))\n")
+    (bench / "bad.py").write_text("raise SystemExit('boom')\n")
+    (bench / "_helper.py").write_text("raise SystemExit('never run')\n")
+    out = tmp_path / "res"
+    rc = run_all.main(["--quick", "--out", str(out), "--bench-dir", str(bench)])
+    assert rc == 1
+    summary = json.loads((out / "summary.json").read_text())
+    runs = {r["script"]: r for r in summary["runs"]}
+    assert set(runs) == {"good.py", "bad.py"}
+    assert runs["good.py"]["ok"] and runs["good.py"]["result"] == {"quick": True, "x": 3}
+    assert not runs["bad.py"]["ok"] and "boom" in runs["bad.py"]["output_tail"]
+    assert "FAILED" in (out / "summary.md").read_text()
