@@ -1,0 +1,177 @@
+"""Cost of each pruning method's selection + apply relative to the layer it sits in.
+
+    python bench/bench_prune_ops.py                 # full run (median of interleaved repeats)
+    python bench/bench_prune_ops.py --quick         # tiny shapes, 2 repeats: proves the script works
+
+ViT side: B=8, T=197 (cls + 14x14 patches), C=384, H=6, MLP 1536, float32, one pre-norm ViT-S block with
+fused ``jax.nn.dot_product_attention``. Ops on the block's attention probabilities ``[B, H, T, T]`` and
+keys averaged over heads ``[B, T, 64]``: Zero-TPrune at keep 0.7 (S:I = 1:1) with 10 iterations (middle
+layer) and 30 iterations (early layer), EViT top-k (keep 0.7), random (keep 0.7), 2x2 pooling, DART-ViT
+(keep 0.7, 8 pivots). Targets: Zero-TPrune <= 10% of the block.
+
+LLM side: a scaled-down 7B-shaped decoder layer (C=1024, 16 heads of 64, SwiGLU MLP 2816, RMSNorm, causal
+fused attention), prefill of T = 576 image + 64 text tokens (image span at 0..575 is preceded by nothing;
+start 0), B=1. DART selection at budget 128 (132 kept) with both pivot orders, and FastV selection from
+the last query row. Target: DART selection <= 5% of the layer.
+
+Every function is jitted and warmed up; the timed calls are interleaved (layer, op, layer, op, ...) with
+``block_until_ready``; the JSON written to ``--out`` holds medians (ms), ratios and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import reduction as R  # noqa: E402
+from reduction.dart import dart_vit_keep_indices  # noqa: E402
+from reduction.zerotprune import ZeroTPruneConfig  # noqa: E402
+
+
+def _ln(x, scale, bias):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True) + 1e-6) * scale + bias
+
+
+def _rms(x, scale):
+    return x * jax.lax.rsqrt((x * x).mean(-1, keepdims=True) + 1e-6) * scale
+
+
+def _w(key, shape):
+    return jax.random.normal(key, shape, jnp.float32) * shape[0] ** -0.5
+
+
+def vit_block(p, x, heads):
+    b, t, c = x.shape
+    qkv = _ln(x, *p["ln1"]) @ p["qkv"]
+    q, k, v = jnp.split(qkv.reshape(b, t, 3 * heads, c // heads), 3, axis=2)
+    x = x + jax.nn.dot_product_attention(q, k, v).reshape(b, t, c) @ p["proj"]
+    return x + jax.nn.gelu(_ln(x, *p["ln2"]) @ p["fc1"], approximate=False) @ p["fc2"]
+
+
+def decoder_layer(p, x, heads):
+    b, t, c = x.shape
+    qkv = _rms(x, p["n1"]) @ p["qkv"]
+    q, k, v = jnp.split(qkv.reshape(b, t, 3 * heads, c // heads), 3, axis=2)
+    x = x + jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, c) @ p["o"]
+    h = _rms(x, p["n2"])
+    return x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
+
+
+def timeit(fns: dict, args: dict, repeats: int) -> dict:
+    for name, fn in fns.items():
+        jax.block_until_ready(fn(*args[name]))
+        jax.block_until_ready(fn(*args[name]))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args[name]))
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats")
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", default="results/bench/prune_ops.json")
+    args = ap.parse_args(argv)
+    repeats = 2 if args.quick else args.repeats
+
+    # ---- ViT-S block and the ViT-side ops
+    b, side, c, heads, mlp = (2, 6, 64, 2, 128) if args.quick else (8, 14, 384, 6, 1536)
+    t = 1 + side * side
+    ks = jax.random.split(jax.random.key(0), 8)
+    vp = dict(ln1=(jnp.ones(c), jnp.zeros(c)), ln2=(jnp.ones(c), jnp.zeros(c)), qkv=_w(ks[0], (c, 3 * c)),
+              proj=_w(ks[1], (c, c)), fc1=_w(ks[2], (c, mlp)), fc2=_w(ks[3], (mlp, c)))
+    x = jax.random.normal(ks[4], (b, t, c))
+    attn = jax.nn.softmax(jax.random.normal(ks[5], (b, heads, t, t)) * 2.0, axis=-1)
+    metric = jax.random.normal(ks[6], (b, t, c // heads))
+    state = R.init_state(x)
+    keep = R.keep_count(t, 0.7, protected=1)
+    r_total = t - keep
+    r_s, r_i = r_total // 2, r_total - r_total // 2
+
+    def zt(iters):
+        cfg = ZeroTPruneConfig(iterations=iters)
+        return jax.jit(lambda s, a, m: R.zerotprune(s, a, m, r_similarity=r_s, r_importance=r_i, config=cfg).x)
+
+    vit_ops = {
+        "vit_block": jax.jit(lambda x: vit_block(vp, x, heads)),
+        "zerotprune_10it": zt(10),
+        "zerotprune_30it": zt(30),
+        "topk_cls": jax.jit(lambda s, a: R.apply_step(s, R.prune_step(R.topk_keep_indices(
+            a[:, :, 0, :].mean(1), keep=keep, num_protected=1), t)).x),
+        "random": jax.jit(lambda s, k: R.apply_step(s, R.prune_step(R.random_keep_indices(
+            k, b, t, keep=keep, num_protected=1), t)).x),
+        "pool_2x2": jax.jit(lambda s: R.pool_tokens(s, k=2, num_protected=1).x),
+        "dart_vit": jax.jit(lambda s, m: R.apply_step(s, R.prune_step(dart_vit_keep_indices(
+            s.x, keep=keep, num_protected=1, keys=m), t)).x),
+    }
+    vit_args = {"vit_block": (x,), "zerotprune_10it": (state, attn, metric), "zerotprune_30it": (state, attn, metric),
+                "topk_cls": (state, attn), "random": (state, jax.random.key(1)), "pool_2x2": (state,),
+                "dart_vit": (state, metric)}
+    vit_ms = timeit(vit_ops, vit_args, repeats)
+
+    # ---- decoder layer and the LLM-side selections
+    bl, img, txt, cl, hl, ml = (1, 48, 16, 128, 4, 256) if args.quick else (1, 576, 64, 1024, 16, 2816)
+    tl = img + txt
+    budget = 16 if args.quick else 128
+    kl = jax.random.split(jax.random.key(2), 10)
+    dp = dict(n1=jnp.ones(cl), n2=jnp.ones(cl), qkv=_w(kl[0], (cl, 3 * cl)), o=_w(kl[1], (cl, cl)),
+              gate=_w(kl[2], (cl, ml)), up=_w(kl[3], (cl, ml)), down=_w(kl[4], (ml, cl)))
+    xl = jax.random.normal(kl[5], (bl, tl, cl))
+    keys = jax.random.normal(kl[6], (bl, tl, cl))
+    starts = jnp.zeros((bl,), jnp.int32)
+    last_rows = jax.nn.softmax(jax.random.normal(kl[7], (bl, hl, 1, tl)), axis=-1)
+    llm_ops = {
+        "decoder_layer": jax.jit(lambda x: decoder_layer(dp, x, hl)),
+        "dart_ascending": jax.jit(lambda h, k, s: R.dart_keep_indices(h, k, image_starts=s, image_len=img,
+                                                                      budget=budget)),
+        "dart_cpython_set": jax.jit(lambda h, k, s: R.dart_keep_indices(h, k, image_starts=s, image_len=img,
+                                                                        budget=budget, pivot_order="cpython_set")),
+        "fastv": jax.jit(lambda a, s: R.fastv_keep_indices(a, image_starts=s, image_len=img, budget=budget)),
+    }
+    llm_args = {"decoder_layer": (xl,), "dart_ascending": (xl, keys, starts), "dart_cpython_set": (xl, keys, starts),
+                "fastv": (last_rows, starts)}
+    llm_ms = timeit(llm_ops, llm_args, repeats)
+
+    vit_ratio = {k: v / vit_ms["vit_block"] for k, v in vit_ms.items() if k != "vit_block"}
+    llm_ratio = {k: v / llm_ms["decoder_layer"] for k, v in llm_ms.items() if k != "decoder_layer"}
+    result = {
+        "quick": args.quick, "repeats": repeats,
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "jax": jax.__version__, "backend": jax.default_backend(),
+                    "devices": [str(d) for d in jax.devices()]},
+        "vit": {"shapes": dict(B=b, T=t, C=c, H=heads, mlp=mlp, keep=keep, r_similarity=r_s, r_importance=r_i),
+                "median_ms": vit_ms, "ratio_to_block": vit_ratio,
+                "target_zerotprune_le": 0.10},
+        "llm": {"shapes": dict(B=bl, T=tl, image=img, text=txt, C=cl, H=hl, mlp=ml, budget=budget,
+                               kept=R.dart_kept_per_image(img, budget)),
+                "median_ms": llm_ms, "ratio_to_layer": llm_ratio, "target_dart_le": 0.05},
+    }
+    for k, v in vit_ms.items():
+        print(f"vit  {k:18s} {v:9.3f} ms" + ("" if k == "vit_block" else f"   {vit_ratio[k]:6.3f} x block"))
+    for k, v in llm_ms.items():
+        print(f"llm  {k:18s} {v:9.3f} ms" + ("" if k == "decoder_layer" else f"   {llm_ratio[k]:6.3f} x layer"))
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
