@@ -27,6 +27,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import sys
 import time
 import warnings
@@ -465,10 +466,21 @@ class Checkpoints:
                     raise CheckpointError(msg + " (set checkpoint.fallback=True to use the previous one, "
                                           "or delete that directory)") from err
                 older = steps[len(steps) - 2 - i] if i + 1 < len(steps) else None
-                warnings.warn(msg + (f"; falling back to step {older}" if older is not None else
-                                     "; no older checkpoint, starting from scratch"), RuntimeWarning)
+                moved = self.quarantine(step)
+                warnings.warn(msg + f"; moved it to {str(moved)!r}" +
+                              (f"; falling back to step {older}" if older is not None else
+                               "; no older checkpoint, starting from scratch"), RuntimeWarning)
                 log.warning(msg)
         return None
+
+    def quarantine(self, step: int) -> pathlib.Path:
+        """Move a damaged step out of the manager's folder (kept for inspection) so it is not reused."""
+        dest = self.directory.parent / "damaged_checkpoints" / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if jax.process_index() == 0:
+            shutil.move(str(self.directory / str(step)), str(dest))
+        self.manager.reload()
+        return dest
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
