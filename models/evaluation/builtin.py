@@ -92,3 +92,56 @@ def random_vit(cfg) -> Backbone:
 
     model = ViT.from_config(cfg.vit_variant, seed=cfg.seed, image_size=cfg.image_size)
     return vit_backbone(model, image_size=cfg.image_size, name=f"ViT-{cfg.vit_variant} (random init)")
+
+
+@register_backbone("checkpoint")
+def train_checkpoint(cfg) -> Backbone:
+    """A ViT classifier trained by ``train.py``: ``cfg.checkpoint`` is its workdir (with ``config.json``) or
+    ``cfg.train_config`` names the training config. Accuracy is the classifier's own head; inputs are
+    normalised with the training config's ``data.mean``/``data.std`` and resized to its input size."""
+    import json
+    import pathlib
+
+    import ml_collections
+
+    import train as train_lib
+    from configs import load_config
+
+    if not cfg.checkpoint:
+        raise ValueError("backbone=checkpoint needs checkpoint=<train.py workdir>")
+    workdir = pathlib.Path(cfg.checkpoint)
+    if cfg.train_config:
+        tcfg = load_config(cfg.train_config)
+    elif (workdir / "config.json").is_file():
+        tcfg = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    else:
+        raise FileNotFoundError(f"no config.json in {workdir}; pass train_config=<name>")
+    if tcfg.model.kind != "vit":
+        raise ValueError(f"backbone=checkpoint evaluates ViT classifiers, got model.kind={tcfg.model.kind!r}")
+    model = train_lib.build_model(tcfg)
+    train_lib.load_params_from_run(model, str(workdir))
+    size = int(tcfg.data.get("input_size", 0) or 0) or int(model.config.image_size)
+    if size != cfg.image_size:
+        raise ValueError(f"image_size={cfg.image_size} but the checkpoint was trained at {size} px; "
+                         f"pass image_size={size}")
+    bb = vit_backbone(model, image_size=size, name=f"{tcfg.get('config_name', 'checkpoint')} ({workdir.name})")
+    graphdef, _ = nnx_split(model)
+
+    def logits(p, images, reducers, rng):
+        from flax import nnx
+
+        out, _ = nnx.merge(graphdef, p)(images, reducers=reducers, rng=rng)
+        return out
+
+    mean = tuple(float(v) for v in (tcfg.data.mean if isinstance(tcfg.data.mean, (list, tuple)) else [tcfg.data.mean]))
+    std = tuple(float(v) for v in (tcfg.data.std if isinstance(tcfg.data.std, (list, tuple)) else [tcfg.data.std]))
+    bb.features, bb.classifier, bb.mean, bb.std = logits, True, mean, std
+    bb.analytic_flops = lambda reducers: model.flops(size, reducers)
+    bb.dims = budget.ViTDims(**{**bb.dims.__dict__, "num_classes": model.config.num_classes})
+    return bb
+
+
+def nnx_split(model):
+    from flax import nnx
+
+    return nnx.split(model)

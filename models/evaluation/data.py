@@ -48,13 +48,14 @@ def subset(images: np.ndarray, labels: np.ndarray, count: int, *, seed: int) -> 
     return images[idx], labels[idx]
 
 
-def to_rgb(images, image_size: int) -> jax.Array:
-    """``uint8 [B, h, w]`` (grey) or ``[B, h, w, 3]`` -> float32 ``[B, S, S, 3]``, ImageNet-normalised."""
+def to_rgb(images, image_size: int, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD)) -> jax.Array:
+    """``uint8 [B, h, w]`` (grey) or ``[B, h, w, 3]`` -> float32 ``[B, S, S, 3]``, normalised with
+    ``mean``/``std`` (ImageNet by default; one value or one per channel)."""
     x = jnp.asarray(images, jnp.float32) / 255.0
     if x.ndim == 3:
         x = jnp.repeat(x[..., None], 3, axis=-1)
     x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method="bilinear")
-    return (x - IMAGENET_MEAN) / IMAGENET_STD
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
 def batches(count: int, batch_size: int):
@@ -70,4 +71,16 @@ def load_dataset(name: str, *, num_train: int, num_test: int, seed: int) -> tupl
         tr = subset(*load_fashion_mnist("train"), num_train, seed=seed)
         te = subset(*load_fashion_mnist("test"), num_test, seed=seed + 1)
         return tr, te, len(FASHION_MNIST_CLASSES)
-    raise ValueError(f"unknown dataset {name!r}; available: ['fashion_mnist']")
+    if name == "animal_mnist":
+        from models.data.animal_mnist import animal_mnist
+
+        def arrays(split):
+            src = animal_mnist(split, seed=0)
+            items = [src[i] for i in range(len(src))]
+            return (np.stack([np.asarray(it["image"]).reshape(28, 28) for it in items]),
+                    np.asarray([int(it["label"]) for it in items], np.int32))
+
+        tr = subset(*arrays("train"), num_train, seed=seed)
+        te = subset(*arrays("test"), num_test, seed=seed + 1)
+        return tr, te, 10
+    raise ValueError(f"unknown dataset {name!r}; available: ['fashion_mnist', 'animal_mnist']")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.evaluation.data import batches, to_rgb
+from models.evaluation.data import IMAGENET_MEAN, IMAGENET_STD, batches, to_rgb
 
 # (params, images [B, S, S, 3], reducers, rng) -> [B, F]; params are passed as an argument (not baked in as
 # constants) so compilation stays fast and XLA sees the same program as a training-time forward.
@@ -35,6 +35,8 @@ class Compiled:
     image_size: int
     compile_s: float
     xla_flops_per_image: Optional[float]
+    mean: tuple = tuple(IMAGENET_MEAN)
+    std: tuple = tuple(IMAGENET_STD)
 
 
 def xla_flops(compiled) -> Optional[float]:
@@ -48,7 +50,7 @@ def xla_flops(compiled) -> Optional[float]:
 
 
 def compile_setting(features: FeatureFn, reducers: Sequence, *, batch_size: int, image_size: int,
-                    params: Any = None) -> Compiled:
+                    params: Any = None, mean=tuple(IMAGENET_MEAN), std=tuple(IMAGENET_STD)) -> Compiled:
     """``jax.jit(features).lower(...).compile()`` with the reducers closed over (static) and ``params``
     passed as an argument. ``Compiled.fn(images, rng)`` runs it with those params."""
     reducers = tuple(reducers)
@@ -70,10 +72,11 @@ def compile_setting(features: FeatureFn, reducers: Sequence, *, batch_size: int,
         return compiled(params, images, rng)
 
     return Compiled(fn=fn, batch_size=batch_size, image_size=image_size, compile_s=elapsed,
-                    xla_flops_per_image=None if total is None else total / batch_size)
+                    xla_flops_per_image=None if total is None else total / batch_size,
+                    mean=tuple(float(v) for v in np.ravel(mean)), std=tuple(float(v) for v in np.ravel(std)))
 
 
-_to_rgb = jax.jit(to_rgb, static_argnums=1)
+_to_rgb = jax.jit(to_rgb, static_argnums=(1, 2, 3))
 
 
 def extract(compiled: Compiled, images: np.ndarray, *, seed: int = 0) -> np.ndarray:
@@ -87,7 +90,7 @@ def extract(compiled: Compiled, images: np.ndarray, *, seed: int = 0) -> np.ndar
         if stop - start < b:
             pad = np.zeros((b - (stop - start),) + chunk.shape[1:], chunk.dtype)
             chunk = np.concatenate([chunk, pad])
-        x = _to_rgb(chunk, compiled.image_size)
+        x = _to_rgb(chunk, compiled.image_size, compiled.mean, compiled.std)
         feats = compiled.fn(x, jax.random.fold_in(key, i))
         out.append(np.asarray(feats)[: stop - start])
     return np.concatenate(out)
@@ -108,7 +111,7 @@ def throughput(compiled: Compiled, images: np.ndarray, *, warmup: int = 1, repea
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     b = compiled.batch_size
     idx = np.arange(b) % len(images)
-    x = jax.block_until_ready(_to_rgb(np.asarray(images)[idx], compiled.image_size))
+    x = jax.block_until_ready(_to_rgb(np.asarray(images)[idx], compiled.image_size, compiled.mean, compiled.std))
     key = jax.random.PRNGKey(0)
     for _ in range(warmup):
         jax.block_until_ready(compiled.fn(x, key))

@@ -62,9 +62,11 @@ def markdown_table(result: dict) -> str:
     lines = [
         f"# Token reduction sweep: {meta['backbone']} ({meta['image_size']} px)",
         "",
-        f"Linear probe (ridge, l2={meta['probe_l2']:g}) fitted once on unreduced features of {meta['num_train']} "
-        f"training images; accuracy on {meta['num_test']} test images. Unreduced: "
-        f"{_fmt(meta['base_accuracy'], '.2f', 100)}% at {meta['base_gflops']:.3f} GFLOPs/image.",
+        (f"Linear probe (ridge, l2={meta['probe_l2']:g}) fitted once on unreduced features of {meta['num_train']} "
+         f"training images; accuracy on {meta['num_test']} test images. "
+         if meta.get("metric", "linear").startswith("linear") else
+         f"Accuracy of the trained classifier's own head on {meta['num_test']} test images. ")
+        + f"Unreduced: {_fmt(meta['base_accuracy'], '.2f', 100)}% at {meta['base_gflops']:.3f} GFLOPs/image.",
         f"FLOPs = 2 x MACs over the matrix products (GFLOPs column; the budget solver uses this count), "
         f"from the model's static token schedule. XLA = "
         f"`jax.jit(f).lower(x).compile().cost_analysis()['flops']` / batch, compared with GFLOPs plus a stated "

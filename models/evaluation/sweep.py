@@ -36,6 +36,9 @@ class Backbone:
       analytic_flops: the model's own analytic count ``reducers -> FLOPs per image``; defaults to
         :func:`reduction.budget.reducers_flops` on ``dims``.
       tokens_per_layer: the model's own static count ``reducers -> [(attention, mlp) tokens per layer]``.
+      classifier: ``features`` returns class logits (a trained classifier): accuracy is its arg-max and
+        no probe is fitted.
+      mean, std: input normalisation (ImageNet by default).
       source_map: optional ``(params, images, reducers, rng) -> [B, N]`` final token of every original
         token (``-1`` if pruned), for the visualisations.
     """
@@ -48,6 +51,9 @@ class Backbone:
     analytic_flops: Optional[Callable[[tuple], int]] = None
     tokens_per_layer: Optional[Callable[[tuple], list]] = None
     source_map: Optional[Callable] = None
+    classifier: bool = False
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
 
     def flops(self, reducers: tuple) -> int:
         if self.analytic_flops is not None:
@@ -111,7 +117,8 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
         final_tokens=counts[-1][1] if counts else backbone.dims.num_tokens,
     )
     comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.batch_size,
-                                   image_size=backbone.image_size, params=backbone.params)
+                                   image_size=backbone.image_size, params=backbone.params,
+                                   mean=backbone.mean, std=backbone.std)
     row["compile_s"] = comp.compile_s
     elementwise = backbone.elementwise_flops(reducers)
     row["elementwise_gflops"] = elementwise / 1e9
@@ -132,19 +139,37 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
     row["acc_retained"] = acc / base_acc if base_acc else 1.0
     if settings.throughput_batch != settings.batch_size:
         comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.throughput_batch,
-                                       image_size=backbone.image_size, params=backbone.params)
+                                       image_size=backbone.image_size, params=backbone.params,
+                                   mean=backbone.mean, std=backbone.std)
     timing = measure.throughput(comp, images, warmup=settings.warmup, repeats=settings.repeats)
     row.update(images_per_s=timing.images_per_s, batch_ms=timing.median_batch_s * 1e3,
                throughput_batch=timing.batch_size)
     return row
 
 
+class ArgmaxProbe:
+    """The model's own logits: ``predict = argmax`` (``l2``/``val_accuracy`` are not applicable)."""
+
+    l2 = float("nan")
+    val_accuracy = float("nan")
+
+    def predict(self, logits) -> np.ndarray:
+        return np.argmax(np.asarray(logits), axis=-1)
+
+    def accuracy(self, logits, labels) -> float:
+        return float(np.mean(self.predict(logits) == np.asarray(labels)))
+
+
 def fit_probe(backbone: Backbone, train_images: np.ndarray, train_labels: np.ndarray, *, num_classes: int,
               settings: SweepSettings) -> tuple[RidgeProbe, float]:
-    """Extract unreduced training features and fit the ridge probe. Returns ``(probe, seconds)``."""
+    """Extract unreduced training features and fit the ridge probe. Returns ``(probe, seconds)``.
+    A classifier backbone gets :class:`ArgmaxProbe` instead (its own head decides)."""
     start = time.perf_counter()
+    if backbone.classifier:
+        return ArgmaxProbe(), 0.0
     comp = measure.compile_setting(backbone.features, (None,) * backbone.dims.depth,
-                                   batch_size=settings.batch_size, image_size=backbone.image_size, params=backbone.params)
+                                   batch_size=settings.batch_size, image_size=backbone.image_size, params=backbone.params,
+                                   mean=backbone.mean, std=backbone.std)
     feats = measure.extract(comp, train_images, seed=settings.seed)
     probe = fit_ridge_probe(feats, train_labels, num_classes=num_classes, l2_grid=settings.l2_grid)
     return probe, time.perf_counter() - start
@@ -175,6 +200,8 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
     """
     from tqdm.auto import tqdm
 
+    if progress and not backbone.classifier:
+        print(f"[eval] unreduced features of {len(train[0])} training images -> ridge probe ...", flush=True)
     probe, probe_s = fit_probe(backbone, *train, num_classes=num_classes, settings=settings)
     base_flops = backbone.flops((None,) * backbone.dims.depth)
     points = []
@@ -201,6 +228,7 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
         "dims": dataclasses.asdict(backbone.dims),
         "base_gflops": base_flops / 1e9,
         "base_accuracy": base_acc,
+        "metric": "classifier accuracy (own head)" if backbone.classifier else "linear-probe accuracy (ridge)",
         "probe_l2": probe.l2,
         "probe_val_accuracy": probe.val_accuracy,
         "probe_fit_s": probe_s,
