@@ -494,6 +494,12 @@ class Checkpoints:
 
 
 def make_task(cfg, model) -> Any:
+    if "atp" in cfg.model:
+        raise NotImplementedError(
+            "atp_threshold: ATP threshold training needs the soft-mask ATP hook inside the model forward "
+            "(reduction.nnx.ATPModule fed with in-layer received attention); models/vlm.py and models/vit.py "
+            "take only static reducers, so the trainable module cannot be placed yet. The preset, budget-loss "
+            "weighting and trainable-parameter filter are ready in configs/atp_threshold.py.")
     if cfg.task == "classification":
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
                                   label_smoothing=float(cfg.train.label_smoothing))

@@ -250,3 +250,26 @@ def test_eight_fake_devices_match_one_device(tmp_path):
     np.testing.assert_allclose(out["eight"], out["one"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(out["eight_fsdp"], out["one"], rtol=2e-5, atol=2e-5)
     assert out["eight_sharded_leaves"] == 0 and out["eight_fsdp_sharded_leaves"] > 0
+
+
+def test_vlm_connector_training_only_moves_the_projector(tmp_path):
+    cfg = configs.load_config("vlm_connector", [
+        "train.steps=2", "train.batch_size=8", "train.progress=False", "train.eval_at_end=False",
+        "data.size=64", "data.style=shapes", "model.plan.point=connector", "model.plan.method=pool",
+        "model.plan.k=2", "optim.trainable=('^multi_modal_projector/',)", "optim.warmup_steps=0",
+        "model.vlm.vision.num_layers=1", "model.vlm.text.num_layers=1"])
+    tr = train.Trainer(cfg, tmp_path)
+    tr.train()
+    init = train.build_model(cfg)
+    from flax import nnx
+
+    before = train._flat(nnx.state(init, nnx.Param))
+    after = train._flat(jax.device_get(tr.state["params"]))
+    moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert moved and all(k.startswith("multi_modal_projector/") for k in moved)
+    assert all(np.isfinite(h["loss"]) for h in tr.history if "loss" in h)
+
+
+def test_atp_preset_raises_a_clear_error(tmp_path):
+    with pytest.raises(NotImplementedError, match="atp_threshold"):
+        train.Trainer(configs.load_config("atp_threshold", ["train.progress=False"]), tmp_path).train()

@@ -1,0 +1,62 @@
+"""Training presets load, overrides are typed and checked, the CLI parses, resolved configs round-trip."""
+
+from __future__ import annotations
+
+import json
+
+import ml_collections
+import pytest
+
+import configs
+import train
+
+PRESETS = ["vit_fmnist", "vit_animal_mnist", "deit_s_imagenet", "tome_finetune", "vlm_connector", "atp_threshold"]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_load_with_all_training_blocks(name):
+    cfg = configs.load_config(name)
+    assert cfg.config_name == name
+    for block in ("model", "data", "train", "optim", "checkpoint", "mesh"):
+        assert isinstance(cfg[block], ml_collections.ConfigDict), block
+    assert cfg.train.batch_size > 0 and cfg.train.steps > 0 and cfg.optim.lr > 0
+
+
+def test_override_typo_names_the_field():
+    with pytest.raises(configs.ConfigError, match="optim.lrr"):
+        configs.load_config("vit_fmnist", ["optim.lrr=0.1"])
+    with pytest.raises(configs.ConfigError, match="has no field 'rr'"):
+        configs.load_config("vit_fmnist", ["model.reduction.rr=4"])
+    with pytest.raises(configs.ConfigError):
+        configs.load_config("vit_fmnist", ["train.steps=lots"])  # int field, string value
+
+
+def test_overrides_parse_types():
+    cfg = configs.load_config("vit_fmnist", ["train.steps=100", "model.reduction.r=4", "optim.lr=1",
+                                             "mesh.fsdp=true", "optim.frozen=['^head']", "data.name=animal_mnist"])
+    assert cfg.train.steps == 100 and cfg.model.reduction.r == 4
+    assert isinstance(cfg.optim.lr, float) and cfg.mesh.fsdp is True
+    assert cfg.optim.frozen == ("^head",) and cfg.data.name == "animal_mnist"
+
+
+def test_reduction_spec_from_config():
+    assert train.reduction_spec(configs.load_config("vit_fmnist")) == {"method": "tome", "r": 0, "prop_attn": True}
+    spec = train.reduction_spec(configs.load_config("vit_fmnist", ["model.reduction.r=4"]))
+    assert spec["r"] == 4
+    assert train.reduction_spec(configs.load_config("vit_fmnist", ["model.reduction.method=none"])) is None
+
+
+def test_cli_parsing_and_saved_config(tmp_path):
+    args = train.parse_args(["--config", "vit_fmnist", "--workdir", str(tmp_path), "train.steps=7",
+                             "model.reduction.r=4"])
+    cfg = configs.load_config(args.config, args.overrides)
+    path = configs.save_config(cfg, tmp_path)
+    saved = json.loads(path.read_text())
+    assert saved["train"]["steps"] == 7 and saved["model"]["reduction"]["r"] == 4
+    assert saved["config_name"] == "vit_fmnist"
+
+
+def test_distributed_mode_is_validated():
+    with pytest.raises(ValueError, match="mesh.distributed"):
+        train.maybe_initialize_distributed("maybe")
+    train.maybe_initialize_distributed("off")  # no-op
