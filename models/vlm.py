@@ -6,7 +6,7 @@ A :class:`ReductionPlan` (static, hashable) selects where tokens are reduced:
 (b) ``connector``: a :class:`~models.connector.ConnectorReduction` on the vision features (pooling, ToMe,
     PiToMe, DART-on-vision) before the projector;
 (c) ``llm``: an :class:`~models.llama.LLMPruner` run once inside the LLM during prefill at layer ``K``
-    (:class:`DARTPruner`, :class:`FastVPruner`); later layers and their KV cache hold only the kept tokens,
+    (:class:`DARTPruner`, :class:`FastVPruner`, :class:`ATPPruner`); later layers and their KV cache hold only the kept tokens,
     which keep their original position ids.
 
 Build a plan from a plain config dict with :func:`build_plan`, e.g. ``{"point": "llm", "method": "dart",
@@ -93,7 +93,46 @@ class FastVPruner(LLMPruner):
         return idx, None
 
 
-LLM_PRUNERS = {"dart": DARTPruner, "fastv": FastVPruner}
+@dataclasses.dataclass(frozen=True)
+class ATPPruner(LLMPruner):
+    """ATP-style instance-adaptive pruning at layer ``K`` with a fixed threshold (:mod:`reduction.atp`).
+
+    Image tokens score by the attention they receive in layer ``K - 1`` from the other image tokens (self)
+    and from the text after the image (cross); those scoring below ``theta`` are dropped, so the kept count
+    differs per example. Shapes stay static: at most ``capacity`` image tokens per image are kept and the
+    unused slots are masked (``keep_valid``). Needs the full attention map of layer ``K - 1`` (explicit
+    attention there only). The learned threshold module (:class:`reduction.nnx.ATPModule`) is not wired in.
+    """
+
+    theta: float = 0.3
+    capacity: int = 64
+    self_weight: float = 0.5
+    needs_attention: ClassVar[bool] = True
+
+    def num_out(self, num_tokens: int, image_len: int, num_images: int = 1) -> int:
+        return num_tokens - num_images * (image_len - min(self.capacity, image_len))
+
+    def select(self, inputs: PruneInputs):
+        from reduction import atp
+
+        starts = inputs.image_starts
+        if starts.ndim != 1:
+            raise ValueError("ATPPruner supports one image per example (image_starts [B])")
+        attn = inputs.attention
+        t = attn.shape[-1]
+        pos = jnp.arange(t)[None]
+        image = (pos >= starts[:, None]) & (pos < starts[:, None] + inputs.image_len)
+        text_after = (pos >= starts[:, None] + inputs.image_len) & inputs.valid
+        self_recv = atp.received_attention(attn, image.astype(jnp.float32), exclude_self=True)
+        cross_recv = atp.received_attention(attn, text_after.astype(jnp.float32))
+        score = atp.redundancy_score(self_recv, cross_recv, image, self_weight=self.self_weight)
+        theta = jnp.full((attn.shape[0],), self.theta, jnp.float32)
+        keep = atp.hard_keep_mask(score, theta, candidates=image)
+        cap = self.num_out(t, inputs.image_len)
+        return atp.compact_keep(keep, score, capacity=cap, forced=~image)
+
+
+LLM_PRUNERS = {"dart": DARTPruner, "fastv": FastVPruner, "atp": ATPPruner}
 
 
 # -- reduction plan --------------------------------------------------------------------------------------
@@ -227,5 +266,5 @@ def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, 
     return left_pad(out, pad_id, length)
 
 
-__all__ = ["VLM", "VLMConfig", "ReductionPlan", "build_plan", "build_prompts", "DARTPruner", "FastVPruner",
+__all__ = ["VLM", "VLMConfig", "ReductionPlan", "build_plan", "build_prompts", "DARTPruner", "FastVPruner", "ATPPruner",
            "LLM_PRUNERS"]
