@@ -156,8 +156,9 @@ def ratio_grid(low: float = 0.02, high: float = 1.0, step: float = 0.01) -> list
 def default_prune_layers(depth: int) -> list[list[int]]:
     """Layer sets for staged pruning: DynamicViT's ``[3, 6, 9]`` on 12 layers, scaled to ``depth``;
     a single early stage; and every layer from the second on."""
-    staged = sorted({max(1, round(depth * f)) for f in (0.25, 0.5, 0.75)})
-    single = [max(1, round(depth * 0.25))]
+    last = max(depth - 1, 1)
+    staged = sorted({min(max(1, round(depth * f)), last) for f in (0.25, 0.5, 0.75)})
+    single = [min(max(1, round(depth * 0.25)), last)]
     every = list(range(1, depth))
     sets = []
     for s in (staged, single, every):

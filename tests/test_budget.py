@@ -143,4 +143,6 @@ def test_ratio_grid_is_exact_and_descending():
 
 def test_default_prune_layers():
     assert budget.default_prune_layers(12)[0] == [3, 6, 9]
-    assert all(0 < l < 12 for s in budget.default_prune_layers(12) for l in s)
+    for depth in (2, 3, 4, 12, 24):
+        assert all(0 < l < depth for s in budget.default_prune_layers(depth) for l in s), depth
+    assert budget.default_prune_layers(2)[0] == [1]
