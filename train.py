@@ -520,6 +520,13 @@ def make_task(cfg, model) -> Any:
     raise ValueError(f"task must be 'classification' or 'vqa', got {cfg.task!r}")
 
 
+def layer_reducers(cfg, model) -> Optional[tuple]:
+    """Static per-block reducers of a ViT from ``model.reduction`` (``None`` for other models)."""
+    if cfg.model.kind != "vit" or not hasattr(model, "build_reducers"):
+        return None
+    return tuple(model.build_reducers(reduction_spec(cfg)))
+
+
 def reduction_spec_vlm(cfg) -> Optional[dict]:
     block = _get(cfg.model, "plan")
     if block is None:
@@ -549,11 +556,6 @@ class Trainer:
 
     # - setup -
 
-    def _reducers(self, model):
-        if self.cfg.model.kind != "vit":
-            return None
-        spec = reduction_spec(self.cfg)
-        return tuple(model.build_reducers(spec)) if hasattr(model, "build_reducers") else None
 
     def _put_batch(self, batch: dict) -> dict:
         P = jax.sharding.PartitionSpec
@@ -565,7 +567,7 @@ class Trainer:
         t_setup = time.time()
         configs.save_config(cfg, self.workdir)
         model = self.model_fn(cfg)
-        reducers = self._reducers(model)
+        reducers = layer_reducers(cfg, model)
         task = make_task(cfg, model)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = build_optimizer(cfg, params)
