@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.repeats = 3
     cfg.flop_tolerance = 0.05
     cfg.probe_l2_grid = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
-    cfg.visualize = True
+    cfg.visualize = True               # token_groups.png (one extra compile per method shown)
+    cfg.visualize_methods = ("tome", "pitome", "zerotprune", "pool")  # ("all",) = every method in the sweep
     cfg.out_dir = ""                   # "" = results/eval/<config_name>
     return cfg

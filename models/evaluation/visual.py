@@ -59,8 +59,11 @@ def save_visualisations(backbone, result: dict, test: tuple, out_dir: pathlib.Pa
     images = np.asarray(test[0][:num_images])
     cols = [("unreduced", None)]
     deepest: dict = {}
+    shown = tuple(getattr(cfg, "visualize_methods", ("all",)) or ("all",))
     for p in result["points"]:
         if p.get("error") or p["method"] == "none" or not p.get("spec"):
+            continue
+        if "all" not in shown and p["method"] not in shown:
             continue
         if p["method"] not in deepest or p["flops_fraction"] < deepest[p["method"]]["flops_fraction"]:
             deepest[p["method"]] = p
