@@ -183,11 +183,11 @@ def test_non_finite_loss_stops_with_clear_message(tmp_path):
         return model
 
     with pytest.raises(train.NonFiniteLossError, match=r"loss is nan at step 1 .*optim.lr"):
-        train.Trainer(tiny_cfg("train.steps=4", "train.log_every=100"), tmp_path, model_fn=nan_model).train()
+        train.Trainer(tiny_cfg("train.steps=4", "train.log_every=100", "model.vit.depth=1"), tmp_path, model_fn=nan_model).train()
 
 
 def test_bf16_compute_trains(tmp_path):
-    tr = train.Trainer(tiny_cfg("train.steps=2", "train.compute_dtype=bfloat16"), tmp_path)
+    tr = train.Trainer(tiny_cfg("train.steps=2", "train.compute_dtype=bfloat16", "model.vit.depth=1"), tmp_path)
     tr.train()
     losses = [h["loss"] for h in tr.history if "loss" in h]
     assert len(losses) == 2 and np.all(np.isfinite(losses))
@@ -210,12 +210,12 @@ def test_skipped_records_are_counted(tmp_path):
     def source_fn(data_cfg, split):
         return FileImageSource(items, on_error=data_cfg.on_error)
 
-    tr = train.Trainer(tiny_cfg("train.steps=2", "data.on_error=skip"), tmp_path / "w", source_fn=source_fn)
+    tr = train.Trainer(tiny_cfg("train.steps=2", "data.on_error=skip", "model.vit.depth=1"), tmp_path / "w", source_fn=source_fn)
     tr.train()
     assert tr.skip_stats.skipped >= 1 and all(f.endswith(("3.png",)) for f in tr.skip_stats.files)
     assert "skipped_records" in tr.history[0]
     with pytest.raises(Exception, match=r"3\.png"):
-        train.Trainer(tiny_cfg("train.steps=2", "data.on_error=raise"), tmp_path / "w2", source_fn=source_fn).train()
+        train.Trainer(tiny_cfg("train.steps=2", "data.on_error=raise", "model.vit.depth=1"), tmp_path / "w2", source_fn=source_fn).train()
 
 
 SHARDED = textwrap.dedent("""
@@ -227,7 +227,7 @@ SHARDED = textwrap.dedent("""
     tiny = {tiny!r}
     out = {{}}
     for name, extra in [("one", ["mesh.num_devices=1"]), ("eight", []), ("eight_fsdp", ["mesh.fsdp=True"])]:
-        cfg = configs.load_config("vit_fmnist", tiny + ["train.steps=4", "checkpoint.every=100",
+        cfg = configs.load_config("vit_fmnist", tiny + ["train.steps=3", "checkpoint.every=100", "model.vit.depth=1",
                                                         "model.vit.width=64", "model.vit.mlp_dim=256"] + extra)
         tr = train.Trainer(cfg, os.path.join({tmp!r}, name))
         tr.train()
@@ -245,7 +245,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(out["one"]) == 4
+    assert len(out["one"]) == 3
     # Same data and seed; only the reduction order of the data-parallel mean differs (float32).
     np.testing.assert_allclose(out["eight"], out["one"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(out["eight_fsdp"], out["one"], rtol=2e-5, atol=2e-5)
