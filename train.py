@@ -144,7 +144,8 @@ def load_params_from_run(model: nnx.Module, path: str) -> None:
     if step is None:
         raise CheckpointError(f"model.pretrained={path!r}: no checkpoint found in {str(p)!r}")
     restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    src = _flat(restored["params"])
+    # nnx states restore as {..., "kernel": {"value": array}}: drop the trailing "/value" of each key.
+    src = {k[: -len("/value")] if k.endswith("/value") else k: v for k, v in _flat(restored["params"]).items()}
     params = nnx.state(model, nnx.Param)
     flat = nnx.to_flat_state(params)
     skipped = []
@@ -154,6 +155,8 @@ def load_params_from_run(model: nnx.Module, path: str) -> None:
             var.value = jnp.asarray(src[key], var.value.dtype)
         else:
             skipped.append(key)
+    if len(skipped) == len(flat):
+        raise CheckpointError(f"model.pretrained={path!r}: no parameter of step {step} matches this model")
     nnx.update(model, nnx.from_flat_state(flat))
     log.info("initialised from %s step %d; kept fresh: %s", p, step, skipped or "nothing")
 

@@ -273,3 +273,13 @@ def test_vlm_connector_training_only_moves_the_projector(tmp_path):
 def test_atp_preset_raises_a_clear_error(tmp_path):
     with pytest.raises(NotImplementedError, match="atp_threshold"):
         train.Trainer(configs.load_config("atp_threshold", ["train.progress=False"]), tmp_path).train()
+
+
+def test_pretrained_run_loads_every_parameter(reference_run):
+    """model.pretrained=<workdir> copies the checkpoint's weights (it once silently kept fresh ones)."""
+    work, tr = reference_run
+    model = train.build_model(tiny_cfg("train.steps=6"))
+    train.load_params_from_run(model, str(work))
+    from flax import nnx
+    loaded = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert_bitwise(loaded, params_of(tr))
