@@ -275,7 +275,7 @@ def test_eval_config_typo_names_field():
 
     with pytest.raises(ConfigError, match="num_tset"):
         load_config("eval_dinov2_fmnist", ["num_tset=5"])
-    cfg = load_config("eval_dinov2_fmnist", ["num_test=500"])
+    cfg = load_config("eval_dinov2_fmnist", ["num_test=500", "image_size=112"])
     assert cfg.num_test == 500 and cfg.image_size == 112
 
 
