@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from models.loaders.common import KeyTracker, LoadReport, assign_params
+from models.loaders.common import KeyTracker, make_putter, LoadReport, assign_params
 from models.vit import ViT, ViTConfig
 
 _ATT = "MultiHeadDotProductAttention_0"
@@ -64,10 +64,7 @@ def convert_big_vision(tensors: Mapping[str, np.ndarray], cfg: ViTConfig):
     src = KeyTracker(tensors)
     out, origin = {}, {}
 
-    def put(ours, theirs, fn=lambda a: a):
-        if theirs in src:
-            out[ours] = fn(src.get(theirs))
-            origin[ours] = theirs
+    put = make_putter(src, out, origin)
 
     put("cls_token", "cls")
     put("pos_embed", "pos_embedding")

@@ -157,3 +157,15 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes) -> dict[str, np.nd
 
 __all__ = ["LoadReport", "LoadError", "KeyTracker", "model_params", "assign_params", "check_shape",
            "torch_linear", "torch_conv", "strip_prefix"]
+
+
+def make_putter(src: "KeyTracker", out: dict, origin: dict):
+    """``put(ours, theirs, fn=identity)``: if the checkpoint has key ``theirs``, store ``fn(value)`` as our
+    parameter ``ours`` and remember where it came from (keys never read stay "unexpected")."""
+
+    def put(ours, theirs, fn=lambda a: a):
+        if theirs in src:
+            out[ours] = fn(src.get(theirs))
+            origin[ours] = theirs
+
+    return put

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from models.loaders.common import KeyTracker, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
+from models.loaders.common import KeyTracker, make_putter, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
 from models.vit import ViT, ViTConfig
 
 
@@ -56,10 +56,7 @@ def convert_timm(tensors: Mapping[str, np.ndarray], cfg: ViTConfig):
     src = KeyTracker(tensors)
     out, origin = {}, {}
 
-    def put(ours, theirs, fn=lambda a: a):
-        if theirs in src:
-            out[ours] = fn(src.get(theirs))
-            origin[ours] = theirs
+    put = make_putter(src, out, origin)
 
     put("cls_token", "cls_token")
     put("dist_token", "dist_token")
