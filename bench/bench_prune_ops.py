@@ -15,7 +15,8 @@ start 0), B=1. DART selection at budget 128 (132 kept) with both pivot orders, a
 the last query row. Target: DART selection <= 5% of the layer.
 
 Every function is jitted and warmed up; the timed calls are interleaved (layer, op, layer, op, ...) with
-``block_until_ready``; the JSON written to ``--out`` holds medians (ms), ratios and the machine.
+``block_until_ready``; a ratio is the median over rounds of ``op_i / layer_i`` (paired within a round, so
+drifts of a shared machine cancel); the JSON written to ``--out`` holds medians (ms), ratios and the machine.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ def decoder_layer(p, x, heads):
     return x + (jax.nn.silu(h @ p["gate"]) * (h @ p["up"])) @ p["down"]
 
 
-def timeit(fns: dict, args: dict, repeats: int) -> dict:
+def timeit(fns: dict, args: dict, repeats: int) -> tuple[dict, dict]:
+    """Interleaved timing. Returns ``(median ms per function, median over rounds of fn_i / first_i)``; the
+    first function is the layer the others are compared with."""
     for name, fn in fns.items():
         jax.block_until_ready(fn(*args[name]))
         jax.block_until_ready(fn(*args[name]))
@@ -79,7 +82,10 @@ def timeit(fns: dict, args: dict, repeats: int) -> dict:
             t0 = time.perf_counter()
             jax.block_until_ready(fn(*args[name]))
             times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(v) for name, v in times.items()}
+    first = next(iter(fns))
+    paired = {name: statistics.median([a / b for a, b in zip(v, times[first])])
+              for name, v in times.items() if name != first}
+    return {name: statistics.median(v) for name, v in times.items()}, paired
 
 
 def main(argv=None):
@@ -123,7 +129,7 @@ def main(argv=None):
     vit_args = {"vit_block": (x,), "zerotprune_10it": (state, attn, metric), "zerotprune_30it": (state, attn, metric),
                 "topk_cls": (state, attn), "random": (state, jax.random.key(1)), "pool_2x2": (state,),
                 "dart_vit": (state, metric)}
-    vit_ms = timeit(vit_ops, vit_args, repeats)
+    vit_ms, vit_ratio = timeit(vit_ops, vit_args, repeats)
 
     # ---- decoder layer and the LLM-side selections
     bl, img, txt, cl, hl, ml = (1, 48, 16, 128, 4, 256) if args.quick else (1, 576, 64, 1024, 16, 2816)
@@ -146,10 +152,8 @@ def main(argv=None):
     }
     llm_args = {"decoder_layer": (xl,), "dart_ascending": (xl, keys, starts), "dart_cpython_set": (xl, keys, starts),
                 "fastv": (last_rows, starts)}
-    llm_ms = timeit(llm_ops, llm_args, repeats)
+    llm_ms, llm_ratio = timeit(llm_ops, llm_args, repeats)
 
-    vit_ratio = {k: v / vit_ms["vit_block"] for k, v in vit_ms.items() if k != "vit_block"}
-    llm_ratio = {k: v / llm_ms["decoder_layer"] for k, v in llm_ms.items() if k != "decoder_layer"}
     result = {
         "quick": args.quick, "repeats": repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

@@ -1,6 +1,6 @@
 """Training-step throughput with and without ToMe on a CPU-sized preset, measured in one run.
 
-    python bench/bench_train.py                    # vit_fmnist, ToMe r=4, 20 timed steps per setting
+    python bench/bench_train.py                    # vit_fmnist (17 tokens), ToMe r=2, 20 timed steps per setting
     python bench/bench_train.py --quick            # tiny run that proves the script works
     python bench/bench_train.py --r 8 --steps 50 --out results/bench/train.json
 
@@ -48,7 +48,7 @@ def build_step(cfg):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default="vit_fmnist")
-    p.add_argument("--r", type=int, default=4, help="ToMe merges per layer")
+    p.add_argument("--r", type=int, default=2, help="ToMe merges per layer")
     p.add_argument("--batch", type=int, default=0, help="batch size (0 = the preset's)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per setting and round")
     p.add_argument("--rounds", type=int, default=3)

@@ -3,7 +3,8 @@
 Random init, float32, batch 8 at 224 px by default. Every configured method that is registered at run time is
 measured (missing ones are skipped with a message); methods other than ToMe r=13 get a setting whose
 analytic FLOPs are close to ToMe r=13's (matched FLOPs). Repeats are interleaved across methods (round-robin)
-and the median is reported. Output JSON (default ``results/bench/vit.json``) holds images/s, speed-up,
+and the median is reported; the speed-up is also given as the median over rounds of ``t_none / t_method``
+measured back to back in the same round (robust to the slow drifts of a shared machine). Output JSON (default ``results/bench/vit.json``) holds images/s, speed-up,
 FLOP ratio and speed-up / FLOP ratio per method plus the machine description.
 
     python -m bench.bench_vit            # full run (quiet machine)
@@ -61,7 +62,7 @@ def main(argv=None):
     ap.add_argument("--variant", default="S/16")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--r", type=int, default=13)
     ap.add_argument("--out", default="results/bench/vit.json")
     ap.add_argument("--quick", action="store_true", help="Ti/16 at 64 px, batch 2, 2 repeats")
@@ -109,13 +110,16 @@ def main(argv=None):
     for name, (spec, reducers, flops) in runs.items():
         t = float(np.median(times[name]))
         speedup = base_t / t
+        paired = float(np.median(np.asarray(times["none"]) / np.asarray(times[name])))
         flop_ratio = base_flops / flops
         results.append(dict(method=name, spec=spec, images_per_s=args.batch / t, median_s=t, times_s=times[name],
                             gflops_per_image=flops / 1e9, flop_ratio=flop_ratio, speedup=speedup,
-                            speedup_over_flop_ratio=speedup / flop_ratio,
+                            speedup_over_flop_ratio=speedup / flop_ratio, paired_speedup=paired,
+                            paired_speedup_over_flop_ratio=paired / flop_ratio,
                             final_tokens=model.tokens_per_layer(args.image_size, reducers)[-1][1]))
-        print(f"{name:>12}: {args.batch / t:7.1f} img/s  speed-up {speedup:4.2f}x  FLOP ratio {flop_ratio:4.2f}x  "
-              f"({flops / 1e9:.2f} GFLOP/img)")
+        print(f"{name:>12}: {args.batch / t:7.1f} img/s  speed-up {speedup:4.2f}x (paired {paired:4.2f}x)  "
+              f"FLOP ratio {flop_ratio:4.2f}x  speed-up/FLOP ratio {speedup / flop_ratio:4.2f} "
+              f"(paired {paired / flop_ratio:4.2f})  ({flops / 1e9:.2f} GFLOP/img)")
     out = dict(variant=args.variant, image_size=args.image_size, batch=args.batch, repeats=args.repeats,
                dtype="float32", quick=args.quick, machine=machine(), results=results)
     path = pathlib.Path(args.out)

@@ -59,6 +59,9 @@ def base() -> ml_collections.ConfigDict:
     c.train.check_finite = True
     c.train.progress = True
     c.train.crash_after_step = -1  # testing aid: os._exit right after this step's checkpoint
+    c.train.debug_nans = False     # jax_debug_nans for the run: raise at the first op producing a NaN (slow)
+    c.train.transfer_guard = "allow"  # jax.transfer_guard around the step loop: "allow" | "log" | "disallow"
+    c.train.tensorboard = True     # also write the metrics to <workdir>/tensorboard/ (tensorboardX or torch)
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3

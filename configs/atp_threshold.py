@@ -1,22 +1,56 @@
-"""ATP threshold training with a budget loss (reduction.nnx.ATPModule) on the generated VQA set.
+"""Learned ATP thresholds (reduction.nnx.ATPModule) inside the CPU-sized Fashion-MNIST ViT, with a budget loss.
 
-Trains only the ATP threshold MLP (``optim.trainable``) with soft keep masks in the forward pass and
-``loss = task loss + budget_weight * budget_loss(mask, target_keep)``. The soft-mask forward needs the
-ATP module wired into a model's attention; ``train.py`` raises a clear NotImplementedError until a model
-exposes that hook (see docs/training.md).
+Two-step recipe (pretrain, then train only the thresholds):
+
+    python train.py --config vit_fmnist                                          # -> runs/vit_fmnist
+    python train.py --config atp_threshold model.pretrained=runs/vit_fmnist      # ATP modules only
+
+From scratch (the default, ``model.pretrained=""``) the backbone and the ATP modules train jointly:
+
+    python train.py --config atp_threshold
+
+``model.atp.train_backbone="auto"`` picks between the two: with ``model.pretrained`` set only the ATP parameters
+train (``optim.trainable`` becomes ``("^atp/",)``, recorded in ``config.json``), without it everything trains.
+``model.atp.train_backbone=yes`` fine-tunes the backbone too from a pretrained run, ``=no`` freezes it even from
+scratch; an explicit ``optim.trainable=...`` always wins.
+
+What runs: one ATP module after the attention of block 1 of the 4-block ViT (50 tokens: class token + 7x7
+patches; ``model.atp.layers=(1,2)`` adds block 2). Training uses soft masks (no token dropped; the later blocks
+gate keys with ``log m``) and minimises ``CE + budget_weight * |mean soft kept fraction - target_keep|`` per ATP
+layer. The budget term is normalised by the candidate count (49 patches), i.e. it is a kept *fraction*, so
+``budget_weight=2`` makes one point of keep ratio cost 0.02 nats, far above the CE gain of keeping a few more
+tokens. Evaluation prunes hard to the static capacity ``1 + floor(49 * 0.7) = 35`` tokens with a validity mask
+(an instance keeps fewer when fewer patches pass its threshold) and logs ``eval_kept_ratio_L1``. The threshold
+MLP's updates are scaled by ``lr_scale`` (it has to move the threshold logit by O(1) in a few hundred steps).
 """
 
 import ml_collections
 
-from configs.vlm_connector import get_config as _vlm
+from configs.vit_fmnist import get_config as _vit_fmnist
 
 
 def get_config():
-    c = _vlm()
+    c = _vit_fmnist()
     c.config_name = "atp_threshold"
-    c.model.atp = ml_collections.ConfigDict(dict(layer=1, capacity_ratio=0.5, hidden=16, temperature=10.0,
-                                                 target_keep=0.5, budget_weight=1.0, init_theta=0.3))
-    c.optim.trainable = ("atp",)
-    c.optim.lr = 1e-3
-    c.train.steps = 500
+    c.model.reduction.method = "none"   # no static reducer: the ATP modules are the only reduction
+    c.model.atp = ml_collections.ConfigDict(dict(
+        layers=(1,),            # blocks with an ATP module (after their attention)
+        capacity_ratio=0.7,     # hard-mode static capacity: keep_count(T, 0.7, protected=1)
+        stride=4,               # spatial grid of always-kept patches (0 = none)
+        hidden=16,              # threshold MLP width
+        temperature=10.0,       # soft mask sigmoid((score - theta) * temperature)
+        init_theta=0.3,         # initial threshold
+        self_weight=0.5,        # score = w * self + (1 - w) * cross (class token)
+        target_keep=0.5,        # budget: kept fraction of the 49 patch candidates
+        budget_weight=2.0,      # weight of the (candidate-normalised) budget loss, summed over ATP layers
+        budget_kind="abs",      # "abs" | "square"
+        lr_scale=10.0,          # ATP parameters step lr_scale times the backbone learning rate
+        train_backbone="auto",  # "auto" (frozen iff model.pretrained is set) | "yes" | "no"
+    ))
+    c.train.steps = 400
+    c.train.eval_every = 200
+    c.train.log_every = 25
+    c.optim.lr = 2e-3
+    c.optim.warmup_steps = 40
+    c.checkpoint.every = 200
     return c

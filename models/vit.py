@@ -13,20 +13,29 @@ stay consistent for every method.
 
 Reducers are static: pass a tuple with one :class:`reduction.Reducer` (or ``None``) per block; token counts per
 layer are Python ints known before tracing.
+
+Learned ATP thresholds (:meth:`ViT.attach_atp`) are the one trainable reduction: :class:`reduction.nnx.ATPModule`
+instances live in ``model.atp`` (an ``nnx.Dict`` keyed by the layer index as a string, so their parameter paths
+start with ``atp/``) and run at their block's after-attention point. ``model(images, atp_mode="soft")`` keeps every
+token and gates the later layers with the soft keep mask (training); ``atp_mode="hard"`` (default) prunes to a static
+capacity with a validity mask (inference).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import reduction as R
-from reduction.validate import check_rank
+from reduction import atp as atp_ops
+from reduction.schedule import keep_count
+from reduction.validate import check_count, check_rank, check_ratio
 from models.layers import Attention, LayerScale, Mlp, PatchEmbed, layer_norm, resize_grid
 
 # big_vision's width / depth / mlp / heads per size name.
@@ -161,9 +170,11 @@ class Block(nnx.Module):
         )
 
     def __call__(self, state: R.TokenState, *, reducer: Optional[R.Reducer] = None, info: Optional[dict] = None,
-                 prop_attn: bool = False) -> R.TokenState:
+                 prop_attn: bool = False,
+                 hook: Optional[Callable[[R.TokenState, jax.Array], R.TokenState]] = None) -> R.TokenState:
         """``state.x: [B, T, C] -> [B, K, C]`` (``K = T`` without a reducer). ``info``: the static LayerInfo fields
-        (layer, num_layers, num_protected, num_distill, rng)."""
+        (layer, num_layers, num_protected, num_distill, rng). ``hook(state, probs [B, H, T, T]) -> state`` (the learned
+        ATP gate) runs after the attention residual, before the reducer and the MLP; it needs the probabilities."""
         info = info or {}
         if reducer is not None and reducer.position == "before_attention":
             keys = probs = None
@@ -181,9 +192,13 @@ class Block(nnx.Module):
 
         need_probs = reducer is not None and reducer.position == "after_attention" and R.ATTENTION in reducer.needs
         x = state.x
-        y, keys, probs = self.attn(self.norm1(x), bias=self._bias(state, prop_attn), need_probs=need_probs)
+        y, keys, probs = self.attn(self.norm1(x), bias=self._bias(state, prop_attn),
+                                   need_probs=need_probs or hook is not None)
         x = x + (self.ls1(y) if self.ls1 is not None else y)
         state = state.replace(x=x)
+        if hook is not None:
+            state = hook(state, probs)
+            x = state.x
         if reducer is not None and reducer.position == "after_attention":
             state = reducer(state, self._info(reducer, info, keys, probs, x))
         x = state.x
@@ -217,6 +232,35 @@ def _prop_flags(reducers: Sequence[Optional[R.Reducer]]) -> list[bool]:
     return flags
 
 
+ATP_MODES = ("soft", "hard")
+
+
+@dataclasses.dataclass(frozen=True)
+class ATPSpec:
+    """Static settings of the learned ATP layers (:meth:`ViT.attach_atp`).
+
+    ``layers``: blocks whose after-attention point runs an ATP module; ``capacity_ratio``: hard-mode static capacity
+    ``keep_count(T, capacity_ratio, protected=num_protected)`` at that layer's token count ``T``; ``stride``: spatial
+    grid of always-kept patches (:func:`reduction.atp.spatial_grid_mask`, 0 = none).
+    """
+
+    layers: tuple[int, ...]
+    capacity_ratio: float
+    stride: int
+
+    def capacity(self, num_tokens: int, num_protected: int) -> int:
+        return keep_count(num_tokens, self.capacity_ratio, protected=num_protected)
+
+
+def _atp_grid(num_tokens: int, num_protected: int, stride: int) -> np.ndarray:
+    """Static ``[T]`` bool: the spatial grid over the patch tokens (prefix tokens False). Only when the patches form
+    a square grid (no earlier merging); otherwise all False, as in :class:`reduction.atp.ATPPrune`."""
+    n = num_tokens - num_protected
+    side = int(round(np.sqrt(max(n, 0))))
+    grid = atp_ops.spatial_grid_mask(side, side, stride) if n > 0 and side * side == n else np.zeros(max(n, 0), bool)
+    return np.concatenate([np.zeros(num_protected, bool), grid])
+
+
 class ViT(nnx.Module):
     """Vision Transformer. ``model(images [B, H, W, 3]) -> (out, aux)``; see :meth:`__call__`."""
 
@@ -239,6 +283,7 @@ class ViT(nnx.Module):
                      if cfg.num_classes else None)
         self.head_dist = (nnx.Linear(c, cfg.num_classes, kernel_init=zeros, dtype=cfg.dtype, rngs=rngs)
                           if cfg.num_classes and cfg.distill_token else None)
+        self.atp_spec: Optional[ATPSpec] = None  # set by attach_atp (the modules go to self.atp)
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -260,6 +305,105 @@ class ViT(nnx.Module):
             cfg = vit_config(spec.pop("variant", None), **spec)
         return cls(cfg, rngs=rngs if rngs is not None else nnx.Rngs(seed))
 
+    def attach_atp(self, layers: Sequence[int], *, capacity_ratio: float, stride: int = 4, hidden: int = 16,
+                   temperature: float = 10.0, init_theta: float = 0.3, self_weight: float = 0.5,
+                   rngs: Optional[nnx.Rngs] = None, seed: int = 0) -> "ViT":
+        """Attach one trainable :class:`reduction.nnx.ATPModule` per entry of ``layers`` (block indices).
+
+        The modules go to ``self.atp`` (``nnx.Dict`` keyed ``str(layer)``; parameter paths ``atp/<layer>/...``, so
+        ``optim.trainable=("^atp/",)`` trains only them) and run after the attention of their block (see
+        :meth:`__call__`, ``atp_mode``). ``capacity_ratio`` in (0, 1] sets the hard-mode static capacity
+        ``keep_count(T, capacity_ratio, protected=num_protected)`` at that layer's ``T``; ``stride`` the always-kept
+        spatial grid over the patches (0 = none). ``hidden``, ``temperature``, ``init_theta`` and ``self_weight``
+        go to the modules. Replaces previously attached modules. Returns ``self``.
+        """
+        cfg = self.config
+        if not cfg.class_token:
+            raise ValueError("attach_atp needs config.class_token=True (the class token is the cross-score query)")
+        layers = tuple(sorted({int(v) for v in layers}))
+        if not layers:
+            raise ValueError("attach_atp: layers is empty")
+        bad = [v for v in layers if not 0 <= v < cfg.depth]
+        if bad:
+            raise ValueError(f"attach_atp: layers {bad} out of range for depth={cfg.depth}")
+        capacity_ratio = check_ratio(capacity_ratio, "capacity_ratio")
+        stride = check_count(stride, "stride")
+        if not 0.0 < float(init_theta) < 1.0:
+            raise ValueError(f"init_theta must be in (0, 1), got {init_theta}")
+        if not 0.0 <= float(self_weight) <= 1.0:
+            raise ValueError(f"self_weight must be in [0, 1], got {self_weight}")
+        from reduction.nnx import ATPModule
+
+        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        spec = ATPSpec(layers=layers, capacity_ratio=float(capacity_ratio), stride=int(stride))
+        t = self.num_tokens(cfg.image_size)  # capacity at the configured resolution (informational in the module)
+        self.atp = nnx.Dict({
+            str(v): ATPModule(capacity=spec.capacity(t, cfg.num_protected), hidden=int(hidden),
+                              temperature=float(temperature), self_weight=float(self_weight),
+                              init_theta=float(init_theta), rngs=rngs)
+            for v in layers})
+        self.atp_spec = spec
+        return self
+
+    def _atp_gate(self, module, state: R.TokenState, probs: jax.Array, mode: str) -> tuple[R.TokenState, dict]:
+        """Run one ATP module on this block's attention ``probs [B, H, T, T]``.
+
+        ``"soft"``: ``state`` keeps all ``T`` tokens, ``sizes *= max(m, 1e-6)`` with the soft mask ``m [B, T]``
+        (1 on the prefix tokens and the spatial grid); record ``mask``, ``theta [B]``, ``candidates [B, T]``.
+        ``"hard"``: ``[B, T] -> [B, K]`` with ``K`` the static capacity, ``valid`` marking the kept tokens; record
+        ``theta``, ``kept`` (valid tokens per example, prefix included), ``kept_candidates`` and ``num_candidates``
+        (``[B]`` float32).
+        """
+        cfg, spec = self.config, self.atp_spec
+        p = cfg.num_protected
+        b, t = state.x.shape[:2]
+        cand = jnp.broadcast_to(jnp.arange(t) >= p, (b, t))
+        if state.valid is not None:
+            cand = cand & state.valid
+        # Same definitions as reduction.atp.vit_atp_scores: patches as queries (self excluded), class token as query.
+        self_r = atp_ops.received_attention(probs, cand.astype(jnp.float32), exclude_self=True)
+        cross_r = atp_ops.received_attention(probs[:, :, :1, :], jnp.ones((b, 1), jnp.float32))
+        score = atp_ops.redundancy_score(self_r, cross_r, cand, self_weight=module.self_weight)
+        theta = module.threshold(score, self_r, cross_r, cand)
+        grid = jnp.asarray(_atp_grid(t, p, spec.stride)) & cand
+        n_cand = jnp.sum(cand, axis=-1).astype(jnp.float32)
+        if mode == "soft":
+            m = atp_ops.soft_keep_mask(score, theta, temperature=module.temperature, forced=grid, candidates=cand)
+            state = state.replace(sizes=state.sizes * jnp.maximum(m, 1e-6))
+            return state, {"mask": m, "theta": theta, "candidates": cand}
+        prefix = jnp.arange(t) < p
+        forced = (prefix | grid) if state.valid is None else (prefix | grid) & state.valid
+        keep = atp_ops.hard_keep_mask(score, theta, forced=forced)
+        if state.valid is not None:
+            keep = keep & state.valid
+        idx, valid = atp_ops.compact_keep(keep, score, capacity=spec.capacity(t, p), forced=forced)
+        out = R.apply_step(state, R.prune_step(idx, t))
+        valid = valid if out.valid is None else out.valid & valid
+        state = out.replace(valid=valid)
+        kept = jnp.sum(valid, axis=-1).astype(jnp.float32)
+        kept_cand = jnp.sum(valid & (idx >= p), axis=-1).astype(jnp.float32)  # idx: input positions
+        return state, {"theta": theta, "kept": kept, "kept_candidates": kept_cand, "num_candidates": n_cand}
+
+    @property
+    def atp_layers(self) -> tuple[int, ...]:
+        """Blocks with an attached ATP module (empty without :meth:`attach_atp`)."""
+        return () if self.atp_spec is None else self.atp_spec.layers
+
+    def _count_reducers(self, reducers: tuple, atp_mode: str) -> tuple:
+        """``reducers`` with the hard-mode ATP layers filled in (for static token counts and FLOPs)."""
+        if atp_mode not in ATP_MODES:
+            raise ValueError(f"atp_mode must be one of {ATP_MODES}, got {atp_mode!r}")
+        if not self.atp_layers:
+            return reducers
+        clash = [v for v in self.atp_layers if reducers[v] is not None]
+        if clash:
+            raise ValueError(f"reducers at layers {clash} collide with the attached ATP modules there")
+        if atp_mode == "soft":
+            return reducers
+        spec = self.atp_spec
+        stand_in = atp_ops.ATPPrune(capacity_ratio=spec.capacity_ratio, stride=spec.stride)
+        return tuple(stand_in if i in spec.layers else red for i, red in enumerate(reducers))
+
     # -- static helpers -------------------------------------------------------------------------------
 
     def num_tokens(self, image_hw: Union[int, Sequence[int]]) -> int:
@@ -272,19 +416,22 @@ class ViT(nnx.Module):
         """One reducer (or ``None``) per block from a plain spec such as ``{"method": "tome", "r": 13}``."""
         return tuple(R.build_layer_reducers(self.config.depth, spec))
 
-    def tokens_per_layer(self, image_hw, reducers=None) -> list[tuple[int, int]]:
-        """Static ``(attention tokens, MLP tokens)`` per block."""
-        reducers = _as_reducers(reducers, self.config.depth)
+    def tokens_per_layer(self, image_hw, reducers=None, *, atp_mode: str = "hard") -> list[tuple[int, int]]:
+        """Static ``(attention tokens, MLP tokens)`` per block (attached ATP layers at their hard-mode capacity unless
+        ``atp_mode="soft"``)."""
+        reducers = self._count_reducers(_as_reducers(reducers, self.config.depth), atp_mode)
         return R.tokens_per_layer(self.num_tokens(image_hw), reducers, num_protected=self.config.num_protected,
                                   num_distill=int(self.config.distill_token))
 
     def flops(self, image_size: Union[int, Sequence[int]] = None, reducers=None) -> int:
         """Analytic FLOPs (2 x MACs) per image: patch embedding, blocks at the scheduled token counts, the
-        reducers' own cost and the head."""
+        reducers' own cost and the head (attached ATP layers counted at their hard-mode capacity, without the
+        tiny threshold MLP)."""
         cfg = self.config
         image_size = cfg.image_size if image_size is None else image_size
-        reducers = _as_reducers(reducers, cfg.depth)
-        counts = self.tokens_per_layer(image_size, reducers)
+        reducers = self._count_reducers(_as_reducers(reducers, cfg.depth), "hard")
+        counts = R.tokens_per_layer(self.num_tokens(image_size), reducers, num_protected=cfg.num_protected,
+                                    num_distill=int(cfg.distill_token))
         t = self.num_tokens(image_size)
         red_flops = []
         for (a, m), red in zip(counts, reducers):
@@ -355,7 +502,7 @@ class ViT(nnx.Module):
         return avg
 
     def __call__(self, images: jax.Array, *, reducers=None, return_source: bool = False,
-                 deterministic: bool = True, rng: Optional[jax.Array] = None):
+                 deterministic: bool = True, rng: Optional[jax.Array] = None, atp_mode: str = "hard"):
         """Forward pass.
 
         Args:
@@ -367,24 +514,48 @@ class ViT(nnx.Module):
             counts every initial token (prefix and registers included).
           deterministic: the model has no dropout; kept for API symmetry with training code.
           rng: PRNG key handed (folded with the layer index) to stochastic reducers.
+          atp_mode: only with attached ATP modules (:meth:`attach_atp`); static. ``"soft"`` (training): no token
+            is dropped; each ATP layer multiplies ``sizes`` by its soft keep mask ``m [B, T]`` (clamped to
+            ``>= 1e-6``) and every later block uses proportional attention, so ``log m`` gates the keys.
+            ``"hard"`` (inference, default): each ATP layer prunes to its static capacity with a validity mask.
 
         Returns:
           ``(out, aux)``: ``out`` = logits ``[B, num_classes]`` if the model has a head, else the pooled
           features. ``aux``: ``tokens_per_layer`` (static list of ``(attention, MLP)`` tokens), ``features``
           (pooled, pre-head), ``tokens`` (final normed ``[B, K, C]``), ``sizes`` ``[B, K]``, ``positions``,
-          ``valid`` (or ``None``) and, with ``return_source``, ``source`` ``[B, N]``.
+          ``valid`` (or ``None``) and, with ``return_source``, ``source`` ``[B, N]``. With ATP modules,
+          ``aux["atp"]`` holds one entry per ATP layer (in :attr:`atp_layers` order) in each list: soft mode
+          ``masks`` ``[B, T]`` (in ``(0, 1]``, 1 on the prefix and the spatial grid), ``thetas`` ``[B]``,
+          ``candidates`` ``[B, T]`` bool; hard mode ``thetas``, ``kept`` (valid tokens after pruning, prefix
+          included), ``kept_candidates`` and ``num_candidates`` (``[B]`` float32 each).
         """
         del deterministic
         cfg = self.config
+        if atp_mode not in ATP_MODES:
+            raise ValueError(f"atp_mode must be one of {ATP_MODES}, got {atp_mode!r}")
         reducers = _as_reducers(reducers, cfg.depth)
+        count_reducers = self._count_reducers(reducers, atp_mode)  # also rejects reducers at ATP layers
         x = self.embed(images)
         state = R.init_state(x, track_source=return_source)
         props = _prop_flags(reducers)
+        atp_layers = self.atp_layers
+        if atp_layers and atp_mode == "soft":  # later blocks see log(m) through the size bias
+            props = [on or layer > atp_layers[0] for layer, on in enumerate(props)]
+        records = []
         for layer, (blk, red) in enumerate(zip(self.blocks, reducers)):
             info = dict(layer=layer, num_layers=cfg.depth, num_protected=cfg.num_protected,
                         num_distill=int(cfg.distill_token),
                         rng=None if rng is None else jax.random.fold_in(rng, layer))
-            state = blk(state, reducer=red, info=info, prop_attn=props[layer])
+            hook = None
+            if layer in atp_layers:
+                module = self.atp[str(layer)]
+
+                def hook(st, probs, module=module):
+                    st, rec = self._atp_gate(module, st, probs, atp_mode)
+                    records.append(rec)
+                    return st
+
+            state = blk(state, reducer=red, info=info, prop_attn=props[layer], hook=hook)
         tokens = self.norm(state.x)
         features = self.pool(tokens, state)
         if self.head is None:
@@ -394,7 +565,7 @@ class ViT(nnx.Module):
         else:
             out = self.head(features)
         aux = {
-            "tokens_per_layer": R.tokens_per_layer(x.shape[1], reducers, num_protected=cfg.num_protected,
+            "tokens_per_layer": R.tokens_per_layer(x.shape[1], count_reducers, num_protected=cfg.num_protected,
                                                    num_distill=int(cfg.distill_token)),
             "features": features,
             "tokens": tokens,
@@ -404,6 +575,10 @@ class ViT(nnx.Module):
         }
         if return_source:
             aux["source"] = state.source
+        if records:
+            names = {"mask": "masks", "theta": "thetas", "candidates": "candidates", "kept": "kept",
+                     "kept_candidates": "kept_candidates", "num_candidates": "num_candidates"}
+            aux["atp"] = {names[k]: [r[k] for r in records] for k in records[0]}
         return out, aux
 
 
@@ -414,16 +589,18 @@ def _hw(image_hw) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def make_forward(model: ViT, reducers=None, *, return_source: bool = False):
+def make_forward(model: ViT, reducers=None, *, return_source: bool = False, atp_mode: str = "hard"):
     """Jitted ``fn(images) -> (out, aux)`` for eval and benchmarks.
 
     The model is split once (``graphdef, state = nnx.split(model)``); the pure function merges it inside
     ``jax.jit`` with the reducers closed over as static values. ``aux["tokens_per_layer"]`` is added back
     outside the jit as plain Python ints. ``fn.num_traces()`` reports how often the function was traced
     (new data of the same shape must not retrace). Parameters are captured at call time of
-    ``make_forward``; call it again after changing the model.
+    ``make_forward``; call it again after changing the model. ``atp_mode`` is passed to :meth:`ViT.__call__`.
     """
     reducers = _as_reducers(reducers, model.config.depth)
+    if atp_mode not in ATP_MODES:
+        raise ValueError(f"atp_mode must be one of {ATP_MODES}, got {atp_mode!r}")
     graphdef, params = nnx.split(model)
     traces = [0]
 
@@ -431,14 +608,14 @@ def make_forward(model: ViT, reducers=None, *, return_source: bool = False):
     def pure(params, images):
         traces[0] += 1
         m = nnx.merge(graphdef, params)
-        out, aux = m(images, reducers=reducers, return_source=return_source)
+        out, aux = m(images, reducers=reducers, return_source=return_source, atp_mode=atp_mode)
         aux = dict(aux)
         aux.pop("tokens_per_layer")
         return out, aux
 
     def fn(images):
         out, aux = pure(params, images)
-        aux["tokens_per_layer"] = model.tokens_per_layer(images.shape[1:3], reducers)
+        aux["tokens_per_layer"] = model.tokens_per_layer(images.shape[1:3], reducers, atp_mode=atp_mode)
         return out, aux
 
     fn.num_traces = lambda: traces[0]
@@ -446,4 +623,4 @@ def make_forward(model: ViT, reducers=None, *, return_source: bool = False):
     return fn
 
 
-__all__ = ["ViT", "ViTConfig", "Block", "VARIANTS", "parse_variant", "vit_config", "make_forward"]
+__all__ = ["ViT", "ViTConfig", "ATPSpec", "Block", "VARIANTS", "parse_variant", "vit_config", "make_forward"]

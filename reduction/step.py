@@ -11,6 +11,9 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
   destination token for merging); positions and validity are taken from it.
 * ``merges`` (static) says whether several inputs may share one slot. Pruning steps (``merges=False``)
   are applied as a gather of ``anchor``; merging steps as a size-weighted segment sum over ``assign``.
+* ``movers`` (optional, ``[B, T - K]``) lists the input tokens that are not anchors, in any order. A plan
+  that knows them (ToMe: the ``r`` merged sources) passes them so the merge skips finding them with a
+  sort; without it :func:`apply_step` derives them from ``anchor``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,14 @@ from reduction.validate import check_rank
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ReductionStep:
-    """``assign: [B, T] int32``, ``anchor: [B, K] int32``; ``num_out`` (= K) and ``merges`` static."""
+    """``assign: [B, T] int32``, ``anchor: [B, K] int32``, optional ``movers: [B, T - K] int32``;
+    ``num_out`` (= K) and ``merges`` static."""
 
     assign: jax.Array
     anchor: jax.Array
     num_out: int = dataclasses.field(metadata=dict(static=True))
     merges: bool = dataclasses.field(metadata=dict(static=True))
+    movers: Optional[jax.Array] = None
 
     @property
     def num_in(self) -> int:
@@ -61,13 +66,30 @@ def prune_step(keep_idx: jax.Array, num_tokens: int) -> ReductionStep:
     return ReductionStep(assign=assign, anchor=keep_idx, num_out=k, merges=False)
 
 
-def merge_step(assign: jax.Array, anchor: jax.Array) -> ReductionStep:
-    """Merging step from an assignment ``[B, T]`` (slot or ``-1``) and anchors ``[B, K]``."""
+def merge_step(assign: jax.Array, anchor: jax.Array, movers: Optional[jax.Array] = None) -> ReductionStep:
+    """Merging step from an assignment ``[B, T]`` (slot or ``-1``), anchors ``[B, K]`` and, optionally,
+    the non-anchor tokens ``movers: [B, T - K]`` (see :class:`ReductionStep`)."""
     check_rank(assign, 2, "assign")
     check_rank(anchor, 2, "anchor")
+    if movers is not None:
+        check_rank(movers, 2, "movers")
+        expected = (assign.shape[0], assign.shape[1] - anchor.shape[1])
+        if tuple(movers.shape) != expected:
+            raise ValueError(f"movers must have shape {expected} ([B, T - K]), got {tuple(movers.shape)}")
+        movers = movers.astype(jnp.int32)
     return ReductionStep(
-        assign=assign.astype(jnp.int32), anchor=anchor.astype(jnp.int32), num_out=anchor.shape[1], merges=True
+        assign=assign.astype(jnp.int32), anchor=anchor.astype(jnp.int32), num_out=anchor.shape[1], merges=True,
+        movers=movers,
     )
+
+
+def _movers(step: ReductionStep) -> jax.Array:
+    """The ``[B, T - K]`` non-anchor tokens of a step (given by the plan, or found with a stable sort)."""
+    if step.movers is not None:
+        return step.movers
+    t, k = step.num_in, step.num_out
+    is_anchor = jax.vmap(lambda a: jnp.zeros((t,), bool).at[a].set(True))(step.anchor)
+    return jnp.argsort(is_anchor, axis=1, stable=True)[:, : t - k]
 
 
 def _take(arr: jax.Array, idx: jax.Array) -> jax.Array:
@@ -76,43 +98,34 @@ def _take(arr: jax.Array, idx: jax.Array) -> jax.Array:
     return jnp.take_along_axis(arr, idx, axis=1)
 
 
-def _segment_sum(values: jax.Array, assign: jax.Array, num_out: int) -> jax.Array:
-    """Per-example segment sum of ``values: [B, T, ...]`` into ``num_out`` slots; ``-1`` is discarded.
-
-    One flat ``segment_sum`` over ``B * T`` rows (example ``b`` owns segments ``b * (K + 1) ...``),
-    which XLA's CPU backend runs faster than a vmapped per-example scatter.
-    """
-    b, t = assign.shape
-    slots = jnp.where(assign < 0, num_out, assign) + (num_out + 1) * jnp.arange(b, dtype=assign.dtype)[:, None]
-    flat = values.reshape((b * t,) + values.shape[2:])
-    out = jax.ops.segment_sum(flat, slots.reshape(-1), num_segments=b * (num_out + 1), indices_are_sorted=False)
-    return out.reshape((b, num_out + 1) + values.shape[2:])[:, :num_out]
-
-
 def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tuple[jax.Array, jax.Array]:
     """Size-weighted merge ``x: [B, T, C], weights: [B, T] -> ([B, K, C], [B, K])``.
 
     Every slot has exactly one anchor, so only the ``T - K`` non-anchor tokens need a scatter: the anchors
-    are gathered (cheap) and the others are segment-summed onto them. On CPU this is several times faster
-    than scattering all ``T`` rows, since a ToMe layer moves only ``r`` of them. A slot holding only its
+    are gathered and the others are scatter-added onto them in place (``mode="drop"`` discards tokens whose
+    slot is ``-1``). Inside a compiled ViT this is several times cheaper than a segment sum into a fresh
+    zero buffer of all ``K`` slots, since a ToMe layer moves only ``r`` rows. A slot holding only its
     anchor keeps the anchor's features bit for bit (no multiply-then-divide rounding), so protected and
     unmerged tokens pass through unchanged. Requires ``assign[b, anchor[b, k]] == k`` (every constructor
     here guarantees it).
     """
-    b, t = step.assign.shape
     k = step.num_out
-    is_anchor = jax.vmap(lambda a: jnp.zeros((t,), bool).at[a].set(True))(step.anchor)
-    others = jnp.argsort(is_anchor, axis=1, stable=True)[:, : t - k]          # [B, T - K] non-anchors
+    others = _movers(step)                                                     # [B, T - K] non-anchors
     other_slot = jnp.take_along_axis(step.assign, others, axis=1)
+    other_slot = jnp.where(other_slot < 0, k, other_slot)                      # out of range: dropped
     other_w = jnp.take_along_axis(weights, others, axis=1)
     other_mass = _take(x, others).astype(jnp.float32) * other_w[..., None]
     anchor_x = _take(x, step.anchor)
     anchor_w = _take(weights, step.anchor)
-    mass = anchor_x.astype(jnp.float32) * anchor_w[..., None] + _segment_sum(other_mass, other_slot, k)
-    sizes = anchor_w + _segment_sum(other_w, other_slot, k)
-    joined = _segment_sum(jnp.ones(other_slot.shape, jnp.int32), other_slot, k)
+
+    def add_rows(base, slot, rows):
+        return base.at[slot].add(rows, mode="drop")
+
+    mass = jax.vmap(add_rows)(anchor_x.astype(jnp.float32) * anchor_w[..., None], other_slot, other_mass)
+    sizes = jax.vmap(add_rows)(anchor_w, other_slot, other_w)
+    joined = jax.vmap(lambda slot: jnp.zeros((k,), bool).at[slot].set(True, mode="drop"))(other_slot)
     merged = (mass / jnp.maximum(sizes, jnp.finfo(jnp.float32).tiny)[..., None]).astype(x.dtype)
-    return jnp.where((joined == 0)[..., None], anchor_x, merged), sizes
+    return jnp.where(joined[..., None], merged, anchor_x), sizes
 
 
 def remap_source(source: Optional[jax.Array], assign: jax.Array) -> Optional[jax.Array]:

@@ -91,7 +91,7 @@ def _output_layout(n_unm: int, nb: int, distill_token: bool) -> np.ndarray:
 
 
 def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: bool):
-    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r]``."""
+    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r], movers [r]``."""
     t = metric.shape[0]
     m = cosine_normalize(jax.lax.stop_gradient(metric))
     a, b = m[0::2], m[1::2]
@@ -117,6 +117,9 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     hit = (~merged)[None, :] & (slot_a[None, :] == jnp.arange(n_unm, dtype=jnp.int32)[:, None])
     unm_tok = jnp.sum(jnp.where(hit, 2 * jnp.arange(na, dtype=jnp.int32), 0), axis=-1)
     anchor_base = jnp.concatenate([unm_tok, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
+    # The r merged sources (the non-anchors), in rank order.
+    top = rank[None, :] == jnp.arange(r, dtype=jnp.int32)[:, None]
+    movers = jnp.sum(jnp.where(top, 2 * jnp.arange(na, dtype=jnp.int32), 0), axis=-1)
 
     layout = _output_layout(n_unm, nb, distill_token)
     slot_a = jnp.asarray(layout)[slot_a]
@@ -126,7 +129,7 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     assign = jnp.stack([slot_a[:nb], slot_b], axis=-1).reshape(-1)
     if na > nb:
         assign = jnp.concatenate([assign, slot_a[nb:]])
-    return assign, anchor
+    return assign, anchor, movers
 
 
 def bipartite_soft_matching(
@@ -141,8 +144,8 @@ def bipartite_soft_matching(
     r = tome_clamp(t, r, protected)
     if r == 0:
         return identity_step(bsz, t)
-    assign, anchor = jax.vmap(lambda m: _bipartite_one(m, r, class_token, distill_token))(metric)
-    return merge_step(assign, anchor)
+    assign, anchor, movers = jax.vmap(lambda m: _bipartite_one(m, r, class_token, distill_token))(metric)
+    return merge_step(assign, anchor, movers)
 
 
 # -- variants --------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ party port does) uses every head; ``"max_var"`` uses only the highest-variance h
 Open choices and their defaults: similarity metric = keys averaged over heads (``LayerInfo.metric``;
 **guess**, a third-party port averages; ``metric="keys"`` uses the concatenated keys); Sequential-U A-group
 size ``floor(n / 2)`` of the ``n`` unprotected tokens (**guess** for odd ``n``); ``renormalize=True``
-(**guess**, the simplest faithful reading); ties are broken by lower index everywhere (stable sorts);
+(**guess**, the simplest faithful reading; a graph that keeps every token is the block's attention itself,
+whose rows already sum to one, so no re-normalisation is computed for it); ties are broken by lower index everywhere (stable sorts);
 protected tokens (class, distillation, registers: the first ``P``) are never candidates in any stage and
 the class token is token 0.
 
@@ -49,7 +50,7 @@ from reduction import flops as flops_lib
 from reduction.reducers import ATTENTION, KEYS, METRIC, LayerInfo, Reducer, register
 from reduction.schedule import keep_count
 from reduction.state import TokenState
-from reduction.step import ReductionStep, apply_step, compose_steps, identity_step, prune_step
+from reduction.step import ReductionStep, apply_step, identity_step, prune_step
 from reduction.tome import cosine_normalize
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
 
@@ -60,15 +61,6 @@ _TINY = 1e-30
 
 
 # -- WPR and head aggregation (per example) ------------------------------------------------------------
-
-
-def _restrict(attn: jax.Array, mask: jax.Array, renormalize: bool) -> jax.Array:
-    """Zero the rows and columns of tokens outside ``mask`` (``[H, T, T]``, ``[T]``); re-normalise rows."""
-    m = mask.astype(jnp.float32)
-    a = attn * m[None, :, None] * m[None, None, :]
-    if renormalize:
-        a = a / jnp.maximum(jnp.sum(a, axis=-1, keepdims=True), _TINY)
-    return a
 
 
 def _initial(mask: jax.Array, init: str, heads: int) -> jax.Array:
@@ -85,13 +77,24 @@ def _initial(mask: jax.Array, init: str, heads: int) -> jax.Array:
 def wpr_per_head(attn: jax.Array, mask: jax.Array, *, iterations: int, init: str = "cls_boost",
                  renormalize: bool = True) -> jax.Array:
     """Weighted PageRank of one example: ``attn: [H, T, T]`` probabilities (row = query), ``mask: [T]``
-    -> ``[H, T]`` float32 scores after ``iterations`` steps of ``s <- A^T s`` (mass-preserving when rows
-    sum to one). Tokens outside ``mask`` neither vote nor receive votes."""
-    a = _restrict(attn.astype(jnp.float32), mask, renormalize)
+    -> ``[H, T]`` float32 scores after ``iterations`` steps of ``s <- A'^T s`` (mass-preserving when rows
+    sum to one). Tokens outside ``mask`` neither vote nor receive votes.
+
+    ``A'`` is ``A`` restricted to the rows and columns in ``mask``, each row divided by the mass it keeps
+    when ``renormalize``. It is never materialised: with ``m`` the mask and ``rho = A m`` the kept row
+    mass, ``A'^T s = m * (A^T (s * m / rho))``, so each step reads ``A`` once and nothing is copied.
+    """
+    a = attn.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    if renormalize:
+        kept_mass = jnp.einsum("hij,j->hi", a, m, precision=jax.lax.Precision.HIGHEST)     # [H, T]
+        weight = m / jnp.maximum(kept_mass, _TINY)
+    else:
+        weight = jnp.broadcast_to(m, a.shape[:2])
     s = _initial(mask, init, a.shape[0])
 
     def step(_, s):
-        return jnp.einsum("hij,hi->hj", a, s, precision=jax.lax.Precision.HIGHEST)
+        return m * jnp.einsum("hij,hi->hj", a, s * weight, precision=jax.lax.Precision.HIGHEST)
 
     return jax.lax.fori_loop(0, iterations, step, s)
 
@@ -155,16 +158,22 @@ def split_counts(num_tokens: int, remove: int, *, num_protected: int = 1,
     return r_s, remove - r_s
 
 
-def _importance(attn, mask, iterations, cfg: ZeroTPruneConfig):
-    s = wpr_per_head(attn, mask, iterations=iterations, init=cfg.init, renormalize=cfg.renormalize)
+def _importance(attn, mask, iterations, cfg: ZeroTPruneConfig, full_graph: bool = False):
+    """EIR/VHF importance ``[T]`` after ``iterations`` WPR steps on the graph restricted to ``mask``.
+
+    ``full_graph`` (static) says the mask keeps every token, so the graph is the block's whole attention whose
+    rows already sum to one: the re-normalisation is then skipped (it would divide by one up to rounding)."""
+    s = wpr_per_head(attn, mask, iterations=iterations, init=cfg.init,
+                     renormalize=cfg.renormalize and not full_graph)
     return eir_vhf(s, mask, v_min=cfg.v_min, v_max=cfg.v_max, var_scale=cfg.var_scale, fallback=cfg.fallback)
 
 
-def _s_stage_one(attn, metric, valid, r_s: int, num_protected: int, cfg: ZeroTPruneConfig):
-    """``attn: [H, T, T], metric: [T, Cm], valid: [T]`` -> kept indices ``[T - r_s]`` ascending."""
+def _s_stage_one(attn, metric, valid, r_s: int, num_protected: int, cfg: ZeroTPruneConfig, all_valid: bool):
+    """``attn: [H, T, T], metric: [T, Cm], valid: [T]`` -> survivors ``[T]`` bool (``r_s`` of the
+    unprotected tokens are False). ``all_valid`` (static): no padding."""
     t = metric.shape[0]
     n = t - num_protected
-    imp = _importance(attn, valid, cfg.preview_iterations, cfg)[num_protected:]      # [n]
+    imp = _importance(attn, valid, cfg.preview_iterations, cfg, full_graph=all_valid)[num_protected:]  # [n]
     order = jnp.argsort(-imp, stable=True) + num_protected                           # most important first
     n_a = n // 2
     b_idx, a_idx = order[: n - n_a], order[n - n_a:]
@@ -173,18 +182,25 @@ def _s_stage_one(attn, metric, valid, r_s: int, num_protected: int, cfg: ZeroTPr
     best = jnp.max(jnp.where(valid[b_idx][None, :], sim, -jnp.inf), axis=-1)
     best = jnp.where(jnp.isnan(best), -jnp.inf, best)
     best = jnp.where(valid[a_idx], best, jnp.inf)                                    # padding goes first
-    drop = a_idx[jnp.argsort(-best, stable=True)[:r_s]]
-    keep = jnp.ones((t,), bool).at[drop].set(False)
-    return jnp.nonzero(keep, size=t - r_s)[0].astype(jnp.int32)
+    drop = a_idx[jax.lax.top_k(best, r_s)[1]]
+    return jnp.ones((t,), bool).at[drop].set(False)
 
 
-def _i_stage_one(attn, valid, r_i: int, num_protected: int, cfg: ZeroTPruneConfig):
-    """``attn: [H, T', T']`` (already cut) -> kept indices ``[T' - r_i]`` ascending."""
+def _i_stage_one(attn, valid, survivors, keep: int, num_protected: int, cfg: ZeroTPruneConfig,
+                 full_graph: bool = False):
+    """``attn: [H, T, T]`` (the whole graph), ``valid, survivors: [T]`` -> kept indices ``[keep]``
+    ascending.
+
+    The graph is the block's attention restricted to the S-stage survivors (never cut out as a copy:
+    :func:`wpr_per_head` masks it). Tokens dropped by the S-stage rank below everything; invalid survivors
+    rank just above them, so they are the first of the survivors to go, as when the graph is cut.
+    """
     t = attn.shape[-1]
-    imp = _importance(attn, valid, cfg.iterations, cfg)
+    imp = _importance(attn, valid & survivors, cfg.iterations, cfg, full_graph=full_graph)
+    imp = jnp.where(valid, imp, jnp.finfo(jnp.float32).min)
+    imp = jnp.where(survivors, imp, -jnp.inf)
     imp = jnp.where(jnp.arange(t) < num_protected, jnp.inf, imp)
-    keep = jnp.argsort(-imp, stable=True)[: t - r_i]
-    return jnp.sort(keep).astype(jnp.int32)
+    return jnp.sort(jax.lax.top_k(imp, keep)[1]).astype(jnp.int32)
 
 
 def zerotprune_step(attention: jax.Array, metric: jax.Array, *, r_similarity: int, r_importance: int,
@@ -217,6 +233,7 @@ def zerotprune_step(attention: jax.Array, metric: jax.Array, *, r_similarity: in
         raise ValueError(f"r_similarity={r_s} exceeds half of the {n} unprotected tokens")
     if r_s + r_i > n:
         raise ValueError(f"r_similarity + r_importance = {r_s + r_i} exceeds the {n} unprotected tokens")
+    all_valid = valid is None
     if valid is None:
         valid = jnp.ones((b, t), bool)
     else:
@@ -225,17 +242,20 @@ def zerotprune_step(attention: jax.Array, metric: jax.Array, *, r_similarity: in
         valid = valid.astype(bool)
     attention = jax.lax.stop_gradient(attention).astype(jnp.float32)
 
-    step = identity_step(b, t)
+    if r_s + r_i == 0:
+        return identity_step(b, t)
     if r_s > 0:
-        keep_s = jax.vmap(lambda a, m, v: _s_stage_one(a, m, v, r_s, num_protected, config))(attention, metric, valid)
-        step = prune_step(keep_s, t)
-    if r_i > 0:
-        keep_s = step.anchor
-        cut = jax.vmap(lambda a, k: a[:, k][:, :, k])(attention, keep_s)             # [B, H, T', T']
-        valid_s = jnp.take_along_axis(valid, keep_s, axis=1)
-        keep_i = jax.vmap(lambda a, v: _i_stage_one(a, v, r_i, num_protected, config))(cut, valid_s)
-        step = compose_steps(step, prune_step(keep_i, t - r_s))
-    return step
+        survivors = jax.vmap(lambda a, m, v: _s_stage_one(a, m, v, r_s, num_protected, config, all_valid))(
+            attention, metric, valid)
+    else:
+        survivors = jnp.ones((b, t), bool)
+    if r_i == 0:
+        keep = jax.vmap(lambda s: jnp.nonzero(s, size=t - r_s)[0].astype(jnp.int32))(survivors)
+    else:
+        full = all_valid and r_s == 0
+        keep = jax.vmap(lambda a, v, s: _i_stage_one(a, v, s, t - r_s - r_i, num_protected, config, full))(
+            attention, valid, survivors)
+    return prune_step(keep, t)
 
 
 def zerotprune(state: TokenState, attention: jax.Array, metric: jax.Array, *, r_similarity: int,

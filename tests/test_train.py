@@ -270,9 +270,13 @@ def test_vlm_connector_training_only_moves_the_projector(tmp_path):
     assert all(np.isfinite(h["loss"]) for h in tr.history if "loss" in h)
 
 
-def test_atp_preset_raises_a_clear_error(tmp_path):
-    with pytest.raises(NotImplementedError, match="atp_threshold"):
-        train.Trainer(configs.load_config("atp_threshold", ["train.progress=False"]), tmp_path).train()
+def test_atp_preset_builds_a_vit_with_atp_and_its_task():
+    """The atp_threshold preset is runnable now (training itself: tests/test_atp_training.py)."""
+    cfg = configs.load_config("atp_threshold")
+    model = train.build_model(cfg)
+    assert model.atp_layers == (1,) and model.tokens_per_layer(28)[1] == (50, 35)
+    task = train.make_task(cfg, model)
+    assert isinstance(task, train.ATPClassificationTask) and task.layers == (1,)
 
 
 def test_pretrained_run_loads_every_parameter(reference_run):
