@@ -140,7 +140,8 @@ def attach_atp_from_config(model, cfg):
     layers = tuple(int(v) for v in a.layers)
     model.attach_atp(layers, capacity_ratio=float(a.capacity_ratio), stride=int(a.stride), hidden=int(a.hidden),
                      temperature=float(a.temperature), init_theta=float(a.init_theta),
-                     self_weight=float(a.self_weight), rngs=nnx.Rngs(int(cfg.seed) + 1))
+                     self_weight=float(a.self_weight), straight_through=bool(_get(a, "straight_through", False)),
+                     rngs=nnx.Rngs(int(cfg.seed) + 1))
     log.info("attached ATP threshold modules at layers %s (capacity_ratio %.2f, stride %d)", layers,
              float(a.capacity_ratio), int(a.stride))
     return model

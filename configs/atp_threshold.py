@@ -14,14 +14,17 @@ train (``optim.trainable`` becomes ``("^atp/",)``, recorded in ``config.json``),
 ``model.atp.train_backbone=yes`` fine-tunes the backbone too from a pretrained run, ``=no`` freezes it even from
 scratch; an explicit ``optim.trainable=...`` always wins.
 
-What runs: one ATP module after the attention of block 1 of the 4-block ViT (50 tokens: class token + 7x7
+What runs: one ATP module after the attention of block 1 of the 4-block ViT (17 tokens: class token + 4x4
 patches; ``model.atp.layers=(1,2)`` adds block 2). Training uses soft masks (no token dropped; the later blocks
 gate keys with ``log m``) and minimises ``CE + budget_weight * |mean soft kept fraction - target_keep|`` per ATP
-layer. The budget term is normalised by the candidate count (49 patches), i.e. it is a kept *fraction*, so
+layer. The budget term is normalised by the candidate count (16 patches), i.e. it is a kept *fraction*, so
 ``budget_weight=2`` makes one point of keep ratio cost 0.02 nats, far above the CE gain of keeping a few more
-tokens. Evaluation prunes hard to the static capacity ``1 + floor(49 * 0.7) = 35`` tokens with a validity mask
+tokens. Evaluation prunes hard to the static capacity ``1 + floor(16 * 0.7) = 12`` tokens with a validity mask
 (an instance keeps fewer when fewer patches pass its threshold) and logs ``eval_kept_ratio_L1``. The threshold
 MLP's updates are scaled by ``lr_scale`` (it has to move the threshold logit by O(1) in a few hundred steps).
+Measured with the pretrained backbone: soft kept fraction 0.500, hard kept 0.467, 64.3% test accuracy under
+hard pruning (unreduced 88.15%); ``model.atp.straight_through=True`` trains with the hard gate (see
+docs/training.md for the table and what it means).
 """
 
 import ml_collections
@@ -39,6 +42,7 @@ def get_config():
         stride=4,               # spatial grid of always-kept patches (0 = none)
         hidden=16,              # threshold MLP width
         temperature=10.0,       # soft mask sigmoid((score - theta) * temperature)
+        straight_through=False, # True: forward gates with the hard keep set, gradients through the soft mask
         init_theta=0.3,         # initial threshold
         self_weight=0.5,        # score = w * self + (1 - w) * cross (class token)
         target_keep=0.5,        # budget: kept fraction of the 49 patch candidates

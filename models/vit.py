@@ -241,12 +241,14 @@ class ATPSpec:
 
     ``layers``: blocks whose after-attention point runs an ATP module; ``capacity_ratio``: hard-mode static capacity
     ``keep_count(T, capacity_ratio, protected=num_protected)`` at that layer's token count ``T``; ``stride``: spatial
-    grid of always-kept patches (:func:`reduction.atp.spatial_grid_mask`, 0 = none).
+    grid of always-kept patches (:func:`reduction.atp.spatial_grid_mask`, 0 = none); ``straight_through``: soft
+    mode gates with the hard 0/1 keep set in the forward pass and takes gradients through the soft mask.
     """
 
     layers: tuple[int, ...]
     capacity_ratio: float
     stride: int
+    straight_through: bool = False
 
     def capacity(self, num_tokens: int, num_protected: int) -> int:
         return keep_count(num_tokens, self.capacity_ratio, protected=num_protected)
@@ -307,7 +309,7 @@ class ViT(nnx.Module):
 
     def attach_atp(self, layers: Sequence[int], *, capacity_ratio: float, stride: int = 4, hidden: int = 16,
                    temperature: float = 10.0, init_theta: float = 0.3, self_weight: float = 0.5,
-                   rngs: Optional[nnx.Rngs] = None, seed: int = 0) -> "ViT":
+                   straight_through: bool = False, rngs: Optional[nnx.Rngs] = None, seed: int = 0) -> "ViT":
         """Attach one trainable :class:`reduction.nnx.ATPModule` per entry of ``layers`` (block indices).
 
         The modules go to ``self.atp`` (``nnx.Dict`` keyed ``str(layer)``; parameter paths ``atp/<layer>/...``, so
@@ -315,7 +317,10 @@ class ViT(nnx.Module):
         :meth:`__call__`, ``atp_mode``). ``capacity_ratio`` in (0, 1] sets the hard-mode static capacity
         ``keep_count(T, capacity_ratio, protected=num_protected)`` at that layer's ``T``; ``stride`` the always-kept
         spatial grid over the patches (0 = none). ``hidden``, ``temperature``, ``init_theta`` and ``self_weight``
-        go to the modules. Replaces previously attached modules. Returns ``self``.
+        go to the modules. ``straight_through=True`` makes the soft (training) mode gate with the hard keep set
+        ``score > theta`` in the forward pass (what inference does) while gradients flow through the soft mask
+        (``hard + soft - stop_gradient(soft)``), which closes the gap between soft-mode training and hard-mode
+        evaluation. Replaces previously attached modules. Returns ``self``.
         """
         cfg = self.config
         if not cfg.class_token:
@@ -335,7 +340,8 @@ class ViT(nnx.Module):
         from reduction.nnx import ATPModule
 
         rngs = rngs if rngs is not None else nnx.Rngs(seed)
-        spec = ATPSpec(layers=layers, capacity_ratio=float(capacity_ratio), stride=int(stride))
+        spec = ATPSpec(layers=layers, capacity_ratio=float(capacity_ratio), stride=int(stride),
+                       straight_through=bool(straight_through))
         t = self.num_tokens(cfg.image_size)  # capacity at the configured resolution (informational in the module)
         self.atp = nnx.Dict({
             str(v): ATPModule(capacity=spec.capacity(t, cfg.num_protected), hidden=int(hidden),
@@ -369,7 +375,13 @@ class ViT(nnx.Module):
         n_cand = jnp.sum(cand, axis=-1).astype(jnp.float32)
         if mode == "soft":
             m = atp_ops.soft_keep_mask(score, theta, temperature=module.temperature, forced=grid, candidates=cand)
-            state = state.replace(sizes=state.sizes * jnp.maximum(m, 1e-6))
+            if spec.straight_through:
+                hard = atp_ops.hard_keep_mask(score, theta, forced=grid, candidates=cand).astype(jnp.float32)
+                m = hard + (m - jax.lax.stop_gradient(m))          # forward value exactly the 0/1 set
+            # Clamp to 1e-6 in the forward pass only: the gradient still reaches m where the clamp is active (the
+            # straight-through 0s), and d(attention)/dm stays finite, as in a mask applied inside the softmax.
+            gate = m + jax.lax.stop_gradient(jnp.maximum(m, 1e-6) - m)
+            state = state.replace(sizes=state.sizes * gate)
             return state, {"mask": m, "theta": theta, "candidates": cand}
         prefix = jnp.arange(t) < p
         forced = (prefix | grid) if state.valid is None else (prefix | grid) & state.valid

@@ -192,6 +192,31 @@ def test_budget_and_task_gradients_reach_the_atp_parameters():
         assert sum(float(jnp.sum(jnp.abs(v))) for v in g) > 1e-6, fn.__name__
 
 
+def test_straight_through_soft_mode_gates_like_hard_mode_with_soft_gradients():
+    model = ViT.from_config(ARCH, seed=0)
+    _randomize(model, 0)
+    model.attach_atp([LAYER], capacity_ratio=1.0, stride=STRIDE, straight_through=True, seed=0)
+    x = images()
+    soft_out, soft = make_forward(model, atp_mode="soft")(x)
+    hard_out, hard = make_forward(model, atp_mode="hard")(x)
+    m = np.asarray(soft["atp"]["masks"][0])
+    assert set(np.unique(m)) <= {0.0, 1.0} and 0 < m.sum() < m.size           # a real 0/1 keep set
+    # the forward gate is the hard keep set: same kept count as hard mode (capacity = every token)
+    np.testing.assert_array_equal(m.sum(-1), np.asarray(hard["atp"]["kept"]).reshape(-1))
+    np.testing.assert_allclose(np.asarray(soft["sizes"]), np.maximum(m, 1e-6), rtol=1e-6)
+    # dropped tokens get a 1e-6 key weight, so the logits match hard pruning closely
+    np.testing.assert_allclose(np.asarray(soft_out), np.asarray(hard_out), atol=1e-3)
+    graphdef, p, rest = _split(model)
+
+    def budget(p):
+        aux = _soft(graphdef, p, rest, x)[1]["atp"]
+        return atp.budget_loss(aux["masks"][0], 5.0, candidates=aux["candidates"][0])
+
+    g = jax.tree.leaves(jax.jit(jax.grad(budget))(p))
+    assert all(np.all(np.isfinite(np.asarray(v))) for v in g)
+    assert sum(float(jnp.sum(jnp.abs(v))) for v in g) > 1e-6
+
+
 def test_budget_only_steps_move_the_soft_kept_count_to_the_target():
     model = atp_model(init_theta=0.3)
     graphdef, p, rest = _split(model)
