@@ -61,6 +61,22 @@ def vit_block(p, x, heads):
     return x + jax.nn.gelu(_ln(x, *p["ln2"]) @ p["fc1"], approximate=False) @ p["fc2"]
 
 
+def vit_block_probs(p, x, heads):
+    """The block a Zero-TPrune layer runs in: explicit softmax probabilities (the reducer needs them), then
+    ``(x after attention [B, T, C], probs [B, H, T, T], keys averaged over heads [B, T, Dh])``."""
+    b, t, c = x.shape
+    qkv = _ln(x, *p["ln1"]) @ p["qkv"]
+    q, k, v = jnp.split(qkv.reshape(b, t, 3 * heads, c // heads), 3, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (c // heads) ** -0.5
+    probs = jax.nn.softmax(logits, axis=-1)
+    x = x + jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, c) @ p["proj"]
+    return x, probs, k.mean(axis=2)
+
+
+def vit_mlp(p, x):
+    return x + jax.nn.gelu(_ln(x, *p["ln2"]) @ p["fc1"], approximate=False) @ p["fc2"]
+
+
 def decoder_layer(p, x, heads):
     b, t, c = x.shape
     qkv = _rms(x, p["n1"]) @ p["qkv"]
@@ -131,6 +147,30 @@ def main(argv=None):
                 "dart_vit": (state, metric)}
     vit_ms, vit_ratio = timeit(vit_ops, vit_args, repeats)
 
+    # ---- Zero-TPrune inside the block it runs in (one jit): attention with explicit probabilities, the
+    # pruning step on those probabilities, the MLP on the kept tokens. The same block that keeps the first K
+    # tokens instead (a free selection, same MLP work) isolates the step's in-model cost:
+    # (block+zerotprune - block+first_K) / fused-attention block.
+    def in_block(iters):
+        cfg = ZeroTPruneConfig(iterations=iters)
+
+        def fn(x):
+            y, probs, km = vit_block_probs(vp, x, heads)
+            if iters == -1:
+                return vit_mlp(vp, y)
+            if iters == -2:
+                return vit_mlp(vp, y[:, :keep])
+            st = R.zerotprune(R.init_state(y), probs, km, r_similarity=r_s, r_importance=r_i, config=cfg)
+            return vit_mlp(vp, st.x)
+
+        return jax.jit(fn)
+
+    fused_ops = {"vit_block": vit_ops["vit_block"], "probs_block": in_block(-1), "probs_block+first_K": in_block(-2),
+                 "probs_block+zerotprune_10it": in_block(10), "probs_block+zerotprune_30it": in_block(30)}
+    fused_ms, fused_ratio = timeit(fused_ops, {k: (x,) for k in fused_ops}, repeats)
+    in_model = {f"zerotprune_{n}it": fused_ratio[f"probs_block+zerotprune_{n}it"] - fused_ratio["probs_block+first_K"]
+                for n in (10, 30)}
+
     # ---- decoder layer and the LLM-side selections
     bl, img, txt, cl, hl, ml = (1, 48, 16, 128, 4, 256) if args.quick else (1, 576, 64, 1024, 16, 2816)
     tl = img + txt
@@ -161,6 +201,8 @@ def main(argv=None):
                     "devices": [str(d) for d in jax.devices()]},
         "vit": {"shapes": dict(B=b, T=t, C=c, H=heads, mlp=mlp, keep=keep, r_similarity=r_s, r_importance=r_i),
                 "median_ms": vit_ms, "ratio_to_block": vit_ratio,
+                "in_block_median_ms": fused_ms, "in_block_ratio_to_block": fused_ratio,
+                "in_model_step_ratio_to_block": in_model,
                 "target_zerotprune_le": 0.10},
         "llm": {"shapes": dict(B=bl, T=tl, image=img, text=txt, C=cl, H=hl, mlp=ml, budget=budget,
                                kept=R.dart_kept_per_image(img, budget)),
@@ -168,6 +210,11 @@ def main(argv=None):
     }
     for k, v in vit_ms.items():
         print(f"vit  {k:18s} {v:9.3f} ms" + ("" if k == "vit_block" else f"   {vit_ratio[k]:6.3f} x block"))
+    for k, v in fused_ms.items():
+        if k != "vit_block":
+            print(f"vit  {k:28s} {v:9.3f} ms   {fused_ratio[k]:6.3f} x fused-attention block")
+    for k, v in in_model.items():
+        print(f"vit  {k} in the block (minus the same block keeping the first K): {v:6.3f} x block")
     for k, v in llm_ms.items():
         print(f"llm  {k:18s} {v:9.3f} ms" + ("" if k == "decoder_layer" else f"   {llm_ratio[k]:6.3f} x layer"))
     out = pathlib.Path(args.out)
