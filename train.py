@@ -44,6 +44,7 @@ from flax import nnx
 
 import configs
 from models import data as data_lib
+from models.run_params import flat_paths
 
 log = logging.getLogger("tokenreduce.train")
 
@@ -183,29 +184,14 @@ def load_params_from_run(model: nnx.Module, path: str) -> None:
 
     Leaves whose shape differs (e.g. a new head) keep their fresh initialisation and are logged.
     """
-    import orbax.checkpoint as ocp
+    from models.run_params import copy_matching_params, latest_run_params
 
-    p = pathlib.Path(path)
-    p = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-    mgr = ocp.CheckpointManager(p.resolve(), item_names=("state", "data_iter", "meta"))
-    step = mgr.latest_step()
+    p, step, src = latest_run_params(path)
     if step is None:
         raise CheckpointError(f"model.pretrained={path!r}: no checkpoint found in {str(p)!r}")
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    # nnx states restore as {..., "kernel": {"value": array}}: drop the trailing "/value" of each key.
-    src = {k[: -len("/value")] if k.endswith("/value") else k: v for k, v in _flat(restored["params"]).items()}
-    params = nnx.state(model, nnx.Param)
-    flat = nnx.to_flat_state(params)
-    skipped = []
-    for path_, var in flat:
-        key = "/".join(str(k) for k in path_)
-        if key in src and tuple(src[key].shape) == tuple(var.value.shape):
-            var.value = jnp.asarray(src[key], var.value.dtype)
-        else:
-            skipped.append(key)
-    if len(skipped) == len(flat):
+    skipped = copy_matching_params(model, src)
+    if len(skipped) == len(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         raise CheckpointError(f"model.pretrained={path!r}: no parameter of step {step} matches this model")
-    nnx.update(model, nnx.from_flat_state(flat))
     atp_fresh = [k for k in skipped if k.startswith("atp/")]
     if atp_fresh:
         log.info("model.pretrained=%s has no ATP parameters for %d leaves: the ATP modules keep their fresh "
@@ -213,23 +199,9 @@ def load_params_from_run(model: nnx.Module, path: str) -> None:
     log.info("initialised from %s step %d; kept fresh: %s", p, step, skipped or "nothing")
 
 
-def _flat(tree) -> dict[str, Any]:
-    out = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        out["/".join(_key_name(k) for k in path)] = leaf
-    return out
-
-
-def _key_name(k) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def param_paths(params) -> list[str]:
     """``"blocks/0/attn/qkv/kernel"``-style names of every leaf, in ``jax.tree.leaves`` order."""
-    return ["/".join(_key_name(k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(params)]
+    return list(flat_paths(params))
 
 
 # -- optimizer ----------------------------------------------------------------------------------------------

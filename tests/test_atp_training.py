@@ -18,6 +18,7 @@ from flax import nnx
 import configs
 import reduction as R
 import train
+from models.run_params import flat_paths
 from reduction import atp
 from reduction.schedule import keep_count
 from models.vit import ViT, make_forward
@@ -254,7 +255,7 @@ TINY = [
 
 
 def flat_params(params):
-    return {k: np.asarray(v) for k, v in train._flat(jax.device_get(params)).items()}
+    return {k: np.asarray(v) for k, v in flat_paths(jax.device_get(params)).items()}
 
 
 def test_trainer_trains_only_atp_and_logs_budget_and_kept_ratio(tmp_path):

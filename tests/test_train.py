@@ -20,6 +20,7 @@ import pytest
 
 import configs
 import train
+from models.run_params import flat_paths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -263,8 +264,8 @@ def test_vlm_connector_training_only_moves_the_projector(tmp_path):
     init = train.build_model(cfg)
     from flax import nnx
 
-    before = train._flat(nnx.state(init, nnx.Param))
-    after = train._flat(jax.device_get(tr.state["params"]))
+    before = flat_paths(nnx.state(init, nnx.Param))
+    after = flat_paths(jax.device_get(tr.state["params"]))
     moved = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
     assert moved and all(k.startswith("multi_modal_projector/") for k in moved)
     assert all(np.isfinite(h["loss"]) for h in tr.history if "loss" in h)
@@ -274,7 +275,7 @@ def test_atp_preset_builds_a_vit_with_atp_and_its_task():
     """The atp_threshold preset is runnable now (training itself: tests/test_atp_training.py)."""
     cfg = configs.load_config("atp_threshold")
     model = train.build_model(cfg)
-    assert model.atp_layers == (1,) and model.tokens_per_layer(28)[1] == (50, 35)
+    assert model.atp_layers == (1,) and model.tokens_per_layer(28)[1] == (17, 12)   # 1 + floor(16 * 0.7)
     task = train.make_task(cfg, model)
     assert isinstance(task, train.ATPClassificationTask) and task.layers == (1,)
 

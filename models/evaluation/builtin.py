@@ -149,34 +149,12 @@ def nnx_split(model):
 
 def _load_run_params(model, workdir) -> None:
     """Copy every parameter of the latest ``train.py`` checkpoint in ``workdir`` into ``model``; raise
-    if any model parameter is missing or has another shape (an evaluation must not run on fresh weights).
+    if any model parameter is missing or has another shape (an evaluation must not run on fresh weights)."""
+    from models.run_params import copy_matching_params, latest_run_params
 
-    (``train.load_params_from_run`` matches keys without the ``/value`` suffix that nnx states carry in
-    these checkpoints, so it silently keeps every weight fresh; this reader strips the suffix.)"""
-    import pathlib
-
-    import orbax.checkpoint as ocp
-    from flax import nnx
-
-    d = pathlib.Path(workdir)
-    d = d / "checkpoints" if (d / "checkpoints").is_dir() else d
-    mgr = ocp.CheckpointManager(d.resolve(), item_names=("state", "data_iter", "meta"))
-    step = mgr.latest_step()
+    d, step, src = latest_run_params(workdir)
     if step is None:
         raise FileNotFoundError(f"no checkpoint in {d}")
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
-    src = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
-        key = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-        src[key[: -len("/value")] if key.endswith("/value") else key] = leaf
-    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    bad = []
-    for path, var in flat:
-        key = "/".join(str(k) for k in path)
-        if key in src and tuple(src[key].shape) == tuple(var.value.shape):
-            var.value = jnp.asarray(src[key], var.value.dtype)
-        else:
-            bad.append(key)
+    bad = copy_matching_params(model, src)
     if bad:
         raise ValueError(f"checkpoint {d} step {step} lacks {len(bad)} model parameters, e.g. {bad[:3]}")
-    nnx.update(model, nnx.from_flat_state(flat))
