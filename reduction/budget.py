@@ -187,6 +187,12 @@ def _pitome_space(dims: ViTDims) -> list:
     return [{"method": "pitome", "ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
 
 
+@register_search_space("pitome_code")
+def _pitome_code_space(dims: ViTDims) -> list:
+    """PiToMe with the authors' code preset: the same kept-ratio grid."""
+    return [{"method": "pitome_code", "ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
+
+
 @register_search_space("atp")
 def _atp_space(dims: ViTDims) -> list:
     """ATP keeps a data-dependent count under a static capacity; the compute (and the analytic count)

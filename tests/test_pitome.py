@@ -229,3 +229,11 @@ def test_errors_name_the_argument_under_jit():
         R.build_layer_reducers(12, {"method": "pitome", "preset": "nope"})
     with pytest.raises(ValueError, match="ratio"):
         R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.3})
+
+
+def test_pitome_code_method_is_the_code_preset():
+    a = R.build_layer_reducers(12, {"method": "pitome_code", "ratio": 0.9})
+    b = R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.9, "preset": "code"})
+    assert a == b and a[0] != R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.9})[0]
+    with pytest.raises(ValueError, match="preset"):
+        R.build_layer_reducers(12, {"method": "pitome_code", "preset": "paper"})
