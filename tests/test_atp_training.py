@@ -344,7 +344,8 @@ def test_pretrained_run_freezes_the_backbone_automatically(source_run, tmp_path)
     model.atp.train_backbone="auto" makes only the ATP modules train."""
     work, src = source_run
     cfg = configs.load_config("atp_threshold", TINY + ["train.steps=2", "train.eval_at_end=False",
-                                                      f"model.pretrained={work}", "train.tensorboard=False"])
+                                                      f"model.pretrained={work}", "train.tensorboard=False",
+                                                      "model.atp.train_backbone=auto"])
     tr = train.Trainer(cfg, tmp_path)
     tr.train()
     assert json.loads((tmp_path / "config.json").read_text())["optim"]["trainable"] == ["^atp/"]
