@@ -29,7 +29,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import reduction as R
@@ -254,15 +253,6 @@ class ATPSpec:
         return keep_count(num_tokens, self.capacity_ratio, protected=num_protected)
 
 
-def _atp_grid(num_tokens: int, num_protected: int, stride: int) -> np.ndarray:
-    """Static ``[T]`` bool: the spatial grid over the patch tokens (prefix tokens False). Only when the patches form
-    a square grid (no earlier merging); otherwise all False, as in :class:`reduction.atp.ATPPrune`."""
-    n = num_tokens - num_protected
-    side = int(round(np.sqrt(max(n, 0))))
-    grid = atp_ops.spatial_grid_mask(side, side, stride) if n > 0 and side * side == n else np.zeros(max(n, 0), bool)
-    return np.concatenate([np.zeros(num_protected, bool), grid])
-
-
 class ViT(nnx.Module):
     """Vision Transformer. ``model(images [B, H, W, 3]) -> (out, aux)``; see :meth:`__call__`."""
 
@@ -366,13 +356,9 @@ class ViT(nnx.Module):
         cand = jnp.broadcast_to(jnp.arange(t) >= p, (b, t))
         if state.valid is not None:
             cand = cand & state.valid
-        # Same definitions as reduction.atp.vit_atp_scores: patches as queries (self excluded), class token as query.
-        self_r = atp_ops.received_attention(probs, cand.astype(jnp.float32), exclude_self=True)
-        cross_r = atp_ops.received_attention(probs[:, :, :1, :], jnp.ones((b, 1), jnp.float32))
-        score = atp_ops.redundancy_score(self_r, cross_r, cand, self_weight=module.self_weight)
+        self_r, cross_r, score = atp_ops.vit_atp_inputs(probs, cand, self_weight=module.self_weight)
         theta = module.threshold(score, self_r, cross_r, cand)
-        grid = jnp.asarray(_atp_grid(t, p, spec.stride)) & cand
-        n_cand = jnp.sum(cand, axis=-1).astype(jnp.float32)
+        grid = jnp.asarray(atp_ops.patch_grid_mask(t, p, spec.stride)) & cand
         if mode == "soft":
             m = atp_ops.soft_keep_mask(score, theta, temperature=module.temperature, forced=grid, candidates=cand)
             if spec.straight_through:
@@ -383,17 +369,11 @@ class ViT(nnx.Module):
             gate = m + jax.lax.stop_gradient(jnp.maximum(m, 1e-6) - m)
             state = state.replace(sizes=state.sizes * gate)
             return state, {"mask": m, "theta": theta, "candidates": cand}
-        prefix = jnp.arange(t) < p
-        forced = (prefix | grid) if state.valid is None else (prefix | grid) & state.valid
-        keep = atp_ops.hard_keep_mask(score, theta, forced=forced)
-        if state.valid is not None:
-            keep = keep & state.valid
-        idx, valid = atp_ops.compact_keep(keep, score, capacity=spec.capacity(t, p), forced=forced)
-        out = R.apply_step(state, R.prune_step(idx, t))
-        valid = valid if out.valid is None else out.valid & valid
-        state = out.replace(valid=valid)
-        kept = jnp.sum(valid, axis=-1).astype(jnp.float32)
-        kept_cand = jnp.sum(valid & (idx >= p), axis=-1).astype(jnp.float32)  # idx: input positions
+        forced = (jnp.arange(t) < p) | grid
+        state, idx = atp_ops.prune_above_threshold(state, score, theta, forced=forced, capacity=spec.capacity(t, p))
+        kept = jnp.sum(state.valid, axis=-1).astype(jnp.float32)
+        kept_cand = jnp.sum(state.valid & (idx >= p), axis=-1).astype(jnp.float32)  # idx: input positions
+        n_cand = jnp.sum(cand, axis=-1).astype(jnp.float32)
         return state, {"theta": theta, "kept": kept, "kept_candidates": kept_cand, "num_candidates": n_cand}
 
     @property

@@ -158,15 +158,53 @@ def budget_loss(mask: jax.Array, target: float, *, candidates: Optional[jax.Arra
     return jnp.abs(diff) if kind == "abs" else diff * diff
 
 
+def vit_atp_inputs(attention: jax.Array, candidates: jax.Array, *, self_weight: float = 0.5
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """ATP-style score inputs in a ViT: ``attention: [B, H, T, T]``, ``candidates: [B, T]`` bool ->
+    ``(self_received, cross_received, score)``, each ``[B, T]`` float32. Self = attention from the
+    candidate tokens (each token's attention to itself excluded), cross = attention from the class token
+    (token 0); ``score`` is :func:`redundancy_score` (0 outside the candidates)."""
+    check_rank(attention, 4, "attention")
+    b = attention.shape[0]
+    self_r = received_attention(attention, candidates.astype(jnp.float32), exclude_self=True)
+    cross_r = received_attention(attention[:, :, :1, :], jnp.ones((b, 1), jnp.float32))
+    return self_r, cross_r, redundancy_score(self_r, cross_r, candidates, self_weight=self_weight)
+
+
 def vit_atp_scores(attention: jax.Array, *, num_protected: int = 1, self_weight: float = 0.5) -> jax.Array:
     """ATP-style score in a ViT: self = attention from the other patch tokens, cross = attention from the
     class token. ``attention: [B, H, T, T] -> [B, T]`` (0 on protected tokens)."""
     check_rank(attention, 4, "attention")
     b, _, t, _ = attention.shape
     cand = jnp.broadcast_to(jnp.arange(t) >= num_protected, (b, t))
-    self_r = received_attention(attention, cand.astype(jnp.float32), exclude_self=True)
-    cross_r = received_attention(attention[:, :, :1, :], jnp.ones((b, 1), jnp.float32))
-    return redundancy_score(self_r, cross_r, cand, self_weight=self_weight)
+    return vit_atp_inputs(attention, cand, self_weight=self_weight)[2]
+
+
+def patch_grid_mask(num_tokens: int, num_protected: int, stride: int) -> np.ndarray:
+    """Static ``[T]`` bool: :func:`spatial_grid_mask` over the patch tokens of a ViT layer (the leading
+    ``num_protected`` tokens are False). Only when the ``T - num_protected`` patches still form a square grid
+    (no earlier reduction); otherwise all False."""
+    n = num_tokens - num_protected
+    side = int(round(np.sqrt(max(n, 0))))
+    grid = spatial_grid_mask(side, side, stride) if n > 0 and side * side == n else np.zeros(max(n, 0), bool)
+    return np.concatenate([np.zeros(num_protected, bool), grid])
+
+
+def prune_above_threshold(state: TokenState, score: jax.Array, theta, *, forced: jax.Array,
+                          capacity: int) -> tuple[TokenState, jax.Array]:
+    """Hard ATP pruning of a token state: keep ``score > theta`` plus ``forced`` (``[T]`` or ``[B, T]``),
+    compacted to the static ``capacity`` (:func:`compact_keep`). ``x: [B, T, C] -> [B, capacity, C]``;
+    ``valid`` marks the slots of examples that keep fewer (and stays False for tokens already invalid).
+    Returns ``(state, keep_idx [B, capacity])`` (input positions of the kept slots)."""
+    t = state.x.shape[1]
+    if state.valid is not None:
+        forced = forced & state.valid
+    keep = hard_keep_mask(score, theta, forced=forced)
+    if state.valid is not None:
+        keep = keep & state.valid
+    idx, valid = compact_keep(keep, score, capacity=capacity, forced=forced)
+    out = apply_step(state, prune_step(idx, t))
+    return out.replace(valid=valid if out.valid is None else out.valid & valid), idx
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,20 +225,11 @@ class ATPPrune(Reducer):
     def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
         if info.attention is None:
             raise ValueError("atp needs info.attention ([B, H, T, T] probabilities)")
-        b, t = state.x.shape[:2]
+        t = state.x.shape[1]
         p = info.num_protected
         score = vit_atp_scores(info.attention, num_protected=p, self_weight=self.self_weight)
-        side = int(round(np.sqrt(t - p)))
-        grid = spatial_grid_mask(side, side, self.stride) if side * side == t - p else np.zeros(t - p, bool)
-        forced = jnp.asarray(np.concatenate([np.ones(p, bool), grid]))
-        if state.valid is not None:
-            forced = forced & state.valid
-        keep = hard_keep_mask(score, self.theta, forced=forced)
-        if state.valid is not None:
-            keep = keep & state.valid
-        idx, valid = compact_keep(keep, score, capacity=self.num_out(t, info), forced=forced)
-        out = apply_step(state, prune_step(idx, t))
-        return out.replace(valid=valid if out.valid is None else out.valid & valid)
+        forced = jnp.asarray((np.arange(t) < p) | patch_grid_mask(t, p, self.stride))
+        return prune_above_threshold(state, score, self.theta, forced=forced, capacity=self.num_out(t, info))[0]
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return flops_lib.attention_score_flops(num_tokens + 1, num_tokens, heads)
@@ -231,6 +260,9 @@ __all__ = [
     "hard_keep_mask",
     "compact_keep",
     "budget_loss",
+    "vit_atp_inputs",
     "vit_atp_scores",
+    "patch_grid_mask",
+    "prune_above_threshold",
     "ATPPrune",
 ]

@@ -10,7 +10,8 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
 * ``anchor[b, k]`` is the input token that represents slot ``k`` (the kept token for pruning, the
   destination token for merging); positions and validity are taken from it.
 * ``merges`` (static) says whether several inputs may share one slot. Pruning steps (``merges=False``)
-  are applied as a gather of ``anchor``; merging steps as a size-weighted segment sum over ``assign``.
+  are applied as a gather of ``anchor``; merging steps as a size-weighted average over ``assign`` (the
+  anchors gathered, the other tokens scatter-added onto them).
 * ``movers`` (optional, ``[B, T - K]``) lists the input tokens that are not anchors, in any order. A plan
   that knows them (ToMe: the ``r`` merged sources) passes them so the merge skips finding them with a
   sort; without it :func:`apply_step` derives them from ``anchor``.
