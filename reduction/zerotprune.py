@@ -29,9 +29,9 @@ Open choices and their defaults: similarity metric = keys averaged over heads (`
 **guess**, a third-party port averages; ``metric="keys"`` uses the concatenated keys); Sequential-U A-group
 size ``floor(n / 2)`` of the ``n`` unprotected tokens (**guess** for odd ``n``); ``renormalize=True``
 (**guess**, the simplest faithful reading; a graph that keeps every token is the block's attention itself,
-whose rows already sum to one, so no re-normalisation is computed for it); ties are broken by lower index everywhere (stable sorts);
-protected tokens (class, distillation, registers: the first ``P``) are never candidates in any stage and
-the class token is token 0.
+whose rows already sum to one, so no re-normalisation is computed for it); ties are broken by lower index
+everywhere (in the S-stage, equal best matches drop the lower position in group A first); protected tokens (class, distillation, registers: the first ``P``) are never candidates in any stage
+and the class token is token 0.
 
 Counts are static: a layer removes ``R`` tokens, ``r_s = min(floor(R * similarity_fraction), floor(n / 2))``
 in the S-stage and ``r_i = R - r_s`` in the I-stage. Kept tokens keep their original order.
@@ -170,20 +170,29 @@ def _importance(attn, mask, iterations, cfg: ZeroTPruneConfig, full_graph: bool 
 
 def _s_stage_one(attn, metric, valid, r_s: int, num_protected: int, cfg: ZeroTPruneConfig, all_valid: bool):
     """``attn: [H, T, T], metric: [T, Cm], valid: [T]`` -> survivors ``[T]`` bool (``r_s`` of the
-    unprotected tokens are False). ``all_valid`` (static): no padding."""
+    unprotected tokens are False). ``all_valid`` (static): no padding.
+
+    Sequential-U split without a full sort: group B is the ``n - n_a`` most important unprotected tokens
+    (``lax.top_k``: ties go to the lower index, as in a stable descending sort); group A is the rest, listed
+    in ascending position. A's drops are its ``r_s`` highest best-match similarities, ties to the lower
+    position. NaN importance counts as ``-inf``.
+    """
     t = metric.shape[0]
     n = t - num_protected
     imp = _importance(attn, valid, cfg.preview_iterations, cfg, full_graph=all_valid)[num_protected:]  # [n]
-    order = jnp.argsort(-imp, stable=True) + num_protected                           # most important first
+    imp = jnp.where(jnp.isnan(imp), -jnp.inf, imp)
     n_a = n // 2
-    b_idx, a_idx = order[: n - n_a], order[n - n_a:]
+    b_idx = jax.lax.top_k(imp, n - n_a)[1] + num_protected                            # most important half
+    in_b = jnp.zeros((t,), bool).at[b_idx].set(True, mode="promise_in_bounds")
+    in_a = ~in_b & (jnp.arange(t) >= num_protected)
+    a_idx = jnp.nonzero(in_a, size=n_a)[0]                                          # ascending position
     m = cosine_normalize(jax.lax.stop_gradient(metric))
     sim = jnp.einsum("ac,bc->ab", m[a_idx], m[b_idx], precision=jax.lax.Precision.HIGHEST)
     best = jnp.max(jnp.where(valid[b_idx][None, :], sim, -jnp.inf), axis=-1)
     best = jnp.where(jnp.isnan(best), -jnp.inf, best)
     best = jnp.where(valid[a_idx], best, jnp.inf)                                    # padding goes first
     drop = a_idx[jax.lax.top_k(best, r_s)[1]]
-    return jnp.ones((t,), bool).at[drop].set(False)
+    return jnp.ones((t,), bool).at[drop].set(False, mode="promise_in_bounds")
 
 
 def _i_stage_one(attn, valid, survivors, keep: int, num_protected: int, cfg: ZeroTPruneConfig,
@@ -200,7 +209,13 @@ def _i_stage_one(attn, valid, survivors, keep: int, num_protected: int, cfg: Zer
     imp = jnp.where(valid, imp, jnp.finfo(jnp.float32).min)
     imp = jnp.where(survivors, imp, -jnp.inf)
     imp = jnp.where(jnp.arange(t) < num_protected, jnp.inf, imp)
-    return jnp.sort(jax.lax.top_k(imp, keep)[1]).astype(jnp.int32)
+    imp = jnp.where(jnp.isnan(imp), -jnp.inf, imp)
+    # The T - keep lowest go; among ties the higher index goes first (so the lower one is kept). Reversing
+    # the order makes ``top_k``'s lower-index tie rule pick the higher original index. Cheaper than a
+    # ``top_k`` of the kept set plus a sort.
+    low = jax.lax.top_k(-imp[::-1], t - keep)[1]
+    kept = jnp.ones((t,), bool).at[t - 1 - low].set(False, mode="promise_in_bounds")
+    return jnp.nonzero(kept, size=keep)[0].astype(jnp.int32)
 
 
 def zerotprune_step(attention: jax.Array, metric: jax.Array, *, r_similarity: int, r_importance: int,

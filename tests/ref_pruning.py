@@ -210,8 +210,8 @@ def zerotprune_ref(attn, metric, r_s, r_i, num_protected=1, valid=None, iteratio
                 continue
             sims = [cos_torch(metric[a], metric[b], eps=1e-12) for b in group_b if valid[b]]
             best[a] = max(sims) if sims else -math.inf
-        ranked = sorted(range(len(group_a)), key=lambda j: (-best[group_a[j]], j))
-        drop = {group_a[j] for j in ranked[:r_s]}
+        ranked = sorted(group_a, key=lambda a: (-best[a], a))            # ties: lower position first
+        drop = set(ranked[:r_s])
         survivors = [i for i in range(t) if i not in drop]
     if r_i > 0:
         sub = attn[:, survivors][:, :, survivors]

@@ -73,6 +73,36 @@ def test_merge_step_matches_loop_and_ignores_invalid_tokens():
     np.testing.assert_array_equal(np.asarray(out.valid[0]), [True, True, True])
 
 
+@pytest.mark.parametrize("max_sparse", [0, 64])
+def test_both_merge_paths_match_the_loop_reference(monkeypatch, max_sparse):
+    """The few-movers path (equality matrix + row set) and the scatter-add path give the reference merge:
+    several movers per slot, dropped movers (slot -1), zero weights, B > 1."""
+    import reduction.step as step_lib
+
+    monkeypatch.setattr(step_lib, "_SPARSE_MERGE_MAX_MOVERS", max_sparse)
+    rng = np.random.default_rng(12)
+    b, t, k, c = 3, 20, 7, 5
+    x = _rand(13, b, t, c)
+    sizes = rng.integers(0, 4, size=(b, t)).astype(np.float32)       # some zero weights
+    assign = np.full((b, t), -1, np.int32)
+    anchor = np.zeros((b, k), np.int32)
+    for e in range(b):
+        perm = rng.permutation(t)
+        anchor[e] = np.sort(perm[:k])
+        assign[e, anchor[e]] = np.arange(k)
+        rest = perm[k:]
+        assign[e, rest] = rng.integers(-1, k, size=rest.size)         # -1: dropped
+        sizes[e, anchor[e]] = np.maximum(sizes[e, anchor[e]], 1.0)    # no empty slot (0/0 in the loop)
+    step = R.merge_step(jnp.asarray(assign), jnp.asarray(anchor))
+    out = jax.jit(R.apply_step)(R.init_state(jnp.asarray(x), sizes=jnp.asarray(sizes)), step)
+    for e in range(b):
+        rx, rs = ref.merge_plan(x[e], sizes[e], assign[e], k)
+        np.testing.assert_allclose(np.asarray(out.x[e]), rx, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(out.sizes[e]), rs)
+        alone = [j for j in range(k) if not np.any((assign[e] == j) & (np.arange(t) != anchor[e, j]))]
+        np.testing.assert_array_equal(np.asarray(out.x[e, alone]), x[e, anchor[e, alone]])
+
+
 def test_apply_step_rejects_wrong_token_count():
     state = R.init_state(jnp.zeros((1, 5, 2)))
     with pytest.raises(ValueError, match="step expects 4 tokens"):

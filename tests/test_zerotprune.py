@@ -113,6 +113,21 @@ def test_zero_norm_duplicate_and_tied_tokens_give_no_nan():
     assert np.asarray(step.anchor[0]).tolist() == ref.zerotprune_ref(a[0], metric[0], 3, 2)
 
 
+def test_similarity_ties_drop_the_lower_position_first():
+    # Rank-1 attention: every row is p, so importance follows p (rising with position) and group A is
+    # tokens 1..4 whose importance order (4, 3, 2, 1) is the reverse of their positions. All four copy
+    # token 5, so their best matches tie at 1.0: the lower positions go first.
+    t = 9
+    p = np.arange(1, t + 1, dtype=np.float32)
+    a = np.broadcast_to(p / p.sum(), (1, 2, t, t)).copy()
+    metric = np.random.default_rng(11).normal(size=(1, t, 4)).astype(np.float32)
+    metric[0, 1:5] = metric[0, 5]
+    step = jax.jit(lambda a, m: R.zerotprune_step(a, m, r_similarity=2, r_importance=0))(a, metric)
+    want = ref.zerotprune_ref(a[0], metric[0], 2, 0)
+    assert want == [0, 3, 4, 5, 6, 7, 8]
+    assert np.asarray(step.anchor[0]).tolist() == want
+
+
 def test_schedule_defaults_and_counts():
     assert [default_iterations(i, 12) for i in (0, 2, 3, 8, 9, 11)] == [30, 30, 10, 10, 1, 1]
     assert split_counts(197, 59, similarity_fraction=0.5) == (29, 30)
