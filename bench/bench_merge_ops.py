@@ -14,6 +14,9 @@ times each op after 20 ms of idle and after a 64 MB cache sweep: on the 2-vCPU V
 as the sweep or slower, so what makes an op slower after the block is mostly waking the second CPU for
 XLA's parallel loops, not cold data.
 
+``on_block_out_ratio_*`` runs the block (returning its output and a metric) and then the op on those
+fresh outputs, two dispatches, as a model run layer by layer would; it is divided by that block's time.
+
 Ratios: ``ratio_*`` is the median over rounds of ``op_i / block_i`` (the op timed right after the block in
 the same round, so slow drifts of a shared machine cancel); ``warm_ratio_*`` times each function in its own
 back-to-back loop (warm caches, as ``timeit`` does). The target is checked on ``ratio_*``, the stricter one.
@@ -126,13 +129,30 @@ def main(argv=None):
     for fn, a in fns.values():
         for _ in range(warmup):
             _time(fn, a)
+    # The op on the block's own fresh outputs (two dispatches, a model's data flow run layer by layer):
+    # the block also returns the metric (see ``block_then``), and the op consumes both right away.
+    block_out = jax.jit(lambda p, x: (lambda y: (y, y.reshape(b, t, 6, -1).mean(axis=2)))(vit_block(p, x)))
+    for _ in range(warmup):
+        y, my = block_out(params, x)
+        jax.block_until_ready((fns["tome"][0](y, sizes, my), fns["pitome"][0](y, sizes, my)))
     samples = {name: [] for name in fns}
+    samples.update({"block_out": [], "tome_on_block_out": [], "pitome_on_block_out": []})
     for _ in range(repeats):
         for name, (fn, a) in fns.items():
             samples[name].append(_time(fn, a))
+        for name in ("tome", "pitome"):
+            t0 = time.perf_counter()
+            y, my = jax.block_until_ready(block_out(params, x))
+            t1 = time.perf_counter()
+            jax.block_until_ready(fns[name][0](y, sizes, my))
+            samples["block_out"].append((t1 - t0) * 1e3)
+            samples[f"{name}_on_block_out"].append((time.perf_counter() - t1) * 1e3)
     ms = {name: statistics.median(v) for name, v in samples.items()}
     paired = {name: statistics.median([o / blk for o, blk in zip(samples[name], samples["block"])])
               for name in ("tome", "pitome")}
+    on_out = {name: statistics.median([o / blk for o, blk in zip(samples[f"{name}_on_block_out"],
+                                                                  samples["block_out"][i::2])])
+              for i, name in enumerate(("tome", "pitome"))}
     warm = {}
     for name, (fn, a) in fns.items():
         if "+" in name:
@@ -164,6 +184,8 @@ def main(argv=None):
         ratio_tome_to_block=paired["tome"],
         ratio_pitome_to_block=paired["pitome"],
         warm_ratio_tome_to_block=warm["tome"] / warm["block"],
+        on_block_out_ratio_tome=on_out["tome"],
+        on_block_out_ratio_pitome=on_out["pitome"],
         warm_ratio_pitome_to_block=warm["pitome"] / warm["block"],
         # marginal cost inside one jit: median over rounds of ((block + op)_i - block_i) / block_i
         fused_ratio_tome=statistics.median([(f - blk) / blk for f, blk in zip(samples["block+tome"], samples["block"])]),
@@ -175,12 +197,13 @@ def main(argv=None):
                      jax=jax.__version__),
     )
     print(f"machine: {result['machine']['processor']}, {os.cpu_count()} CPUs, backend {jax.default_backend()}")
-    for name in fns:
+    for name in samples:
         print(f"{name:7s} {ms[name]:8.3f} ms")
     print(f"ToMe/block   {result['ratio_tome_to_block']:.3%} (target <= 3%; warm back-to-back "
           f"{result['warm_ratio_tome_to_block']:.3%})")
     print(f"PiToMe/block {result['ratio_pitome_to_block']:.3%} (target <= 8%; warm back-to-back "
           f"{result['warm_ratio_pitome_to_block']:.3%})")
+    print(f"on the block's fresh outputs: ToMe {on_out['tome']:.3%}, PiToMe {on_out['pitome']:.3%} of a block")
     print(f"fused in one jit: ToMe +{result['fused_ratio_tome']:.3%}, PiToMe +{result['fused_ratio_pitome']:.3%}"
           " of a block (paired per round; noisy)")
     for name in ("tome", "pitome"):
@@ -189,10 +212,12 @@ def main(argv=None):
               f"{after['after_64MB_evict'][name]:.3f} ms after a 64 MB cache sweep")
     for name, target in (("tome", 0.03), ("pitome", 0.08)):
         measures = {"interleaved after the block": result[f"ratio_{name}_to_block"],
+                    "on the block's fresh outputs": result[f"on_block_out_ratio_{name}"],
                     "warm back-to-back": result[f"warm_ratio_{name}_to_block"],
                     "inside one jit with the block": result[f"fused_ratio_{name}"]}
         met = [k for k, v in measures.items() if v <= target]
-        print(f"{name}: target <= {target:.0%} met by {len(met)} of 3 measures" + (f" ({', '.join(met)})" if met else ""))
+        print(f"{name}: target <= {target:.0%} met by {len(met)} of {len(measures)} measures"
+              + (f" ({', '.join(met)})" if met else ""))
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
