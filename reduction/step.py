@@ -13,8 +13,8 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
   are applied as a gather of ``anchor``; merging steps as a size-weighted average over ``assign`` (the
   anchors gathered, the other tokens scatter-added onto them).
 * ``movers`` (optional, ``[B, T - K]``) lists the input tokens that are not anchors, in any order. A plan
-  that knows them (ToMe: the ``r`` merged sources) passes them so the merge skips finding them with a
-  sort; without it :func:`apply_step` derives them from ``anchor``.
+  that knows them (ToMe: the ``r`` merged sources) passes them so the merge skips finding them; without
+  it :func:`apply_step` derives them from ``anchor``.
 """
 
 from __future__ import annotations
@@ -85,12 +85,12 @@ def merge_step(assign: jax.Array, anchor: jax.Array, movers: Optional[jax.Array]
 
 
 def _movers(step: ReductionStep) -> jax.Array:
-    """The ``[B, T - K]`` non-anchor tokens of a step (given by the plan, or found with a stable sort)."""
+    """The ``[B, T - K]`` non-anchor tokens of a step (given by the plan, or listed by position)."""
     if step.movers is not None:
         return step.movers
     t, k = step.num_in, step.num_out
     is_anchor = jax.vmap(lambda a: jnp.zeros((t,), bool).at[a].set(True))(step.anchor)
-    return jnp.argsort(is_anchor, axis=1, stable=True)[:, : t - k]
+    return jax.vmap(lambda m: jnp.nonzero(~m, size=t - k)[0].astype(jnp.int32))(is_anchor)   # ascending
 
 
 def _take(arr: jax.Array, idx: jax.Array) -> jax.Array:
@@ -123,10 +123,9 @@ def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tu
     """
     k = step.num_out
     others = _movers(step)                                                     # [B, R] non-anchors
-    other_slot = jnp.take_along_axis(step.assign, others, axis=1, mode="promise_in_bounds")
+    other_slot = _take(step.assign, others)
     other_slot = jnp.where(other_slot < 0, k, other_slot)                      # out of range: dropped
-    other_w = jnp.take_along_axis(weights, others, axis=1, mode="promise_in_bounds")
-    other_w = jnp.where(other_slot < k, other_w, 0.0)
+    other_w = _take(weights, others)
     other_mass = _take(x, others).astype(jnp.float32) * other_w[..., None]
     anchor_x = _take(x, step.anchor)
     anchor_w = _take(weights, step.anchor)
@@ -138,11 +137,11 @@ def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tu
     if others.shape[1] <= _SPARSE_MERGE_MAX_MOVERS:
         slot_in = jnp.minimum(other_slot, k - 1)
         target_x = _take(anchor_x, slot_in).astype(jnp.float32)               # [B, R, C] their anchors
-        target_w = jnp.take_along_axis(anchor_w, slot_in, axis=1)
+        target_w = _take(anchor_w, slot_in)
         same = (other_slot[:, :, None] == other_slot[:, None, :]).astype(jnp.float32)   # [B, R, R]
         mass = target_x * target_w[..., None] + jnp.einsum(
             "bij,bjc->bic", same, other_mass, precision=jax.lax.Precision.HIGHEST)
-        total = jnp.take_along_axis(sizes, slot_in, axis=1)
+        total = _take(sizes, slot_in)
         merged = (mass / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]).astype(x.dtype)
         set_rows = jax.vmap(lambda base, slot, rows: base.at[slot].set(rows, mode="drop"))
         return set_rows(anchor_x, other_slot, merged), sizes

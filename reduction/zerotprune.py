@@ -30,8 +30,9 @@ Open choices and their defaults: similarity metric = keys averaged over heads (`
 size ``floor(n / 2)`` of the ``n`` unprotected tokens (**guess** for odd ``n``); ``renormalize=True``
 (**guess**, the simplest faithful reading; a graph that keeps every token is the block's attention itself,
 whose rows already sum to one, so no re-normalisation is computed for it); ties are broken by lower index
-everywhere (in the S-stage, equal best matches drop the lower position in group A first); protected tokens (class, distillation, registers: the first ``P``) are never candidates in any stage
-and the class token is token 0.
+everywhere (in the S-stage, equal best matches drop the lower position in group A first); protected
+tokens (class, distillation, registers: the first ``P``) are never candidates in any stage and the class
+token is token 0.
 
 Counts are static: a layer removes ``R`` tokens, ``r_s = min(floor(R * similarity_fraction), floor(n / 2))``
 in the S-stage and ``r_i = R - r_s`` in the I-stage. Kept tokens keep their original order.
