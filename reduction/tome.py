@@ -8,7 +8,7 @@ size-weighted merge. Reference behaviour reproduced here:
 * cosine similarity of the metric in float32, ``scores = A @ B^T``;
 * the class token (index 0, in A) never merges away; a distillation token (index 1 = B[0]) never
   receives a merge;
-* each A token's best B partner, A tokens sorted by that score (descending, stable), the top ``r``
+* each A token's best B partner, A tokens ordered by that score (descending, stable), the top ``r``
   merge into their partner; several may share one destination;
 * ``r`` is clamped per layer to ``(T - protected) // 2``;
 * output order ``[unmerged A, B]``; the unmerged A tokens are in ascending original order when there is a
@@ -24,8 +24,9 @@ Deliberate deviations from the reference (documented, tested):
   everything instead of the reference's NaN (which sorts first in PyTorch and gets merged).
 * NaN in the metric: a NaN similarity is replaced by ``-inf`` so it is never chosen as a best match and
   never ranks first; the NaN in ``x`` itself still propagates through the merge into the output, so it
-  stays visible instead of being silently averaged into a clean plan.
-* Sorting is stable (ties keep the lower index first); PyTorch's default argsort is not, so the reference
+  stays visible instead of being silently averaged into a clean plan. Rows left at ``-inf`` that way
+  still rank before the class token, so the class token survives even when ``r`` is at the cap.
+* The merge order is stable (ties keep the lower index first); PyTorch's default argsort is not, so the reference
   is only reproducible on tie-free inputs.
 * ToMe's ``unmerge`` closure ignores the distillation reorder; :func:`~reduction.state.unmerge` follows the
   ``source`` map and is correct for every layout.
@@ -70,18 +71,6 @@ def _first_argmax(scores: jax.Array, best: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(scores == best[..., None], iota, n), axis=-1).clip(max=n - 1)
 
 
-def _descending_rank(values: jax.Array) -> jax.Array:
-    """Position of every entry in the stable descending order of ``values: [n]`` (no NaN) -> ``[n]``.
-
-    The inverse of ``_stable_descending`` computed by pairwise comparison, which avoids a sort and a
-    scatter for the short rows ToMe ranks.
-    """
-    n = values.shape[-1]
-    iota = jnp.arange(n)
-    before = (values[None, :] > values[:, None]) | ((values[None, :] == values[:, None]) & (iota[None, :] < iota[:, None]))
-    return jnp.sum(before, axis=-1, dtype=jnp.int32)
-
-
 def _output_layout(n_unm: int, nb: int, distill_token: bool) -> np.ndarray:
     """Static map from the base layout ``[unm, B]`` to the output slots (distillation reorder)."""
     if not distill_token:
@@ -90,36 +79,58 @@ def _output_layout(n_unm: int, nb: int, distill_token: bool) -> np.ndarray:
     return np.concatenate([[0], np.arange(2, n_unm + 1), [1], np.arange(n_unm + 1, n_unm + nb)]).astype(np.int32)
 
 
+def _merge_order_key(node_max: jax.Array, class_token: bool) -> jax.Array:
+    """``[na] -> [na]`` float32 key whose descending order is the merge order of the A tokens.
+
+    ``-inf`` rows (every partner blocked or NaN) rank after every finite one but before the class token,
+    which ranks last so it never merges, even when ``r`` reaches the cap and other rows tie at ``-inf``.
+    ``-0.0`` becomes ``+0.0`` so the two tie as in a comparison sort (``top_k`` orders by bit pattern).
+    """
+    key = jnp.maximum(node_max, jnp.finfo(jnp.float32).min)
+    key = jnp.where(key == 0, 0.0, key)
+    if class_token:
+        key = jnp.where(np.arange(key.shape[0]) == 0, -jnp.inf, key)
+    return key
+
+
 def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: bool):
-    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r], movers [r]``."""
-    t = metric.shape[0]
+    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r], movers [r]``.
+
+    Sort-free: the ``r`` movers are ``top_k`` of the merge-order key (ties -> lower index, as a stable
+    sort). With a class token the unmerged A tokens keep ascending order, so their slots and the anchor
+    list follow from counting movers (``[na, r]`` and ``[n_unm, r]`` comparisons); without one they keep
+    descending-score order, a ``top_k`` over all of A.
+    """
     m = cosine_normalize(jax.lax.stop_gradient(metric))
     a, b = m[0::2], m[1::2]
     na, nb = a.shape[0], b.shape[0]
     n_unm = na - r
     scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
     blocked = jnp.isnan(scores)
-    if class_token:
-        blocked = blocked | (np.arange(na) == 0)[:, None]
     if distill_token:
         blocked = blocked | (np.arange(nb) == 0)[None, :]
     scores = jnp.where(blocked, -jnp.inf, scores)
     node_max = jnp.max(scores, axis=-1)
     node_idx = _first_argmax(scores, node_max)
-    rank = _descending_rank(node_max)               # the top r of A merge away
-    merged = rank < r
+    key = _merge_order_key(node_max, class_token)
+    iota = jnp.arange(na, dtype=jnp.int32)
     if class_token:                                 # unmerged A in ascending original order
-        unm_slot = jnp.cumsum(~merged, dtype=jnp.int32) - 1
+        movers = jax.lax.top_k(key, r)[1].astype(jnp.int32)
+        merged = jnp.any(iota[:, None] == movers[None, :], axis=-1)
+        unm_slot = iota - jnp.sum(movers[None, :] < iota[:, None], axis=-1, dtype=jnp.int32)
+        # The k-th unmerged A token is k plus the number of movers before it; a mover j precedes it
+        # when the count of non-movers before j (j minus the movers before j) is at most k.
+        gaps = movers - jnp.sum(movers[None, :] < movers[:, None], axis=-1, dtype=jnp.int32)
+        k = jnp.arange(n_unm, dtype=jnp.int32)
+        unm_tok = k + jnp.sum(gaps[None, :] <= k[:, None], axis=-1, dtype=jnp.int32)
     else:                                           # unmerged A in descending-score order
+        order = jax.lax.top_k(key, na)[1].astype(jnp.int32)
+        movers, unm_tok = order[:r], order[r:]
+        rank = jnp.zeros((na,), jnp.int32).at[order].set(iota, unique_indices=True)
+        merged = rank < r
         unm_slot = rank - r
     slot_a = jnp.where(merged, n_unm + node_idx, unm_slot)
-    # Anchor of every unmerged slot k: the A token sitting in it (as a masked sum over A).
-    hit = (~merged)[None, :] & (slot_a[None, :] == jnp.arange(n_unm, dtype=jnp.int32)[:, None])
-    unm_tok = jnp.sum(jnp.where(hit, 2 * jnp.arange(na, dtype=jnp.int32), 0), axis=-1)
-    anchor_base = jnp.concatenate([unm_tok, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
-    # The r merged sources (the non-anchors), in rank order.
-    top = rank[None, :] == jnp.arange(r, dtype=jnp.int32)[:, None]
-    movers = jnp.sum(jnp.where(top, 2 * jnp.arange(na, dtype=jnp.int32), 0), axis=-1)
+    anchor_base = jnp.concatenate([2 * unm_tok, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
 
     layout = _output_layout(n_unm, nb, distill_token)
     slot_a = jnp.asarray(layout)[slot_a]
@@ -129,7 +140,7 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     assign = jnp.stack([slot_a[:nb], slot_b], axis=-1).reshape(-1)
     if na > nb:
         assign = jnp.concatenate([assign, slot_a[nb:]])
-    return assign, anchor, movers
+    return assign, anchor, 2 * movers
 
 
 def bipartite_soft_matching(

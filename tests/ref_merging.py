@@ -96,6 +96,8 @@ def tome_plan(metric, r, class_token=False, distill_token=False):
     node_max = [max(row) for row in scores]
     node_idx = [first_argmax(row) for row in scores]
     edge = stable_desc(node_max)
+    if class_token:   # the class token ranks last, also below rows left at -inf by NaN
+        edge = [i for i in edge if i != 0] + [0]
     src_idx, unm_idx = edge[:r], edge[r:]
     if class_token:
         unm_idx = sorted(unm_idx)

@@ -140,6 +140,40 @@ def test_nan_metric_is_never_a_best_match_and_stays_visible():
     assert set(np.flatnonzero(nan_rows)) == {assign[4], assign[5]}
 
 
+@pytest.mark.parametrize("distill_token", [False, True])
+def test_class_token_survives_nan_rows_at_the_cap(distill_token):
+    """NaN A tokens end at ``-inf`` like the blocked class row; at the cap one of them must merge, never
+    the class token (the old stable rank put index 0 first among the ``-inf`` ties)."""
+    bsz, t = 2, 15
+    metric = _rand(31, bsz, t, 4)
+    metric[:, [2, 6, 10]] = np.nan            # three A tokens
+    x = _rand(32, bsz, t, 4)
+    r = (t - 1 - int(distill_token)) // 2      # the cap: every A token but the class token merges
+    step, _ = _tome(jnp.asarray(x), jnp.ones((bsz, t)), jnp.asarray(metric), r=r, class_token=True,
+                    distill_token=distill_token)
+    assign = np.asarray(step.assign)
+    assert (assign[:, 0] == 0).all() and ((assign == 0).sum(-1) == 1).all()
+    for b in range(bsz):
+        np.testing.assert_array_equal(assign[b], ref.tome_plan(metric[b], r, True, distill_token)["assign"])
+
+
+def test_signed_zero_scores_tie():
+    """-0.0 and +0.0 best scores tie (lower index merges first), as in a comparison sort and the loop
+    reference, although ``top_k`` orders floats by bit pattern. (XLA's CPU dot yields +0.0 for these
+    metrics, so the key is checked directly; other backends' dots may keep -0.0.)"""
+    from reduction.tome import _merge_order_key
+    key = _merge_order_key(jnp.asarray([-0.0, 0.0, -0.0, 0.5]), class_token=False)
+    np.testing.assert_array_equal(np.asarray(jax.lax.top_k(key, 4)[1]), [3, 0, 1, 2])
+    metric = np.zeros((1, 8, 2), np.float32)
+    metric[0, 0::2] = [[1, 0], [-1, 0], [1, 0], [-1, 0]]   # A tokens
+    metric[0, 1::2] = [0, -1]                               # B tokens: A-B scores are +-0.0
+    for class_token, r in ((True, 1), (False, 1), (False, 2)):
+        step = R.bipartite_soft_matching(jnp.asarray(metric), r=r, class_token=class_token)
+        plan = ref.tome_plan(metric[0], r, class_token, False)
+        np.testing.assert_array_equal(np.asarray(step.assign[0]), plan["assign"])
+        np.testing.assert_array_equal(np.asarray(step.anchor[0]), plan["anchor"])
+
+
 def test_mean_mode_equals_wavg_only_for_unit_sizes():
     """ToMe's ``merge(x, "mean")`` (include_self) is the size-weighted average when every size is 1."""
     x, metric = _rand(13, 1, 11, 3), _rand(14, 1, 11, 3)
