@@ -9,7 +9,9 @@ heads, [B, T, 64]); PiToMe keeps ratio 0.9 (r=19) with the paper preset's first-
 function is jitted, warmed up, then the three are timed interleaved (block, ToMe, PiToMe, block, ...)
 with ``block_until_ready``; the JSON at ``--out`` holds the medians, the ratios and the machine.
 Standalone timings include one dispatch and a start right after the block, so the script also times
-``block + op`` fused in one jit and reports the marginal cost ``(block+op - block) / block``. A diagnostic
+``block + op`` fused in one jit and reports the marginal cost ``(block+op - block) / block`` (median of
+``--fused-repeats`` paired rounds), and times a trivial jitted function right after the block: the fixed
+dispatch floor that every standalone measure contains (about 0.1 ms, 0.5% of a block here). A diagnostic
 times each op after 20 ms of idle and after a 64 MB cache sweep: on the 2-vCPU VM the idle one is as slow
 as the sweep or slower, so what makes an op slower after the block is mostly waking the second CPU for
 XLA's parallel loops, not cold data.
@@ -112,10 +114,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up: proves the script runs")
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--fused-repeats", type=int, default=100,
+                    help="rounds of (block, block+ToMe, block+PiToMe) for the marginal cost inside one jit")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="results/bench/merge_ops.json")
     args = ap.parse_args(argv)
     repeats, warmup = (3, 1) if args.quick else (args.repeats, 5)
+    fused_repeats = 3 if args.quick else args.fused_repeats
 
     key = jax.random.key(0)
     kx, km, kp = jax.random.split(key, 3)
@@ -131,6 +136,9 @@ def main(argv=None):
         "pitome": (jax.jit(pitome_step), (x, sizes, metric)),
         "block+tome": (jax.jit(block_then(tome_step)), (params, x, sizes)),
         "block+pitome": (jax.jit(block_then(pitome_step)), (params, x, sizes)),
+        # The fixed cost of any separately dispatched function started right after the block: one
+        # element of x plus one (no loops worth timing), so the op ratios can be read against it.
+        "dispatch": (jax.jit(lambda x: x[0, 0, 0] + 1), (x,)),
     }
     for fn, a in fns.values():
         for _ in range(warmup):
@@ -142,8 +150,11 @@ def main(argv=None):
         jax.block_until_ready((fns["tome"][0](y, sizes, my), fns["pitome"][0](y, sizes, my)))
     samples = {name: [] for name in fns}
     samples.update({"block_out": [], "tome_on_block_out": [], "pitome_on_block_out": []})
+    samples["block_before_dispatch"] = []
     for _ in range(repeats):
         for name, (fn, a) in fns.items():
+            if name == "dispatch":   # right after its own block, like the ops
+                samples["block_before_dispatch"].append(_time(*fns["block"]))
             samples[name].append(_time(fn, a))
         for name in ("tome", "pitome"):
             t0 = time.perf_counter()
@@ -152,15 +163,23 @@ def main(argv=None):
             jax.block_until_ready(fns[name][0](y, sizes, my))
             samples["block_out"].append((t1 - t0) * 1e3)
             samples[f"{name}_on_block_out"].append((time.perf_counter() - t1) * 1e3)
+    # Marginal cost inside one jit: a difference of two ~block-sized times, so it gets its own, longer
+    # loop of alternating rounds.
+    fused = {name: [] for name in ("block", "block+tome", "block+pitome")}
+    for _ in range(fused_repeats):
+        for name in fused:
+            fused[name].append(_time(*fns[name]))
     ms = {name: statistics.median(v) for name, v in samples.items()}
     paired = {name: statistics.median([o / blk for o, blk in zip(samples[name], samples["block"])])
               for name in ("tome", "pitome")}
+    paired_dispatch = statistics.median([o / blk for o, blk in zip(samples["dispatch"],
+                                                                    samples["block_before_dispatch"])])
     on_out = {name: statistics.median([o / blk for o, blk in zip(samples[f"{name}_on_block_out"],
                                                                   samples["block_out"][i::2])])
               for i, name in enumerate(("tome", "pitome"))}
     warm = {}
     for name, (fn, a) in fns.items():
-        if "+" in name:
+        if "+" in name or name == "dispatch":
             continue
         warm[name] = statistics.median([_time(fn, a) for _ in range(repeats if name == "block" else 4 * repeats)])
     # Diagnostic for the gap between the interleaved and the warm measure: the same op timed right after
@@ -193,9 +212,11 @@ def main(argv=None):
         on_block_out_ratio_tome=on_out["tome"],
         on_block_out_ratio_pitome=on_out["pitome"],
         # marginal cost inside one jit: median over rounds of ((block + op)_i - block_i) / block_i
-        fused_ratio_tome=statistics.median([(f - blk) / blk for f, blk in zip(samples["block+tome"], samples["block"])]),
-        fused_ratio_pitome=statistics.median([(f - blk) / blk for f, blk in zip(samples["block+pitome"],
-                                                                                samples["block"])]),
+        fused_ratio_tome=statistics.median([(f - blk) / blk for f, blk in zip(fused["block+tome"], fused["block"])]),
+        fused_ratio_pitome=statistics.median([(f - blk) / blk for f, blk in zip(fused["block+pitome"], fused["block"])]),
+        fused_repeats=fused_repeats,
+        # what a trivial separately dispatched function costs right after the block (fixed per call)
+        dispatch_floor_ratio=paired_dispatch,
         targets=dict(tome=0.03, pitome=0.08),
         machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
                      backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
@@ -210,7 +231,9 @@ def main(argv=None):
           f"{result['warm_ratio_pitome_to_block']:.3%})")
     print(f"on the block's fresh outputs: ToMe {on_out['tome']:.3%}, PiToMe {on_out['pitome']:.3%} of a block")
     print(f"fused in one jit: ToMe +{result['fused_ratio_tome']:.3%}, PiToMe +{result['fused_ratio_pitome']:.3%}"
-          " of a block (paired per round; noisy)")
+          f" of a block (median of {fused_repeats} paired rounds)")
+    print(f"dispatch floor: a trivial function started right after the block takes {ms['dispatch']:.3f} ms "
+          f"({paired_dispatch:.3%} of a block), included in every standalone op measure above")
     for name in ("tome", "pitome"):
         print(f"diagnostic {name}: {warm[name]:.3f} ms warm, {ms[name]:.3f} ms after the block, "
               f"{after['after_20ms_idle'][name]:.3f} ms after 20 ms idle, "
