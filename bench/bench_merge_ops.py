@@ -9,8 +9,9 @@ heads, [B, T, 64]); PiToMe keeps ratio 0.9 (r=19) with the paper preset's first-
 function is jitted, warmed up, then the three are timed interleaved (block, ToMe, PiToMe, block, ...)
 with ``block_until_ready``; the JSON at ``--out`` holds the medians, the ratios and the machine.
 Standalone timings include one dispatch and a start right after the block, so the script also times
-``block + op`` fused in one jit and reports the marginal cost ``(block+op - block) / block`` (median of
-``--fused-repeats`` paired rounds), and times a trivial jitted function right after the block: the fixed
+``block + metric + op`` fused in one jit and reports the op's marginal cost
+``(block+metric+op - block+metric) / block`` (median of ``--fused-repeats`` paired rounds; the metric is an
+input of the op in every other measure, so it is reported on its own as ``fused_metric_ratio``), and times a trivial jitted function right after the block: the fixed
 dispatch floor that every standalone measure contains (about 0.1 ms, 0.5% of a block here). A diagnostic
 times each op after 20 ms of idle and after a 64 MB cache sweep: on the 2-vCPU VM the idle one is as slow
 as the sweep or slower, so what makes an op slower after the block is mostly waking the second CPU for
@@ -104,6 +105,11 @@ def block_then(op):
     return fn
 
 
+def _marginal(with_op, without, block):
+    """Median over paired rounds of ``(with_op_i - without_i) / block_i``."""
+    return statistics.median([(w - wo) / b for w, wo, b in zip(with_op, without, block)])
+
+
 def _time(fn, args):
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -115,7 +121,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 repeats, 1 warm-up: proves the script runs")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--fused-repeats", type=int, default=100,
-                    help="rounds of (block, block+ToMe, block+PiToMe) for the marginal cost inside one jit")
+                    help="rounds of (block, block+metric, block+metric+ToMe, block+metric+PiToMe) for the "
+                         "marginal cost inside one jit")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="results/bench/merge_ops.json")
     args = ap.parse_args(argv)
@@ -165,10 +172,12 @@ def main(argv=None):
             samples[f"{name}_on_block_out"].append((time.perf_counter() - t1) * 1e3)
     # Marginal cost inside one jit: a difference of two ~block-sized times, so it gets its own, longer
     # loop of alternating rounds.
-    fused = {name: [] for name in ("block", "block+tome", "block+pitome")}
+    block_metric = (jax.jit(lambda p, xx, s: block_with_metric(p, xx)), (params, x, sizes))
+    jax.block_until_ready(block_metric[0](*block_metric[1]))
+    fused = {name: [] for name in ("block", "block+metric", "block+tome", "block+pitome")}
     for _ in range(fused_repeats):
         for name in fused:
-            fused[name].append(_time(*fns[name]))
+            fused[name].append(_time(*(block_metric if name == "block+metric" else fns[name])))
     ms = {name: statistics.median(v) for name, v in samples.items()}
     paired = {name: statistics.median([o / blk for o, blk in zip(samples[name], samples["block"])])
               for name in ("tome", "pitome")}
@@ -211,9 +220,10 @@ def main(argv=None):
         warm_ratio_pitome_to_block=warm["pitome"] / warm["block"],
         on_block_out_ratio_tome=on_out["tome"],
         on_block_out_ratio_pitome=on_out["pitome"],
-        # marginal cost inside one jit: median over rounds of ((block + op)_i - block_i) / block_i
-        fused_ratio_tome=statistics.median([(f - blk) / blk for f, blk in zip(fused["block+tome"], fused["block"])]),
-        fused_ratio_pitome=statistics.median([(f - blk) / blk for f, blk in zip(fused["block+pitome"], fused["block"])]),
+        # marginal cost inside one jit: median over rounds of ((block + metric + op)_i - (block + metric)_i) / block_i
+        fused_ratio_tome=_marginal(fused["block+tome"], fused["block+metric"], fused["block"]),
+        fused_ratio_pitome=_marginal(fused["block+pitome"], fused["block+metric"], fused["block"]),
+        fused_metric_ratio=_marginal(fused["block+metric"], fused["block"], fused["block"]),
         fused_repeats=fused_repeats,
         # what a trivial separately dispatched function costs right after the block (fixed per call)
         dispatch_floor_ratio=paired_dispatch,
@@ -230,8 +240,9 @@ def main(argv=None):
     print(f"PiToMe/block {result['ratio_pitome_to_block']:.3%} (target <= 8%; warm back-to-back "
           f"{result['warm_ratio_pitome_to_block']:.3%})")
     print(f"on the block's fresh outputs: ToMe {on_out['tome']:.3%}, PiToMe {on_out['pitome']:.3%} of a block")
-    print(f"fused in one jit: ToMe +{result['fused_ratio_tome']:.3%}, PiToMe +{result['fused_ratio_pitome']:.3%}"
-          f" of a block (median of {fused_repeats} paired rounds)")
+    print(f"fused in one jit: ToMe {result['fused_ratio_tome']:+.3%}, PiToMe {result['fused_ratio_pitome']:+.3%}"
+          f" of a block (median of {fused_repeats} paired rounds; the [B, T, 64] metric itself "
+          f"{result['fused_metric_ratio']:+.3%})")
     print(f"dispatch floor: a trivial function started right after the block takes {ms['dispatch']:.3f} ms "
           f"({paired_dispatch:.3%} of a block), included in every standalone op measure above")
     for name in ("tome", "pitome"):

@@ -133,9 +133,11 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     anchor_base = jnp.concatenate([2 * unm_tok, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
 
     layout = _output_layout(n_unm, nb, distill_token)
-    slot_a = jnp.asarray(layout)[slot_a]
     slot_b = jnp.asarray(layout[n_unm:])
-    anchor = anchor_base[np.argsort(layout)]
+    anchor = anchor_base
+    if distill_token:                               # the identity layout otherwise: no gathers
+        slot_a = jnp.asarray(layout)[slot_a]
+        anchor = anchor_base[np.argsort(layout)]
     # Interleave A (even positions) and B (odd positions) back into token order.
     assign = jnp.stack([slot_a[:nb], slot_b], axis=-1).reshape(-1)
     if na > nb:
