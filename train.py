@@ -43,6 +43,7 @@ import optax
 from flax import nnx
 
 import configs
+from configs import spec_from_node
 from models import data as data_lib
 from models.run_params import flat_paths
 
@@ -65,15 +66,12 @@ def _get(node, key, default=None):
 
 
 def reduction_spec(cfg) -> Optional[dict]:
-    """The ``model.reduction`` block as a plain spec for :func:`reduction.build_layer_reducers`.
-
-    ``None`` values and empty tuples are dropped so presets can list every field a method accepts.
-    """
+    """The ``model.reduction`` block as a plain spec for :func:`reduction.build_layer_reducers` (``None`` for no
+    reduction); ``None`` values and empty tuples are dropped so presets can list every field a method accepts."""
     block = _get(cfg.model, "reduction")
     if block is None:
         return None
-    spec = {k: (list(v) if isinstance(v, tuple) else v) for k, v in block.to_dict().items()
-            if v is not None and v != () and v != []}
+    spec = spec_from_node(block)
     if spec.get("method", "none") == "none":
         return None
     return spec
@@ -662,15 +660,13 @@ def make_task(cfg, model) -> Any:
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
                                   label_smoothing=float(cfg.train.label_smoothing))
     if cfg.task == "vqa":
-        from models.vlm import build_plan
-
         src = data_lib.make_source(cfg.data, "train")
         vocab, answers = src.vocab, src.answers
         n_words = len(vocab)
         if n_words + len(answers) + 1 > cfg.model.vlm.text.vocab_size:
             raise ValueError(f"model.vlm.text.vocab_size must be >= {n_words + len(answers) + 1} "
                              f"(question words + answers + image token)")
-        plan = build_plan(reduction_spec_vlm(cfg), vision_layers=model.vision_layers)
+        plan = model.build_plan(reduction_spec_vlm(cfg))
         return VQATask(answer_ids=tuple(range(n_words, n_words + len(answers))), question_len=src.max_len
                        if hasattr(src, "max_len") else 12, image_tokens=model.num_image_tokens(plan),
                        image_token_id=model.cfg.image_token_id, plan=plan,
@@ -686,11 +682,10 @@ def layer_reducers(cfg, model) -> Optional[tuple]:
 
 
 def reduction_spec_vlm(cfg) -> Optional[dict]:
+    """The ``model.plan`` block (``{"point": ..., "method": ..., **options}``) as a plain spec for
+    :func:`models.vlm.build_plan`."""
     block = _get(cfg.model, "plan")
-    if block is None:
-        return None
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in block.to_dict().items()
-            if v is not None and v != ()}
+    return None if block is None else spec_from_node(block)
 
 
 class Trainer:

@@ -4,6 +4,13 @@ A config is a Python file in this folder defining ``get_config() -> ml_collectio
 Command-line overrides are ``key.sub=value`` strings. The config is locked before overrides apply, so a
 typo in a field name raises an error that names the field (``ml_collections`` suggests close matches);
 values are parsed as Python literals and must keep the field's type.
+
+Reduction specs (``model.reduction`` for a ViT, ``model.plan`` for the VLM, and each entry of an eval config's
+``options``) are open: any option of the spec's method may be set field by field
+(``model.reduction.keep_ratio=0.5``), and the spec is checked against the method's options afterwards, so a
+misspelt option is named together with the valid ones. Changing ``method`` on the command line starts the spec
+afresh from that method's defaults (the preset's options belonged to its method; ``point`` is kept), whatever the
+order of the overrides. A whole spec is one override too: ``"model.reduction={'method': 'pitome', 'keep_ratio': 0.9}"``.
 """
 
 from __future__ import annotations
@@ -48,16 +55,112 @@ def _parse_value(text: str, current: Any) -> Any:
     return value
 
 
+# Config paths holding a reduction spec, and the point each is checked at ("options.*": every child of options).
+SPEC_NODES = {"model.reduction": "vit", "model.plan": None}
+
+
+def _split(item: str) -> tuple[str, str]:
+    item = item[2:] if item.startswith("--") else item
+    if item.startswith("config."):
+        item = item[len("config."):]
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like field.sub=value")
+    return tuple(item.split("=", 1))
+
+
+def _spec_paths(cfg: ml_collections.ConfigDict) -> list[str]:
+    paths = []
+    for path in SPEC_NODES:
+        node = _node(cfg, path)
+        if isinstance(node, ml_collections.ConfigDict):
+            paths.append(path)
+    options = cfg.get("options") if isinstance(cfg, ml_collections.ConfigDict) else None
+    if isinstance(options, ml_collections.ConfigDict):
+        paths += [f"options.{name}" for name in options.keys()
+                  if isinstance(options[name], ml_collections.ConfigDict)]
+    return paths
+
+
+def _node(cfg, path: str):
+    node = cfg
+    for part in path.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def spec_from_node(node) -> dict:
+    """A spec node as a plain dict: ``None``, ``""`` and empty tuples dropped (presets may list unused fields),
+    tuples as lists."""
+    out = {}
+    for k, v in (node.to_dict() if hasattr(node, "to_dict") else dict(node)).items():
+        if v is None or v == "" or v == () or v == []:
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def check_spec_node(path: str, node) -> None:
+    """Raise :class:`ConfigError` when the spec at ``path`` names an unknown method or option."""
+    import reduction as R
+
+    spec = spec_from_node(node)
+    point = spec.pop("point", SPEC_NODES.get(path) or "vit")
+    if path.startswith("options."):
+        spec.setdefault("method", path.split(".", 1)[1])
+    if point == "none" or spec.get("method", "none") == "none":
+        return
+    if point in ("vision", "connector", "llm") or point == "vit":
+        try:
+            R.check_spec(spec, point)
+        except R.SpecError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    else:
+        raise ConfigError(f"{path}.point must be one of none, vision, connector, llm; got {point!r}")
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) -> ml_collections.ConfigDict:
-    """Apply ``a.b=value`` overrides to a locked config. Unknown fields raise :class:`ConfigError`."""
+    """Apply ``a.b=value`` overrides to a locked config. Unknown fields raise :class:`ConfigError`; reduction specs
+    take any option of their method (see the module docstring)."""
+    overrides = [_split(item) for item in overrides]
+    spec_paths = _spec_paths(cfg)
+    # a changed method restarts its spec from the method's defaults, before any of its options apply
+    for key, text in overrides:
+        path, _, leaf = key.rpartition(".")
+        if leaf == "method" and path in spec_paths:
+            node = _node(cfg, path)
+            kept = {k: node[k] for k in ("point",) if k in node}
+            with node.unlocked():
+                for k in list(node.keys()):
+                    del node[k]
+                node.update(dict(kept, method=_parse_value(text, "")))
     cfg.lock()
-    for item in overrides:
-        item = item[2:] if item.startswith("--") else item
-        if item.startswith("config."):
-            item = item[len("config."):]
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like field.sub=value")
-        key, text = item.split("=", 1)
+    for key, text in overrides:
+        path, _, leaf = key.rpartition(".")
+        if path in spec_paths or (path == "options" and "options" in cfg):
+            node = _node(cfg, path)
+            value = _parse_value(text, node[leaf] if leaf in node else None)
+            with node.unlocked():
+                is_node = leaf in node and isinstance(node[leaf], ml_collections.ConfigDict)
+                if leaf in node:
+                    del node[leaf]             # spec options take any type (an int r may become a list)
+                if isinstance(value, dict) and (is_node or path == "options"):
+                    node[leaf] = ml_collections.ConfigDict(value)
+                else:
+                    node[leaf] = value
+            if path == "options" and isinstance(node[leaf], ml_collections.ConfigDict):
+                spec_paths.append(f"options.{leaf}")
+            continue
+        if key in spec_paths:       # a whole spec as one override
+            parent_path, _, name = key.rpartition(".")
+            parent = _node(cfg, parent_path) if parent_path else cfg
+            value = _parse_value(text, None)
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a dict spec such as {{'method': 'tome', 'r': 8}}, got {text!r}")
+            with parent.unlocked():
+                parent[name] = ml_collections.ConfigDict(value)
+            continue
         *parents, leaf = key.split(".")
         node = cfg
         walked = []
@@ -78,6 +181,8 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
             parent[leaf] = value
         except TypeError as err:
             raise ConfigError(f"config field {key!r}: {err}") from None
+    for path in _spec_paths(cfg):
+        check_spec_node(path, _node(cfg, path))
     return cfg
 
 

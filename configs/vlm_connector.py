@@ -22,7 +22,7 @@ def get_config():
                                                         num_heads=3, mlp_dim=192, feature_layer=-1))
     c.model.vlm.text = ml_collections.ConfigDict(dict(vocab_size=96, dim=96, num_layers=2, num_heads=3,
                                                       num_kv_heads=3, mlp_dim=192))
-    c.model.plan = ml_collections.ConfigDict(dict(point="none", method="", k=0))
+    c.model.plan = ml_collections.ConfigDict(dict(point="none", method="none"))
     c.model.reduction = ml_collections.ConfigDict(dict(method="none"))
     c.data.name = "synth_vqa"
     c.data.image_size = 64

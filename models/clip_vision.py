@@ -6,10 +6,9 @@ absolute positions, a LayerNorm *before* the encoder (``pre_layrnorm``), pre-nor
 states of layer ``-2`` (so the last block never runs here) and drops the class token ("default" feature
 selection).
 
-Reduction point (a) of the VLM: per-layer reducers from :mod:`reduction` run between each block's
-attention residual and its MLP (``position="after_attention"``), with the class token protected. They see
-the block's keys averaged over heads as ``metric``, the concatenated keys, the hidden states, and the
-attention probabilities when they ask for them.
+Reduction point (a) of the VLM: per-layer reducers from :mod:`reduction` run in each block exactly as in the
+ViT (the same :func:`models.layers.reducing_block`: the reducer's ``position``, proportional attention from the
+layer after the first merge), with the class token protected.
 
 Dimension vocabulary: B batch, T tokens, N original tokens, C channels, H heads.
 """
@@ -23,9 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.layers import Attention, PatchEmbed, layer_norm
-from reduction.attention import combine_biases, key_mask_bias, proportional_attention_bias
-from reduction.reducers import ATTENTION, HIDDEN, KEYS, METRIC, LayerInfo, Reducer
+from models.layers import Attention, PatchEmbed, layer_norm, prop_attn_flags, reducing_block
+from reduction.reducers import Reducer, tokens_per_layer
 from reduction.state import init_state
 
 
@@ -99,10 +97,8 @@ class CLIPVision(nnx.Module):
 
     def num_features(self, reducers: Optional[Sequence[Optional[Reducer]]] = None) -> int:
         """Static number of output feature tokens for a reducer list."""
-        t = self.cfg.num_patches + 1
-        for layer, red in enumerate(self._reducers(reducers)):
-            if red is not None:
-                t = red.num_out(t, self._info(layer))
+        counts = tokens_per_layer(self.cfg.num_patches + 1, self._reducers(reducers), num_protected=1)
+        t = counts[-1][1] if counts else self.cfg.num_patches + 1
         return t - int(self.cfg.drop_cls)
 
     def _reducers(self, reducers):
@@ -114,10 +110,8 @@ class CLIPVision(nnx.Module):
             reducers = reducers + [None] * (n - len(reducers))
         return reducers[:n]
 
-    def _info(self, layer: int, **arrays) -> LayerInfo:
-        return LayerInfo(layer=layer, num_layers=self.cfg.layers_run, num_protected=1, **arrays)
-
-    def __call__(self, images: jax.Array, *, reducers: Optional[Sequence[Optional[Reducer]]] = None):
+    def __call__(self, images: jax.Array, *, reducers: Optional[Sequence[Optional[Reducer]]] = None,
+                 rng: Optional[jax.Array] = None):
         cfg = self.cfg
         x = self.patch_embed(images.astype(cfg.dtype) if cfg.dtype is not None else images)
         b = x.shape[0]
@@ -126,32 +120,16 @@ class CLIPVision(nnx.Module):
         x = self.pre_layrnorm(x)
         state = init_state(x)
         reducers = self._reducers(reducers)
-        prop = any(r is not None and r.prop_attn for r in reducers)
-        counts = []
+        props = prop_attn_flags(reducers)
         for layer, (blk, red) in enumerate(zip(self.layers[: cfg.layers_run], reducers)):
-            bias = combine_biases(proportional_attention_bias(state.sizes) if prop else None,
-                                  key_mask_bias(state.valid))
-            needs = red.needs if red is not None else frozenset()
-            h, keys, probs = blk.attn(blk.layer_norm1(state.x), bias=bias, need_probs=ATTENTION in needs)
-            x = state.x + h
-            t_in = state.num_tokens
-            if red is not None:
-                info = self._info(
-                    layer,
-                    metric=keys.mean(axis=2) if METRIC in needs else None,
-                    keys=keys.reshape(b, t_in, -1) if KEYS in needs else None,
-                    hidden=x if HIDDEN in needs else None,
-                    attention=probs,
-                )
-                state = red(state.replace(x=x), info)
-                x = state.x
-            else:
-                state = state.replace(x=x)
-            counts.append((t_in, state.num_tokens))
-            x = x + blk.mlp(blk.layer_norm2(x))
-            state = state.replace(x=x)
+            info = dict(layer=layer, num_layers=cfg.layers_run, num_protected=1,
+                        rng=None if rng is None else jax.random.fold_in(rng, layer))
+            state = reducing_block(state, attn=blk.attn, norm1=blk.layer_norm1, mlp=blk.mlp, norm2=blk.layer_norm2,
+                                   reducer=red, info=info, prop_attn=props[layer])
         start = int(cfg.drop_cls)
-        aux = dict(tokens_per_layer=counts, sizes=state.sizes[:, start:], positions=state.positions[:, start:])
+        aux = dict(tokens_per_layer=tokens_per_layer(cfg.num_patches + 1, reducers, num_protected=1),
+                   sizes=state.sizes[:, start:], positions=state.positions[:, start:],
+                   valid=None if state.valid is None else state.valid[:, start:])
         return state.x[:, start:], aux
 
 

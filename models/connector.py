@@ -1,14 +1,11 @@
-"""LLaVA-1.5 connector: optional token reduction on vision features, the MLP projector, and the
-placement of image tokens into the text stream.
+"""LLaVA-1.5 connector: token reduction on the vision features, the MLP projector, and the placement of image
+tokens into the text stream.
 
-Reduction point (b) of the VLM acts here, on the vision tower's output features before the projector:
-
-* ``"pool"``: ``k x k`` average pooling of the patch grid (ceil mode, :func:`reduction.baselines.pool_tokens`);
-* ``"tome"``: bipartite soft matching (:func:`reduction.tome_merge`) on the features themselves, repeated
-  with ``r`` clamped to half the tokens until ``keep`` tokens remain;
-* ``"pitome"``: PiToMe energy-guided merging, passes of ratio ``max(keep / T, 0.5)`` until about ``keep``
-  tokens remain (PiToMe's floor rule may leave one more; :meth:`ConnectorReduction.num_out` is exact);
-* ``"dart"``: DART-style duplicate removal on the vision tokens (:func:`reduction.dart.dart_vit_keep_indices`).
+Reduction point (b) of the VLM acts here, on the vision tower's output features before the projector, with any
+registered method that runs at the ``"connector"`` point (:func:`reduction.available_methods`): the reducers come
+from the same spec as everywhere (``build_layer_reducers(1, spec, point="connector")``), see the features as their
+metric, keys and hidden states, and protect no token. A method given an absolute target ``keep`` whose single
+pass is capped (ToMe and PiToMe merge at most half the tokens per pass) is applied again until it reaches it.
 
 Placement (MaxText style, static shapes): the prompt ids hold one placeholder id per image token; for
 every example the ``i``-th placeholder receives the ``i``-th image embedding (``cumsum`` of the
@@ -19,122 +16,62 @@ Dimension vocabulary: B batch, N vision tokens, K tokens after reduction, C chan
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Optional
+from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from reduction.reducers import HIDDEN, KEYS, METRIC, LayerInfo, Reducer
 from reduction.state import TokenState, init_state
-from reduction.step import apply_step, prune_step
-from reduction.tome import merged_tokens, tome_merge
-from reduction.validate import check_count, check_rank
+from reduction.validate import check_rank
 
-METHODS = ("none", "pool", "tome", "pitome", "dart")
+MAX_PASSES = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class ConnectorReduction:
-    """Static description of the connector-side reduction (hashable).
+def _passes(reducer: Reducer, num_tokens: int) -> list[int]:
+    """Token counts entering each application of ``reducer`` at the connector (static)."""
+    info = LayerInfo(num_protected=0)
+    counts, t = [], num_tokens
+    repeat = getattr(reducer, "keep", None) is not None
+    while len(counts) < MAX_PASSES:
+        out = reducer.num_out(t, info)
+        if out >= t:
+            break
+        counts.append(t)
+        t = out
+        if not repeat:
+            break
+    return counts
 
-    ``k``: pool window; ``keep``: output tokens for ``tome``/``pitome``/``dart``; ``grid``: the patch grid
-    ``(h, w)`` (default: square); ``margin``: PiToMe's energy margin.
-    """
 
-    method: str = "none"
-    k: int = 2
-    keep: int = 0
-    grid: Optional[tuple] = None
-    margin: float = 0.5
+def connector_num_out(reducers: Optional[Sequence[Optional[Reducer]]], num_tokens: int) -> int:
+    """Static output count of the connector reducers for ``num_tokens`` vision tokens."""
+    t = num_tokens
+    for red in reducers or ():
+        if red is not None:
+            for _ in _passes(red, t):
+                t = red.num_out(t, LayerInfo(num_protected=0))
+    return t
 
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"connector reduction method must be one of {METHODS}, got {self.method!r}")
-        check_count(self.k, "k", allow_zero=False)
-        check_count(self.keep, "keep")
-        if self.method in ("tome", "pitome", "dart") and self.keep == 0:
-            raise ValueError(f"keep must be >= 1 for connector method {self.method!r}")
 
-    def _grid(self, n: int) -> tuple:
-        if self.grid is not None:
-            return tuple(self.grid)
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f"grid must be given: {n} vision tokens are not a square grid")
-        return side, side
-
-    def _tome_passes(self, n: int) -> list:
-        rs, t = [], n
-        while t > self.keep:
-            r = min(t - self.keep, t // 2)
-            if r == 0:
-                break
-            rs.append(r)
-            t = merged_tokens(t, r)
-        return rs
-
-    def _pitome_ratios(self, n: int) -> list:
-        from reduction.pitome import pitome_merged_tokens
-
-        ratios, t = [], n
-        while t > self.keep:
-            ratio = max(self.keep / t, 0.5)
-            nxt = pitome_merged_tokens(t, ratio, num_protected=0)
-            if nxt == t:
-                break
-            ratios.append(ratio)
-            t = nxt
-        return ratios
-
-    def num_out(self, n: int) -> int:
-        """Static output count for ``n`` input tokens."""
-        if self.method == "none":
-            return n
-        if self.method == "pool":
-            h, w = self._grid(n)
-            return -(-h // self.k) * -(-w // self.k)
-        if self.keep > n:
-            raise ValueError(f"keep={self.keep} exceeds the {n} vision tokens")
-        if self.method == "tome":
-            t = n
-            for r in self._tome_passes(n):
-                t = merged_tokens(t, r)
-            return t
-        if self.method == "pitome":
-            from reduction.pitome import pitome_merged_tokens
-
-            t = n
-            for ratio in self._pitome_ratios(n):
-                t = pitome_merged_tokens(t, ratio, num_protected=0)
-            return t
-        return self.keep
-
-    def __call__(self, feats: jax.Array) -> TokenState:
-        """``feats: [B, N, C] -> TokenState`` with ``x: [B, K, C]`` (sizes, positions = patch indices)."""
-        check_rank(feats, 3, "feats")
-        n = feats.shape[1]
-        state = init_state(feats)
-        if self.method == "none":
-            return state
-        if self.method == "pool":
-            from reduction.baselines import pool_tokens
-
-            return pool_tokens(state, k=self.k, num_protected=0, grid=self._grid(n))
-        if self.method == "tome":
-            for r in self._tome_passes(n):
-                state = tome_merge(state, state.x, r=r)
-            return state
-        if self.method == "pitome":
-            from reduction.pitome import pitome_merge
-
-            for ratio in self._pitome_ratios(n):
-                state = pitome_merge(state, state.x, ratio=ratio, margin=self.margin, num_protected=0)
-            return state
-        from reduction.dart import dart_vit_keep_indices
-
-        idx = dart_vit_keep_indices(feats, keep=self.keep, num_protected=0)
-        return apply_step(state, prune_step(idx, n))
+def connector_reduce(reducers: Optional[Sequence[Optional[Reducer]]], feats: jax.Array,
+                     rng: Optional[jax.Array] = None) -> TokenState:
+    """``feats: [B, N, C] -> TokenState`` with ``x: [B, K, C]`` (sizes; positions = patch indices)."""
+    check_rank(feats, 3, "feats")
+    state = init_state(feats)
+    for layer, red in enumerate(reducers or ()):
+        if red is None:
+            continue
+        for _ in _passes(red, state.num_tokens):
+            x = state.x
+            needs = red.needs
+            info = LayerInfo(layer=layer, num_layers=len(reducers), num_protected=0,
+                             metric=x if METRIC in needs else None, keys=x if KEYS in needs else None,
+                             hidden=x if HIDDEN in needs else None,
+                             rng=None if rng is None else jax.random.fold_in(rng, layer))
+            state = red(state, info)
+    return state
 
 
 class Projector(nnx.Module):
@@ -182,4 +119,4 @@ def image_starts_from_mask(is_image: jax.Array, num_images: int = 1, image_len: 
     return jnp.minimum(order, t - 1).astype(jnp.int32)
 
 
-__all__ = ["ConnectorReduction", "Projector", "place_image_tokens", "image_starts_from_mask", "METHODS"]
+__all__ = ["connector_reduce", "connector_num_out", "Projector", "place_image_tokens", "image_starts_from_mask"]

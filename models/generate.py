@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from models.kv_cache import KVCache
-from models.llama import Llama, LLMPruner, positions_from_valid
+from models.llama import Llama, positions_from_valid
 from reduction.validate import check_count, check_rank
 
 
@@ -87,12 +87,12 @@ def stop_table(stop_tokens, batch: int) -> jax.Array:
 TRACE_COUNTS = {"prefill": 0, "decode": 0}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "extra", "pruner", "image_len", "sampling"))
-def _prefill(graphdef, params, x, positions, valid, image_starts, rng, *, extra, pruner, image_len, sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "extra", "reducers", "image_len", "sampling"))
+def _prefill(graphdef, params, x, positions, valid, image_starts, rng, *, extra, reducers, image_len, sampling):
     TRACE_COUNTS["prefill"] += 1
     lm = nnx.merge(graphdef, params)
     rng, sub, prune_rng = jax.random.split(rng, 3)
-    logits, cache, aux = lm.prefill_cache(x, positions, valid, extra=extra, pruner=pruner,
+    logits, cache, aux = lm.prefill_cache(x, positions, valid, extra=extra, reducers=reducers,
                                           image_starts=image_starts, image_len=image_len, rng=prune_rng)
     return sample_logits(logits, sub, sampling), cache, rng, aux["valid"].sum(axis=1)
 
@@ -120,7 +120,7 @@ def generate_from_embeds(
     sampling: Sampling = Sampling(),
     rng: Optional[jax.Array] = None,
     pad_id: int = 0,
-    pruner: Optional[LLMPruner] = None,
+    reducers: Optional[tuple] = None,
     image_starts: Optional[jax.Array] = None,
     image_len: int = 0,
     return_info: bool = False,
@@ -128,7 +128,9 @@ def generate_from_embeds(
     """Generate ``max_new_tokens`` tokens after the prompt embeddings ``x: [B, N, C]`` (left-padded,
     ``valid: [B, N]``). Returns ``tokens [B, R]`` int32 (``pad_id`` after an example's stop token, which
     itself is included), and with ``return_info`` a dict with the prefill cache lengths per layer and the
-    kept prompt tokens per example.
+    kept prompt tokens per example. ``reducers``: one :class:`reduction.Reducer` (or ``None``) per LLM layer,
+    applied during prefill (see :meth:`models.llama.Llama.prefill_embeds`) with the image spans ``image_starts``
+    and ``image_len``.
     """
     check_rank(x, 3, "x")
     max_new_tokens = check_count(max_new_tokens, "max_new_tokens", allow_zero=False)
@@ -141,7 +143,7 @@ def generate_from_embeds(
         image_starts = jnp.zeros((b,), jnp.int32)
     graphdef, params = nnx.split(lm)
     tok, cache, rng, kept = _prefill(graphdef, params, x, positions, valid, jnp.asarray(image_starts, jnp.int32),
-                                     rng, extra=max_new_tokens, pruner=pruner, image_len=image_len,
+                                     rng, extra=max_new_tokens, reducers=reducers, image_len=image_len,
                                      sampling=sampling)
     info = dict(cache_capacity=cache.capacities, prefill_lengths=np.asarray(cache.lengths()), kept_tokens=kept)
     done = jnp.any(tok[:, None] == stops, axis=1)

@@ -139,3 +139,77 @@ def resize_grid(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
 
 
 __all__ = ["Attention", "Mlp", "LayerScale", "PatchEmbed", "layer_norm", "cubic_resize_matrix", "resize_grid"]
+
+
+# -- the reduction point of a block -------------------------------------------------------------------------
+
+
+def reducer_info(reducer, base: dict, keys: Optional[jax.Array], probs: Optional[jax.Array],
+                 hidden: jax.Array):
+    """The :class:`reduction.LayerInfo` a block hands to ``reducer``: the static ``base`` fields (layer,
+    num_layers, num_protected, num_distill, rng) plus only the arrays the reducer ``needs``. ``keys: [B, T, H, Dh]``,
+    ``probs: [B, H, T, T]`` or ``None``, ``hidden: [B, T, C]``."""
+    import reduction as R
+
+    needs = reducer.needs
+    b, t = hidden.shape[:2]
+    return R.LayerInfo(
+        **base,
+        metric=jnp.mean(keys, axis=2) if R.METRIC in needs else None,
+        attention=probs if R.ATTENTION in needs else None,
+        keys=keys.reshape(b, t, -1) if R.KEYS in needs else None,
+        hidden=hidden if R.HIDDEN in needs else None,
+    )
+
+
+def prop_attn_flags(reducers) -> list[bool]:
+    """Static per-layer switch: proportional attention once a reducer with ``prop_attn`` has run (from its own
+    layer on for a ``before_attention`` reducer, from the next layer for an ``after_attention`` one)."""
+    flags, active = [], False
+    for red in reducers:
+        if red is not None and red.prop_attn and red.position == "before_attention":
+            active = True
+        flags.append(active)
+        if red is not None and red.prop_attn:
+            active = True
+    return flags
+
+
+def reducing_block(state, *, attn, norm1, mlp, norm2, ls1=None, ls2=None, reducer=None, info: Optional[dict] = None,
+                   prop_attn: bool = False, hook=None):
+    """A pre-norm transformer block with its reduction point, shared by the ViT and the VLM's vision tower.
+
+    ``state.x: [B, T, C] -> [B, K, C]`` (``K = T`` without a reducer): ``x + ls1(attn(norm1(x)))``, then the reducer
+    at its ``position`` (``"after_attention"``: before the MLP, ToMe's place; ``"before_attention"``: at the start of
+    the block, on this block's own attention over the tokens about to be reduced), then ``x + ls2(mlp(norm2(x)))``.
+    ``attn(x, bias=, need_probs=) -> (y, keys [B, T, H, Dh], probs or None)``. Attention stays fused unless the
+    reducer (or ``hook``) needs probabilities. ``hook(state, probs) -> state`` runs after the attention residual,
+    before the reducer (the learned ATP gate)."""
+    import reduction as R
+
+    info = info or {}
+
+    def bias(st):
+        prop = R.proportional_attention_bias(st.sizes) if prop_attn else None
+        return R.combine_biases(prop, R.key_mask_bias(st.valid))
+
+    if reducer is not None and reducer.position not in ("after_attention", "before_attention"):
+        raise ValueError(f"reducer.position must be 'after_attention' or 'before_attention', got {reducer.position!r}")
+    if reducer is not None and reducer.position == "before_attention":
+        b, t = state.x.shape[:2]
+        keys = probs = None
+        if reducer.needs & {R.METRIC, R.ATTENTION, R.KEYS}:
+            _, keys, probs = attn(norm1(state.x), bias=bias(state), need_probs=R.ATTENTION in reducer.needs)
+        if keys is None:
+            keys = jnp.zeros((b, t, 1, 1), state.x.dtype)
+        state = reducer(state, reducer_info(reducer, info, keys, probs, state.x))
+
+    need_probs = reducer is not None and reducer.position == "after_attention" and R.ATTENTION in reducer.needs
+    y, keys, probs = attn(norm1(state.x), bias=bias(state), need_probs=need_probs or hook is not None)
+    state = state.replace(x=state.x + (ls1(y) if ls1 is not None else y))
+    if hook is not None:
+        state = hook(state, probs)
+    if reducer is not None and reducer.position == "after_attention":
+        state = reducer(state, reducer_info(reducer, info, keys, probs, state.x))
+    y = mlp(norm2(state.x))
+    return state.replace(x=state.x + (ls2(y) if ls2 is not None else y))

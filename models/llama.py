@@ -6,15 +6,15 @@ as they are), grouped-query attention, SwiGLU MLP, tied or untied LM head.
 Position ids are explicit inputs: a pruned sequence keeps its original positions (with gaps), and
 left-padded batches count positions from each example's first real token.
 
-In-LLM pruning: an :class:`LLMPruner` runs once during prefill, just before decoder layer ``K =
-pruner.layer``, on what layer ``K - 1`` produced (its output hidden states through the final norm, its
-post-RoPE keys, and optionally its attention probabilities). It returns the kept positions; the hidden
-states, positions and validity mask are gathered with :func:`reduction.prune_step` /
-:func:`reduction.apply_step`, and every later layer (and its KV cache) holds only the kept tokens.
+Token reduction inside the LLM: the same :class:`reduction.Reducer` objects as everywhere, one (or ``None``) per
+layer. The reducer of layer ``K`` runs during prefill just before layer ``K``, on what layer ``K - 1`` produced
+(its output hidden states through the final norm, its post-RoPE keys, its attention probabilities or only the
+last prompt queries' rows) and the image spans; :func:`reduction.apply_step` moves the tokens, and every later
+layer (and its KV cache) holds only the kept tokens. Several layers may reduce (staged pruning).
 
-Attention uses ``jax.nn.dot_product_attention`` everywhere except at layer ``K - 1`` when the pruner
-needs attention probabilities; there the probabilities are computed explicitly, for the last
-``pruner.attention_rows`` queries only when that suffices (FastV reads one row).
+Attention uses ``jax.nn.dot_product_attention`` everywhere except in a layer whose outputs a reducer reads as
+probabilities; there they are computed explicitly, for the last ``reducer.text_rows`` queries only when the
+reducer reads text attention (FastV reads one row).
 
 Dimension vocabulary: B batch, T current tokens, N original tokens, C channels (``dim``), H query heads,
 G key/value heads, D head dim, V vocabulary, K kept tokens, S cache slots.
@@ -30,8 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.kv_cache import KVCache, LayerCache, append, layer_cache_from_prefill
+from reduction.reducers import ATTENTION, HIDDEN, KEYS, TEXT_ATTENTION, LayerInfo, Reducer, tokens_per_layer
 from reduction.state import init_state
-from reduction.step import apply_step, prune_step
 from reduction.validate import check_count, check_rank
 
 
@@ -77,56 +77,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = xf.shape[-1] // 2
     rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
     return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
-
-
-# -- pruning hook --------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneInputs:
-    """What layer ``K - 1`` hands to an :class:`LLMPruner` (``None`` for what the pruner does not need).
-
-    Attributes:
-      hidden: ``[B, T, C]`` hidden states leaving layer ``K - 1``, passed through the LM's final norm.
-      keys: ``[B, T, H * D]`` post-RoPE keys of layer ``K - 1`` (key/value heads repeated to ``H``).
-      attention: ``[B, H, Tq, T]`` float32 attention probabilities of layer ``K - 1`` for its last ``Tq``
-        queries.
-      image_starts: ``[B]`` or ``[B, M]`` int32 first position of each image span (traced).
-      image_len: static tokens per image span.
-      valid: ``[B, T]`` bool (``False`` for padding).
-      rng: optional PRNG key.
-    """
-
-    hidden: Optional[jax.Array]
-    keys: Optional[jax.Array]
-    attention: Optional[jax.Array]
-    image_starts: jax.Array
-    image_len: int
-    valid: jax.Array
-    rng: Optional[jax.Array] = None
-
-
-@dataclasses.dataclass(frozen=True)
-class LLMPruner:
-    """Base class of in-LLM pruners (frozen, hashable: safe as a static jit argument).
-
-    ``layer`` is ``K``: pruning happens before decoder layer ``K`` (``K >= 1``). Subclasses set the class
-    flags and implement :meth:`num_out` (static output count) and :meth:`select`, which returns
-    ``(keep_idx [B, K] ascending, keep_valid [B, K] bool or None)``; ``keep_valid`` lets instance-adaptive
-    methods keep a static capacity and mask the unused slots.
-    """
-
-    layer: int = 2
-    needs_hidden: ClassVar[bool] = False
-    needs_keys: ClassVar[bool] = False
-    needs_attention: ClassVar[bool] = False
-    attention_rows: ClassVar[Optional[int]] = None  # None: all query rows; n: only the last n rows
-
-    def num_out(self, num_tokens: int, image_len: int, num_images: int = 1) -> int:
-        raise NotImplementedError
-
-    def select(self, inputs: PruneInputs) -> tuple[jax.Array, Optional[jax.Array]]:
-        raise NotImplementedError
 
 
 # -- layers --------------------------------------------------------------------------------------------
@@ -278,75 +228,108 @@ class Llama(nnx.Module):
 
     # -- prefill ----------------------------------------------------------------------------------------
 
-    def prefill_embeds(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *,
-                       pruner: Optional[LLMPruner] = None, image_starts: Optional[jax.Array] = None,
-                       image_len: int = 0, rng: Optional[jax.Array] = None):
+    def _reducers(self, reducers) -> tuple:
+        n = self.cfg.num_layers
+        if reducers is None:
+            return (None,) * n
+        reducers = tuple(reducers)
+        if len(reducers) != n:
+            raise ValueError(f"reducers has {len(reducers)} entries but the LLM has {n} layers")
+        if reducers[0] is not None:
+            raise ValueError("a reducer in the LLM acts before layer K >= 1 (on layer K - 1's outputs), not at layer 0")
+        for i, red in enumerate(reducers):
+            if red is not None and not isinstance(red, Reducer):
+                raise ValueError(f"reducers[{i}] must be a reduction.Reducer or None, got {type(red).__name__}")
+        return reducers
+
+    def tokens_per_layer(self, num_tokens: int, reducers=None, *, image_len: int = 0, num_images: int = 1) -> list[int]:
+        """Static tokens each layer runs on (its KV cache length) under ``reducers``."""
+        counts = tokens_per_layer(num_tokens, self._reducers(reducers), num_protected=0, image_len=image_len,
+                                  num_images=num_images)
+        return [a for a, _ in counts]
+
+    def prefill_embeds(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, reducers=None,
+                       image_starts: Optional[jax.Array] = None, image_len: int = 0, rng: Optional[jax.Array] = None):
         """Run all layers on ``x: [B, N, C]`` with ``positions, valid: [B, N]``.
 
+        ``reducers``: one :class:`reduction.Reducer` (or ``None``) per layer, static. The reducer of layer ``K``
+        (``K >= 1``) runs before layer ``K`` and sees layer ``K - 1``'s outputs: the hidden states through the final
+        norm (``HIDDEN``), its post-RoPE keys with the KV heads repeated (``KEYS``), its attention probabilities
+        (``ATTENTION``: all rows, explicit attention in that layer) or the rows of the last ``reducer.text_rows``
+        queries (``TEXT_ATTENTION``), and the image spans (``image_starts [B]`` or ``[B, M]``, static
+        ``image_len``). Kept tokens keep their original position ids.
+
         Returns ``(h [B, K, C], kv, aux)``: the final hidden states (before the final norm) of the ``K``
-        tokens left after pruning (``K = N`` without a pruner), ``kv`` a list of per-layer
-        ``(k, v, valid)`` with ``k, v: [B, T_l, G, D]``, and ``aux`` with ``positions``/``valid`` ``[B, K]``,
-        ``keep_idx`` ``[B, K]`` (or ``None``) and ``tokens_per_layer`` (static list of ``T_l``).
+        tokens left after reduction, ``kv`` a list of per-layer ``(k, v, valid)`` with ``k, v: [B, T_l, G, D]``,
+        and ``aux`` with ``positions``/``valid`` ``[B, K]`` and ``tokens_per_layer`` (static list of ``T_l``).
         """
         check_rank(x, 3, "x")
         cfg = self.cfg
-        if pruner is not None:
-            if not 1 <= pruner.layer < cfg.num_layers:
-                raise ValueError(f"pruner.layer must be in [1, {cfg.num_layers}), got {pruner.layer}")
+        reducers = self._reducers(reducers)
+        num_images = 1
+        if any(r is not None for r in reducers):
             if image_starts is None:
-                raise ValueError("image_starts is required when a pruner is given")
+                raise ValueError("image_starts is required when the LLM has reducers")
             check_count(image_len, "image_len", allow_zero=False)
+            num_images = 1 if image_starts.ndim == 1 else image_starts.shape[1]
         state = init_state(x, valid=valid, positions=positions)
-        kv, counts, keep_idx = [], [], None
+        kv, counts = [], []
         prev_keys = prev_probs = None
         for layer, block in enumerate(self.layers):
-            if pruner is not None and layer == pruner.layer:
-                inputs = PruneInputs(
-                    hidden=self.norm(state.x) if pruner.needs_hidden else None,
-                    keys=prev_keys, attention=prev_probs, image_starts=image_starts, image_len=image_len,
-                    valid=state.valid, rng=rng)
-                keep_idx, keep_valid = pruner.select(inputs)
-                state = apply_step(state, prune_step(keep_idx, state.num_tokens))
-                if keep_valid is not None:
-                    state = state.replace(valid=state.valid & keep_valid)
-                prev_keys = prev_probs = None
-            probs = "none"
-            before = pruner is not None and layer == pruner.layer - 1
-            if before and pruner.needs_attention:
-                probs = "all" if pruner.attention_rows is None else "rows"
-            h, k, v, p = block.prefill(state.x, state.positions, prefill_mask(state.valid), probs=probs,
-                                       rows=None if pruner is None else pruner.attention_rows)
-            if before:
-                prev_probs = p
-                if pruner.needs_keys:
-                    prev_keys = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2).reshape(
-                        k.shape[0], k.shape[1], -1)
+            red = reducers[layer]
+            if red is not None:
+                info = LayerInfo(
+                    layer=layer, num_layers=cfg.num_layers, num_protected=0,
+                    hidden=self.norm(state.x) if HIDDEN in red.needs else None,
+                    keys=prev_keys if KEYS in red.needs else None,
+                    attention=prev_probs if ATTENTION in red.needs else None,
+                    text_attention=prev_probs if TEXT_ATTENTION in red.needs else None,
+                    image_starts=image_starts, image_len=image_len, num_images=num_images,
+                    rng=None if rng is None else jax.random.fold_in(rng, layer))
+                t_in = state.num_tokens
+                state = red(state, info)
+                # span methods keep every text token, so each image span shrinks by the same static count
+                removed = (t_in - state.num_tokens) // num_images
+                image_len -= removed
+                if image_starts.ndim == 2:
+                    image_starts = image_starts - removed * jnp.arange(num_images, dtype=image_starts.dtype)[None]
+            nxt = reducers[layer + 1] if layer + 1 < cfg.num_layers else None
+            probs, rows = "none", None
+            if nxt is not None and ATTENTION in nxt.needs:
+                probs = "all"
+            elif nxt is not None and TEXT_ATTENTION in nxt.needs:
+                probs, rows = "rows", min(nxt.text_rows, state.num_tokens)
+            h, k, v, p = block.prefill(state.x, state.positions, prefill_mask(state.valid), probs=probs, rows=rows)
+            prev_probs = p
+            prev_keys = None
+            if nxt is not None and KEYS in nxt.needs:
+                prev_keys = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2).reshape(k.shape[0], k.shape[1], -1)
             kv.append((k, v, state.valid))
             counts.append(state.num_tokens)
             state = state.replace(x=h)
-        aux = dict(positions=state.positions, valid=state.valid, keep_idx=keep_idx, tokens_per_layer=counts)
+        aux = dict(positions=state.positions, valid=state.valid, tokens_per_layer=counts)
         return state.x, kv, aux
 
     def __call__(self, ids: jax.Array, *, positions: Optional[jax.Array] = None, valid: Optional[jax.Array] = None,
-                 pruner: Optional[LLMPruner] = None, image_starts: Optional[jax.Array] = None, image_len: int = 0):
+                 reducers=None, image_starts: Optional[jax.Array] = None, image_len: int = 0):
         """Full forward for scoring: ``ids: [B, N]`` -> ``(logits [B, K, V] float32, aux)``."""
         check_rank(ids, 2, "ids")
         valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
         positions = positions_from_valid(valid) if positions is None else positions
-        h, _, aux = self.prefill_embeds(self.embed(ids), positions, valid, pruner=pruner,
+        h, _, aux = self.prefill_embeds(self.embed(ids), positions, valid, reducers=reducers,
                                         image_starts=image_starts, image_len=image_len)
         return self.logits(h), aux
 
     # -- generation pieces ------------------------------------------------------------------------------
 
     def prefill_cache(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, extra: int,
-                      pruner: Optional[LLMPruner] = None, image_starts: Optional[jax.Array] = None,
+                      reducers=None, image_starts: Optional[jax.Array] = None,
                       image_len: int = 0, rng: Optional[jax.Array] = None):
         """Prefill for generation: ``(last_logits [B, V], cache, aux)``; each layer's cache gets ``extra``
         free slots. The next position is ``max(positions of valid tokens) + 1`` per example, i.e. it continues
         from the original, unpruned prompt length."""
         extra = check_count(extra, "extra")
-        h, kv, aux = self.prefill_embeds(x, positions, valid, pruner=pruner, image_starts=image_starts,
+        h, kv, aux = self.prefill_embeds(x, positions, valid, reducers=reducers, image_starts=image_starts,
                                          image_len=image_len, rng=rng)
         layers = tuple(layer_cache_from_prefill(k, v, m, extra) for k, v, m in kv)
         next_pos = jnp.max(jnp.where(valid, positions, -1), axis=1).astype(jnp.int32) + 1
@@ -364,6 +347,6 @@ class Llama(nnx.Module):
 
 
 __all__ = [
-    "LlamaConfig", "Llama", "Block", "Attention", "Mlp", "RMSNorm", "LLMPruner", "PruneInputs",
+    "LlamaConfig", "Llama", "Block", "Attention", "Mlp", "RMSNorm",
     "rope_cos_sin", "apply_rope", "explicit_attention", "prefill_mask", "positions_from_valid",
 ]

@@ -35,7 +35,8 @@ import reduction as R
 from reduction import atp as atp_ops
 from reduction.schedule import keep_count
 from reduction.validate import check_count, check_rank, check_ratio
-from models.layers import Attention, LayerScale, Mlp, PatchEmbed, layer_norm, resize_grid
+from models.layers import (Attention, LayerScale, Mlp, PatchEmbed, layer_norm, prop_attn_flags, reducing_block,
+                           resize_grid)
 
 # big_vision's width / depth / mlp / heads per size name.
 VARIANTS: dict[str, dict[str, int]] = {
@@ -153,56 +154,13 @@ class Block(nnx.Module):
         self.ls1 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
         self.ls2 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
 
-    def _bias(self, state: R.TokenState, prop_attn: bool) -> Optional[jax.Array]:
-        prop = R.proportional_attention_bias(state.sizes) if prop_attn else None
-        return R.combine_biases(prop, R.key_mask_bias(state.valid))
-
-    def _info(self, reducer, base: dict, keys, probs, hidden) -> R.LayerInfo:
-        needs = reducer.needs
-        b, t = hidden.shape[:2]
-        return R.LayerInfo(
-            **base,
-            metric=jnp.mean(keys, axis=2) if R.METRIC in needs else None,
-            attention=probs if R.ATTENTION in needs else None,
-            keys=keys.reshape(b, t, -1) if R.KEYS in needs else None,
-            hidden=hidden if R.HIDDEN in needs else None,
-        )
-
     def __call__(self, state: R.TokenState, *, reducer: Optional[R.Reducer] = None, info: Optional[dict] = None,
                  prop_attn: bool = False,
                  hook: Optional[Callable[[R.TokenState, jax.Array], R.TokenState]] = None) -> R.TokenState:
-        """``state.x: [B, T, C] -> [B, K, C]`` (``K = T`` without a reducer). ``info``: the static LayerInfo fields
-        (layer, num_layers, num_protected, num_distill, rng). ``hook(state, probs [B, H, T, T]) -> state`` (the learned
-        ATP gate) runs after the attention residual, before the reducer and the MLP; it needs the probabilities."""
-        info = info or {}
-        if reducer is not None and reducer.position == "before_attention":
-            keys = probs = None
-            if reducer.needs & {R.METRIC, R.ATTENTION, R.KEYS}:
-                # Scores come from this block's own attention over the tokens about to be reduced.
-                _, keys, probs = self.attn(self.norm1(state.x), bias=self._bias(state, prop_attn),
-                                           need_probs=R.ATTENTION in reducer.needs)
-            b, t = state.x.shape[:2]
-            if keys is None:
-                keys = jnp.zeros((b, t, 1, 1), state.x.dtype)
-            state = reducer(state, self._info(reducer, info, keys, probs, state.x))
-        elif reducer is not None and reducer.position != "after_attention":
-            raise ValueError(f"reducer.position must be 'after_attention' or 'before_attention', "
-                             f"got {reducer.position!r}")
-
-        need_probs = reducer is not None and reducer.position == "after_attention" and R.ATTENTION in reducer.needs
-        x = state.x
-        y, keys, probs = self.attn(self.norm1(x), bias=self._bias(state, prop_attn),
-                                   need_probs=need_probs or hook is not None)
-        x = x + (self.ls1(y) if self.ls1 is not None else y)
-        state = state.replace(x=x)
-        if hook is not None:
-            state = hook(state, probs)
-            x = state.x
-        if reducer is not None and reducer.position == "after_attention":
-            state = reducer(state, self._info(reducer, info, keys, probs, x))
-        x = state.x
-        y = self.mlp(self.norm2(x))
-        return state.replace(x=x + (self.ls2(y) if self.ls2 is not None else y))
+        """``state.x: [B, T, C] -> [B, K, C]`` (:func:`models.layers.reducing_block`). ``info``: the static LayerInfo
+        fields (layer, num_layers, num_protected, num_distill, rng)."""
+        return reducing_block(state, attn=self.attn, norm1=self.norm1, mlp=self.mlp, norm2=self.norm2, ls1=self.ls1,
+                              ls2=self.ls2, reducer=reducer, info=info, prop_attn=prop_attn, hook=hook)
 
 
 def _as_reducers(reducers, depth: int) -> tuple:
@@ -217,18 +175,6 @@ def _as_reducers(reducers, depth: int) -> tuple:
         if red is not None and not isinstance(red, R.Reducer):
             raise ValueError(f"reducers[{i}] must be a reduction.Reducer or None, got {type(red).__name__}")
     return reducers
-
-
-def _prop_flags(reducers: Sequence[Optional[R.Reducer]]) -> list[bool]:
-    """Static per-layer switch: proportional attention once a reducer with ``prop_attn`` has run."""
-    flags, active = [], False
-    for red in reducers:
-        if red is not None and red.prop_attn and red.position == "before_attention":
-            active = True
-        flags.append(active)
-        if red is not None and red.prop_attn:
-            active = True
-    return flags
 
 
 ATP_MODES = ("soft", "hard")
@@ -393,7 +339,7 @@ class ViT(nnx.Module):
         if atp_mode == "soft":
             return reducers
         spec = self.atp_spec
-        stand_in = atp_ops.ATPPrune(capacity_ratio=spec.capacity_ratio, stride=spec.stride)
+        stand_in = atp_ops.ATPPrune(keep_ratio=spec.capacity_ratio, stride=spec.stride)
         return tuple(stand_in if i in spec.layers else red for i, red in enumerate(reducers))
 
     # -- static helpers -------------------------------------------------------------------------------
@@ -529,7 +475,7 @@ class ViT(nnx.Module):
         count_reducers = self._count_reducers(reducers, atp_mode)  # also rejects reducers at ATP layers
         x = self.embed(images)
         state = R.init_state(x, track_source=return_source)
-        props = _prop_flags(reducers)
+        props = prop_attn_flags(reducers)
         atp_layers = self.atp_layers
         if atp_layers and atp_mode == "soft":  # later blocks see log(m) through the size bias
             props = [on or layer > atp_layers[0] for layer, on in enumerate(props)]

@@ -1,17 +1,17 @@
-"""LLaVA-style VLM: vision tower -> connector -> Llama, with token reduction at one of three points.
+"""LLaVA-style VLM: vision tower -> connector -> Llama, with token reduction at any of three points.
 
-A :class:`ReductionPlan` (static, hashable) selects where tokens are reduced:
+A :class:`ReductionPlan` (static, hashable) holds the reducers of each point, all built from the same specs and
+the same registry (:func:`reduction.build_layer_reducers`):
 
-(a) ``vision``: per-layer reducers inside the vision tower (ToMe, PiToMe, ... from :mod:`reduction`);
-(b) ``connector``: a :class:`~models.connector.ConnectorReduction` on the vision features (pooling, ToMe,
-    PiToMe, DART-on-vision) before the projector;
-(c) ``llm``: an :class:`~models.llama.LLMPruner` run once inside the LLM during prefill at layer ``K``
-    (:class:`DARTPruner`, :class:`FastVPruner`, :class:`ATPPruner`); later layers and their KV cache hold only the kept tokens,
-    which keep their original position ids.
+(a) ``vision``: per-layer reducers inside the vision tower (as in a ViT block);
+(b) ``connector``: reducers on the tower's features before the projector (:mod:`models.connector`);
+(c) ``llm``: per-layer reducers inside the LLM during prefill (the reducer of layer ``K`` acts before layer ``K``
+    on layer ``K - 1``'s outputs, inside the image spans); later layers and their KV cache hold only the kept
+    tokens, which keep their original position ids.
 
 Build a plan from a plain config dict with :func:`build_plan`, e.g. ``{"point": "llm", "method": "dart",
-"layer": 2, "budget": 128}``, ``{"point": "connector", "method": "pool", "k": 2}`` or ``{"point": "vision",
-"method": "tome", "r": 8}``.
+"layers": [2], "keep": 128}``, ``{"point": "connector", "method": "pool", "k": 2}`` or ``{"point": "vision",
+"method": "tome", "r": 8}``; several points at once with ``{"vision": {...}, "llm": {...}}``.
 
 Prompts carry one placeholder id per image token (:func:`build_prompts` expands a single placeholder and
 left-pads a batch); the image span may start anywhere and differ per example.
@@ -24,115 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, ClassVar, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from models.clip_vision import CLIPVision, CLIPVisionConfig
-from models.connector import ConnectorReduction, Projector, image_starts_from_mask, place_image_tokens
+from models.connector import Projector, connector_num_out, connector_reduce, image_starts_from_mask, place_image_tokens
 from models.generate import Sampling, generate_from_embeds
-from models.llama import Llama, LlamaConfig, LLMPruner, PruneInputs, positions_from_valid
-from reduction.reducers import Reducer, build_layer_reducers
+from models.llama import Llama, LlamaConfig, positions_from_valid
+from reduction.reducers import SpecError, build_layer_reducers
 from reduction.validate import check_count, check_rank
 
-
-# -- in-LLM pruners -------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DARTPruner(LLMPruner):
-    """DART at layer ``K`` (:func:`reduction.dart.dart_keep_indices`): ``budget`` image tokens per image before
-    the reference's ``4 + 8 * (budget // 8)`` rule (196/132/68 for 192/128/64)."""
-
-    budget: int = 128
-    num_image_pivots: int = 4
-    num_text_pivots: int = 4
-    pivot_order: str = "ascending"
-    needs_hidden: ClassVar[bool] = True
-    needs_keys: ClassVar[bool] = True
-
-    def kept_per_image(self, image_len: int) -> int:
-        from reduction.dart import dart_kept_per_image
-
-        return dart_kept_per_image(image_len, self.budget, self.num_image_pivots,
-                                   self.num_image_pivots + self.num_text_pivots)
-
-    def num_out(self, num_tokens: int, image_len: int, num_images: int = 1) -> int:
-        return num_tokens - num_images * (image_len - self.kept_per_image(image_len))
-
-    def select(self, inputs: PruneInputs):
-        from reduction.dart import dart_keep_indices
-
-        idx = dart_keep_indices(inputs.hidden, inputs.keys, image_starts=inputs.image_starts,
-                                image_len=inputs.image_len, budget=self.budget, valid=inputs.valid,
-                                num_image_pivots=self.num_image_pivots, num_text_pivots=self.num_text_pivots,
-                                pivot_order=self.pivot_order)
-        return idx, None
-
-
-@dataclasses.dataclass(frozen=True)
-class FastVPruner(LLMPruner):
-    """FastV at layer ``K``: keep the ``budget`` image tokens that the last prompt token attends to most in
-    layer ``K - 1`` (heads averaged); only that one attention row is materialised."""
-
-    budget: int = 128
-    needs_attention: ClassVar[bool] = True
-    attention_rows: ClassVar[Optional[int]] = 1
-
-    def num_out(self, num_tokens: int, image_len: int, num_images: int = 1) -> int:
-        return num_tokens - num_images * (image_len - min(self.budget, image_len))
-
-    def select(self, inputs: PruneInputs):
-        from reduction.baselines import fastv_keep_indices
-
-        idx = fastv_keep_indices(inputs.attention, image_starts=inputs.image_starts, image_len=inputs.image_len,
-                                 budget=self.budget, valid=inputs.valid)
-        return idx, None
-
-
-@dataclasses.dataclass(frozen=True)
-class ATPPruner(LLMPruner):
-    """ATP-style instance-adaptive pruning at layer ``K`` with a fixed threshold (:mod:`reduction.atp`).
-
-    Image tokens score by the attention they receive in layer ``K - 1`` from the other image tokens (self)
-    and from the text after the image (cross); those scoring below ``theta`` are dropped, so the kept count
-    differs per example. Shapes stay static: at most ``capacity`` image tokens per image are kept and the
-    unused slots are masked (``keep_valid``). Needs the full attention map of layer ``K - 1`` (explicit
-    attention there only). The learned threshold module (:class:`reduction.nnx.ATPModule`) is not wired in.
-    """
-
-    theta: float = 0.3
-    capacity: int = 64
-    self_weight: float = 0.5
-    needs_attention: ClassVar[bool] = True
-
-    def num_out(self, num_tokens: int, image_len: int, num_images: int = 1) -> int:
-        return num_tokens - num_images * (image_len - min(self.capacity, image_len))
-
-    def select(self, inputs: PruneInputs):
-        from reduction import atp
-
-        starts = inputs.image_starts
-        if starts.ndim != 1:
-            raise ValueError("ATPPruner supports one image per example (image_starts [B])")
-        attn = inputs.attention
-        t = attn.shape[-1]
-        pos = jnp.arange(t)[None]
-        image = (pos >= starts[:, None]) & (pos < starts[:, None] + inputs.image_len)
-        text_after = (pos >= starts[:, None] + inputs.image_len) & inputs.valid
-        self_recv = atp.received_attention(attn, image.astype(jnp.float32), exclude_self=True)
-        cross_recv = atp.received_attention(attn, text_after.astype(jnp.float32))
-        score = atp.redundancy_score(self_recv, cross_recv, image, self_weight=self.self_weight)
-        theta = jnp.full((attn.shape[0],), self.theta, jnp.float32)
-        keep = atp.hard_keep_mask(score, theta, candidates=image)
-        cap = self.num_out(t, inputs.image_len)
-        return atp.compact_keep(keep, score, capacity=cap, forced=~image)
-
-
-LLM_PRUNERS = {"dart": DARTPruner, "fastv": FastVPruner, "atp": ATPPruner}
+PLAN_POINTS = ("vision", "connector", "llm")
 
 
 # -- reduction plan --------------------------------------------------------------------------------------
@@ -140,39 +45,41 @@ LLM_PRUNERS = {"dart": DARTPruner, "fastv": FastVPruner, "atp": ATPPruner}
 
 @dataclasses.dataclass(frozen=True)
 class ReductionPlan:
-    """Where and how tokens are reduced. ``vision``: per-layer reducers of the tower (tuple, ``None`` entries
-    for plain layers); ``connector``: the connector-side reduction; ``llm``: the in-LLM pruner or ``None``."""
+    """Where and how tokens are reduced: per point a tuple with one reducer (or ``None``) per layer, or ``None``.
+    ``vision``: the tower's blocks; ``connector``: its passes (one by default); ``llm``: the LLM's layers."""
 
     vision: Optional[tuple] = None
-    connector: ConnectorReduction = ConnectorReduction()
-    llm: Optional[LLMPruner] = None
+    connector: Optional[tuple] = None
+    llm: Optional[tuple] = None
 
 
-def build_plan(spec: Optional[Mapping[str, Any]], *, vision_layers: int = 0) -> ReductionPlan:
-    """Resolve a config dict ``{"point": "none" | "vision" | "connector" | "llm", "method": ..., **options}``.
+def build_plan(spec: Optional[Mapping[str, Any]], *, vision_layers: int = 0, llm_layers: int = 0) -> ReductionPlan:
+    """Resolve ``{"point": "none" | "vision" | "connector" | "llm", "method": ..., **options}`` (or a mapping of
+    points to such specs without ``point``) into a :class:`ReductionPlan`.
 
-    ``vision_layers``: blocks that run in the tower (needed for ``point="vision"``; see
-    :meth:`VLM.vision_layers`)."""
+    ``vision_layers``: blocks that run in the tower (:attr:`VLM.vision_layers`); ``llm_layers``: the LLM's layers
+    (:attr:`VLM.llm_layers`). Both are needed for their points."""
     if spec is None:
         return ReductionPlan()
     spec = dict(spec)
+    if "point" not in spec and set(spec) <= set(PLAN_POINTS):
+        parts = {p: build_plan(dict(s, point=p), vision_layers=vision_layers, llm_layers=llm_layers)
+                 for p, s in spec.items() if s}
+        return ReductionPlan(**{p: getattr(plan, p) for p, plan in parts.items()})
     point = spec.pop("point", "none")
-    if point == "none":
+    if point == "none" or spec.get("method", "none") in ("none", ""):
         return ReductionPlan()
     if point == "vision":
         if vision_layers <= 0:
-            raise ValueError("vision_layers must be given for point='vision'")
-        return ReductionPlan(vision=tuple(build_layer_reducers(vision_layers, spec)))
+            raise SpecError("vision_layers must be given for point='vision'")
+        return ReductionPlan(vision=tuple(build_layer_reducers(vision_layers, spec, point="vision")))
     if point == "connector":
-        if "grid" in spec and spec["grid"] is not None:
-            spec["grid"] = tuple(spec["grid"])
-        return ReductionPlan(connector=ConnectorReduction(**spec))
+        return ReductionPlan(connector=tuple(build_layer_reducers(1, spec, point="connector")))
     if point == "llm":
-        method = spec.pop("method", None)
-        if method not in LLM_PRUNERS:
-            raise ValueError(f"unknown in-LLM method {method!r}; available: {sorted(LLM_PRUNERS)}")
-        return ReductionPlan(llm=LLM_PRUNERS[method](**spec))
-    raise ValueError(f"point must be 'none', 'vision', 'connector' or 'llm', got {point!r}")
+        if llm_layers <= 0:
+            raise SpecError("llm_layers must be given for point='llm'")
+        return ReductionPlan(llm=tuple(build_layer_reducers(llm_layers, spec, point="llm")))
+    raise SpecError(f"point must be 'none', 'vision', 'connector' or 'llm', got {point!r}")
 
 
 # -- model -----------------------------------------------------------------------------------------------
@@ -199,14 +106,22 @@ class VLM(nnx.Module):
     def vision_layers(self) -> int:
         return self.cfg.vision.layers_run
 
+    @property
+    def llm_layers(self) -> int:
+        return self.cfg.text.num_layers
+
+    def build_plan(self, spec: Optional[Mapping[str, Any]]) -> ReductionPlan:
+        """:func:`build_plan` with this model's layer counts."""
+        return build_plan(spec, vision_layers=self.vision_layers, llm_layers=self.llm_layers)
+
     def num_image_tokens(self, plan: ReductionPlan = ReductionPlan()) -> int:
         """Static image tokens per image entering the LLM under ``plan``."""
-        return plan.connector.num_out(self.vision_tower.num_features(plan.vision))
+        return connector_num_out(plan.connector, self.vision_tower.num_features(plan.vision))
 
     def encode_images(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()) -> jax.Array:
         """``images: [B, H, W, 3]`` -> projected image tokens ``[B, K, C]`` (reduction points (a) and (b))."""
         feats, _ = self.vision_tower(images, reducers=plan.vision)
-        state = plan.connector(feats)
+        state = connector_reduce(plan.connector, feats)
         return self.multi_modal_projector(state.x)
 
     def embed(self, ids: jax.Array, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
@@ -222,7 +137,7 @@ class VLM(nnx.Module):
         valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
         x, is_image = self.embed(ids, images, plan)
         lm = self.language_model
-        h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid, pruner=plan.llm,
+        h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid, reducers=plan.llm,
                                       image_starts=image_starts_from_mask(is_image),
                                       image_len=self.num_image_tokens(plan))
         return lm.logits(h), aux
@@ -238,7 +153,7 @@ class VLM(nnx.Module):
         x, starts = _embed_jit(*nnx.split(self), jnp.asarray(ids, jnp.int32), images, plan=plan)
         return generate_from_embeds(self.language_model, x, valid, max_new_tokens=max_new_tokens,
                                     stop_tokens=stop_tokens, sampling=sampling, rng=rng, pad_id=pad_id,
-                                    pruner=plan.llm, image_starts=starts, image_len=n_img,
+                                    reducers=plan.llm, image_starts=starts, image_len=n_img,
                                     return_info=return_info)
 
 
@@ -266,5 +181,4 @@ def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, 
     return left_pad(out, pad_id, length)
 
 
-__all__ = ["VLM", "VLMConfig", "ReductionPlan", "build_plan", "build_prompts", "DARTPruner", "FastVPruner", "ATPPruner",
-           "LLM_PRUNERS"]
+__all__ = ["VLM", "VLMConfig", "ReductionPlan", "build_plan", "build_prompts", "PLAN_POINTS"]

@@ -18,14 +18,21 @@ from reduction.reducers import (
     HIDDEN,
     KEYS,
     METRIC,
+    POINTS,
+    TEXT_ATTENTION,
     LayerInfo,
     Reducer,
+    SpecError,
     ToMe,
     available_methods,
     build_layer_reducers,
+    check_spec,
+    default_layers,
+    method_options,
     register,
     tokens_per_layer,
 )
+from reduction.spans import span_keep_indices
 from reduction.schedule import (
     constant_ratio_tokens,
     keep_count,
@@ -48,6 +55,7 @@ from reduction.tome import (bipartite_soft_matching, cosine_normalize, kth_bipar
                             random_bipartite_soft_matching, tome_merge)
 
 from reduction.dart import (  # noqa: E402  (pruning methods register themselves on import)
+    Dart,
     cpython_set_order,
     dart_keep_indices,
     dart_kept_per_image,
@@ -56,12 +64,14 @@ from reduction.dart import (  # noqa: E402  (pruning methods register themselves
 )
 from reduction.zerotprune import ZeroTPrune, ZeroTPruneConfig, eir_vhf, wpr_per_head, zerotprune, zerotprune_step  # noqa: E402
 from reduction.baselines import (  # noqa: E402
+    FastV,
     fastv_keep_indices,
     pool_step,
     pool_tokens,
     random_keep_indices,
     topk_keep_indices,
 )
+from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
     compact_keep,

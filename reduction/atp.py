@@ -35,10 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from reduction import flops as flops_lib
-from reduction.reducers import ATTENTION, LayerInfo, Reducer, register
+from reduction.reducers import ATTENTION, LayerInfo, Reducer, pruned_count, register
 from reduction.schedule import keep_count
 from reduction.state import TokenState
-from reduction.step import apply_step, prune_step
+from reduction.step import ReductionStep, apply_step, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
 
 _TINY = 1e-30
@@ -190,66 +190,100 @@ def patch_grid_mask(num_tokens: int, num_protected: int, stride: int) -> np.ndar
     return np.concatenate([np.zeros(num_protected, bool), grid])
 
 
+def threshold_prune_step(score: jax.Array, theta, *, forced: jax.Array, capacity: int,
+                         valid: Optional[jax.Array] = None) -> ReductionStep:
+    """Hard ATP pruning as a step: keep ``score > theta`` plus ``forced`` (``[T]`` or ``[B, T]``), compacted to the
+    static ``capacity`` (:func:`compact_keep`). ``score: [B, T]`` -> a step to ``capacity`` slots whose ``valid``
+    marks the slots of examples that keep fewer (tokens already invalid in ``valid`` are never kept)."""
+    t = score.shape[1]
+    if valid is not None:
+        forced = forced & valid
+    keep = hard_keep_mask(score, theta, forced=forced)
+    if valid is not None:
+        keep = keep & valid
+    idx, kept = compact_keep(keep, score, capacity=capacity, forced=forced)
+    return prune_step(idx, t, valid=kept)
+
+
 def prune_above_threshold(state: TokenState, score: jax.Array, theta, *, forced: jax.Array,
                           capacity: int) -> tuple[TokenState, jax.Array]:
-    """Hard ATP pruning of a token state: keep ``score > theta`` plus ``forced`` (``[T]`` or ``[B, T]``),
-    compacted to the static ``capacity`` (:func:`compact_keep`). ``x: [B, T, C] -> [B, capacity, C]``;
-    ``valid`` marks the slots of examples that keep fewer (and stays False for tokens already invalid).
-    Returns ``(state, keep_idx [B, capacity])`` (input positions of the kept slots)."""
-    t = state.x.shape[1]
-    if state.valid is not None:
-        forced = forced & state.valid
-    keep = hard_keep_mask(score, theta, forced=forced)
-    if state.valid is not None:
-        keep = keep & state.valid
-    idx, valid = compact_keep(keep, score, capacity=capacity, forced=forced)
-    out = apply_step(state, prune_step(idx, t))
-    return out.replace(valid=valid if out.valid is None else out.valid & valid), idx
+    """:func:`threshold_prune_step` applied: ``x: [B, T, C] -> [B, capacity, C]``. Returns ``(state, keep_idx)``
+    (``keep_idx [B, capacity]``: input positions of the slots)."""
+    step = threshold_prune_step(score, theta, forced=forced, capacity=capacity, valid=state.valid)
+    return apply_step(state, step), step.anchor
+
+
+def span_atp_scores(attention: jax.Array, image_starts: jax.Array, image_len: int, valid: Optional[jax.Array], *,
+                    self_weight: float = 0.5) -> tuple[jax.Array, jax.Array]:
+    """ATP-style score of the image tokens of a sequence (one image per example): self = attention from the other
+    image tokens, cross = attention from the valid text after the image. ``attention: [B, H, T, T]``,
+    ``image_starts: [B]`` -> ``(score [B, T], is_image [B, T])``."""
+    check_rank(attention, 4, "attention")
+    if image_starts.ndim != 1:
+        raise ValueError("ATP in the LLM supports one image per example (image_starts [B])")
+    t = attention.shape[-1]
+    pos = jnp.arange(t)[None]
+    image = (pos >= image_starts[:, None]) & (pos < image_starts[:, None] + image_len)
+    after = pos >= image_starts[:, None] + image_len
+    text_after = after if valid is None else after & valid
+    self_recv = received_attention(attention, image.astype(jnp.float32), exclude_self=True)
+    cross_recv = received_attention(attention, text_after.astype(jnp.float32))
+    return redundancy_score(self_recv, cross_recv, image, self_weight=self_weight), image
 
 
 @dataclasses.dataclass(frozen=True)
 class ATPPrune(Reducer):
-    """Untrained ATP-style hard pruning in a ViT: fixed threshold ``theta`` on :func:`vit_atp_scores`,
-    spatial grid of ``stride`` always kept, compacted to ``capacity_ratio`` of the tokens (static); tokens
-    beyond the instance's count are marked invalid (``state.valid``), so the model must honour ``valid``."""
+    """Untrained ATP-style hard pruning with a fixed threshold ``theta``.
+
+    In a ViT: :func:`vit_atp_scores`, spatial grid of ``stride`` always kept. In the LLM: :func:`span_atp_scores`
+    over the image span. Either way the kept set is compacted to a static capacity (``keep`` or ``keep_ratio`` of
+    the candidates) and the slots beyond the instance's count are marked invalid through the step's ``valid``,
+    so the model must honour ``state.valid``."""
 
     theta: float = 0.3
-    capacity_ratio: float = 0.7
+    keep_ratio: float = 0.7
+    keep: Optional[int] = None
     stride: int = 4
     self_weight: float = 0.5
     needs: ClassVar[frozenset] = frozenset({ATTENTION})
+    spans: ClassVar[bool] = True
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        return keep_count(num_tokens, self.capacity_ratio, protected=info.num_protected)
+        return pruned_count(num_tokens, info, self.keep_ratio, self.keep)
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        if info.attention is None:
-            raise ValueError("atp needs info.attention ([B, H, T, T] probabilities)")
-        t = state.x.shape[1]
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        attn = info.require(ATTENTION, "atp")
+        t = state.num_tokens
+        cap = self.num_out(t, info)
+        if info.in_spans:
+            score, image = span_atp_scores(attn, info.image_starts, info.image_len, state.valid,
+                                           self_weight=self.self_weight)
+            theta = jnp.full((attn.shape[0],), self.theta, jnp.float32)
+            # padding stays forced (its slot keeps the state's False): the image capacity never depends on padding
+            return threshold_prune_step(score, theta, forced=~image, capacity=cap)
         p = info.num_protected
-        score = vit_atp_scores(info.attention, num_protected=p, self_weight=self.self_weight)
+        score = vit_atp_scores(attn, num_protected=p, self_weight=self.self_weight)
         forced = jnp.asarray((np.arange(t) < p) | patch_grid_mask(t, p, self.stride))
-        return prune_above_threshold(state, score, self.theta, forced=forced, capacity=self.num_out(t, info))[0]
+        return threshold_prune_step(score, self.theta, forced=forced, capacity=cap, valid=state.valid)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return flops_lib.attention_score_flops(num_tokens + 1, num_tokens, heads)
 
 
-@register("atp")
-def _atp_layers(num_layers: int, theta: float = 0.3, capacity_ratio: float = 0.7, stride: int = 4,
-                layers=None, self_weight: float = 0.5) -> list[Optional[Reducer]]:
-    """ATP-style ViT pruning with a fixed threshold (runs untrained) at ``layers`` (default ``[3, 6, 9]``
-    scaled to depth)."""
-    from reduction.dart import _layer_list
-
-    check_ratio(capacity_ratio, "capacity_ratio")
+@register("atp", points=("vit", "vision", "llm"))
+def _atp_layers(num_layers: int, theta: float = 0.3, keep_ratio: float = 0.7, keep: Optional[int] = None,
+                stride: int = 4, self_weight: float = 0.5, layers=None) -> list[Optional[Reducer]]:
+    """ATP-style pruning with a fixed threshold (runs untrained): keep ``score > theta`` up to a capacity of
+    ``keep_ratio`` (or ``keep``) of the candidates."""
+    check_ratio(keep_ratio, "keep_ratio")
+    if keep is not None:
+        check_count(keep, "keep", allow_zero=False)
     check_count(stride, "stride")
     if not 0.0 <= float(theta) <= 1.0:
         raise ValueError(f"theta must be in [0, 1], got {theta}")
-    default = sorted({max(0, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
-    chosen = set(_layer_list(num_layers, layers, default))
-    return [ATPPrune(theta=float(theta), capacity_ratio=float(capacity_ratio), stride=int(stride),
-                     self_weight=float(self_weight)) if i in chosen else None for i in range(num_layers)]
+    red = ATPPrune(theta=float(theta), keep_ratio=float(keep_ratio), keep=None if keep is None else int(keep),
+                   stride=int(stride), self_weight=float(self_weight))
+    return [red if i in set(layers) else None for i in range(num_layers)]
 
 
 __all__ = [
@@ -264,5 +298,7 @@ __all__ = [
     "vit_atp_scores",
     "patch_grid_mask",
     "prune_above_threshold",
+    "threshold_prune_step",
+    "span_atp_scores",
     "ATPPrune",
 ]

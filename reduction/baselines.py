@@ -5,12 +5,12 @@ Registered reducers (one spec key per layer list, see :func:`reduction.build_lay
 * ``"random"``    -- keep a uniformly random subset of the unprotected tokens (seeded).
 * ``"topk_cls"``  -- EViT-style: keep the tokens receiving the most attention from the class token
   (token 0), averaged over heads.
-* ``"topk_text"`` -- keep the tokens receiving the most attention from text queries (mean over heads and
-  queries of ``LayerInfo.text_attention``); ``"fastv"`` is the same with only the last text query.
+* ``"fastv"``     -- in the LLM: keep the image tokens receiving the most attention from the last prompt token
+  (FastV, Chen et al., ECCV 2024; ``LayerInfo.text_attention``).
 * ``"pool"``      -- spatial average pooling of the token grid with window = stride = ``k``: a real merge
   (sizes add up, source map tracked).
 
-All keep counts are static: ``keep_count(T, keep_ratio, protected=P)``. Protected tokens (class,
+All keep counts are static (:func:`reduction.reducers.pruned_count`). Protected tokens (class,
 distillation, registers: the first ``P``) always survive and kept tokens stay in their original order.
 Invalid tokens (``state.valid == False``) rank below every valid one, so they are dropped first.
 
@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from reduction import flops as flops_lib
-from reduction.dart import _assemble, _check_starts, _layer_list
-from reduction.reducers import ATTENTION, LayerInfo, Reducer, register
+from reduction.reducers import (ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer, candidates_kept, pruned_count,
+                                register)
+from reduction.spans import assemble as _assemble, check_starts as _check_starts, span_keep_indices
 from reduction.schedule import keep_count
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, merge_step, prune_step
@@ -201,69 +202,82 @@ def pool_tokens(state: TokenState, *, k: int, num_protected: int = 1,
 # -- reducers ----------------------------------------------------------------------------------------------
 
 
-def _prune(state: TokenState, idx: jax.Array) -> TokenState:
-    return apply_step(state, prune_step(idx, state.num_tokens))
+def _span_topk(scores: jax.Array, info: LayerInfo, kept: int) -> jax.Array:
+    """Keep indices of the ``kept`` highest-scoring tokens of each image span (every other token kept)."""
+    s = jnp.where(jnp.isnan(scores), -jnp.inf, jax.lax.stop_gradient(scores).astype(jnp.float32))
+    return span_keep_indices(lambda span: jax.lax.top_k(span, kept)[1], s, info.image_starts,
+                             image_len=info.image_len, kept=kept)
 
 
 @dataclasses.dataclass(frozen=True)
-class _KeepRatio(Reducer):
+class RandomPrune(Reducer):
+    """Seeded random pruning of the candidates. Uses ``info.rng`` when given, else ``fold_in(key(seed), layer)``."""
+
     keep_ratio: float = 0.7
+    keep: Optional[int] = None
+    seed: int = 0
+    spans: ClassVar[bool] = True
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        return keep_count(num_tokens, self.keep_ratio, protected=info.num_protected)
+        return pruned_count(num_tokens, info, self.keep_ratio, self.keep)
 
-
-@dataclasses.dataclass(frozen=True)
-class RandomPrune(_KeepRatio):
-    """Seeded random pruning. Uses ``info.rng`` when given, else ``fold_in(key(seed), layer)``."""
-
-    seed: int = 0
-
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
         rng = info.rng if info.rng is not None else jax.random.fold_in(jax.random.key(self.seed), info.layer)
-        idx = random_keep_indices(rng, state.x.shape[0], state.num_tokens, keep=self.num_out(state.num_tokens, info),
-                                  num_protected=info.num_protected, valid=state.valid)
-        return _prune(state, idx)
+        b, t = state.x.shape[:2]
+        if info.in_spans:
+            kept = candidates_kept(info.image_len, self.keep_ratio, self.keep)
+            idx = _span_topk(jax.random.uniform(rng, (b, t)), info, kept)
+        else:
+            idx = random_keep_indices(rng, b, t, keep=self.num_out(t, info), num_protected=info.num_protected,
+                                      valid=state.valid)
+        return prune_step(idx, t)
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKCls(_KeepRatio):
+class TopKCls(Reducer):
     """EViT-style: keep the tokens the class token attends to most (mean over heads)."""
 
+    keep_ratio: float = 0.7
+    keep: Optional[int] = None
     needs: ClassVar[frozenset] = frozenset({ATTENTION})
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        if info.attention is None:
-            raise ValueError("topk_cls needs info.attention ([B, H, T, T] probabilities)")
-        idx = topk_keep_indices(cls_attention_scores(info.attention), keep=self.num_out(state.num_tokens, info),
-                                num_protected=max(info.num_protected, 1), valid=state.valid)
-        return _prune(state, idx)
+    def _info(self, info: LayerInfo) -> LayerInfo:
+        return dataclasses.replace(info, num_protected=max(info.num_protected, 1))
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        return keep_count(num_tokens, self.keep_ratio, protected=max(info.num_protected, 1))
+        return pruned_count(num_tokens, self._info(info), self.keep_ratio, self.keep)
+
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        scores = cls_attention_scores(info.require(ATTENTION, "topk_cls"))
+        idx = topk_keep_indices(scores, keep=self.num_out(state.num_tokens, info),
+                                num_protected=max(info.num_protected, 1), valid=state.valid)
+        return prune_step(idx, state.num_tokens)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return flops_lib.attention_score_flops(1, num_tokens, heads)
 
 
 @dataclasses.dataclass(frozen=True)
-class TopKText(_KeepRatio):
-    """Keep the tokens text queries attend to most (``info.text_attention``: ``[B, H, Tq, T]``).
-    ``last_only=True`` is FastV's rule (only the last text query)."""
+class FastV(Reducer):
+    """FastV (Chen et al., ECCV 2024) in the LLM: keep the image tokens the last prompt token attends to most in
+    layer ``K - 1`` (heads averaged); only that attention row is materialised (:func:`fastv_keep_indices`)."""
 
-    last_only: bool = False
+    keep_ratio: float = 0.5
+    keep: Optional[int] = None
+    needs: ClassVar[frozenset] = frozenset({TEXT_ATTENTION})
+    spans: ClassVar[bool] = True
+    text_rows: ClassVar[int] = 1
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        if info.text_attention is None:
-            raise ValueError("topk_text/fastv need info.text_attention ([B, H, Tq, T] from text queries)")
-        check_leading(info.text_attention, (state.x.shape[0],), "info.text_attention", "state.x")
-        if info.text_attention.shape[-1] != state.num_tokens:
-            raise ValueError(f"info.text_attention covers {info.text_attention.shape[-1]} keys, state has "
-                             f"{state.num_tokens} tokens")
-        scores = text_attention_scores(info.text_attention, last_only=self.last_only)
-        idx = topk_keep_indices(scores, keep=self.num_out(state.num_tokens, info),
-                                num_protected=info.num_protected, valid=state.valid)
-        return _prune(state, idx)
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return pruned_count(num_tokens, info, self.keep_ratio, self.keep)
+
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        if not info.in_spans:
+            raise ValueError("fastv runs inside the LLM (it needs image spans and text attention)")
+        kept = candidates_kept(info.image_len, self.keep_ratio, self.keep)
+        idx = fastv_keep_indices(info.require(TEXT_ATTENTION, "fastv"), image_starts=info.image_starts,
+                                 image_len=info.image_len, budget=kept, valid=state.valid)
+        return prune_step(idx, state.num_tokens)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return 0
@@ -278,57 +292,61 @@ class Pool(Reducer):
     grid: Optional[tuple] = None
     prop_attn: ClassVar[bool] = True
 
-    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+    def _grid(self, num_tokens: int, info: LayerInfo) -> tuple:
         n = num_tokens - info.num_protected
-        h, w = self.grid if self.grid is not None else (int(round(np.sqrt(n))),) * 2
-        oh, ow = pool_grid_out(h, w, self.k)
+        return self.grid if self.grid is not None else (int(round(np.sqrt(n))),) * 2
+
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        oh, ow = pool_grid_out(*self._grid(num_tokens, info), self.k)
         return info.num_protected + oh * ow
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        return pool_tokens(state, k=self.k, num_protected=info.num_protected, grid=self.grid)
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        return pool_step(state.x.shape[0], state.num_tokens, k=self.k, num_protected=info.num_protected,
+                         grid=self.grid)
 
 
-def _per_layer(num_layers: int, layers: Optional[Sequence[int]], make) -> list[Optional[Reducer]]:
-    default = sorted({max(0, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
-    chosen = set(_layer_list(num_layers, layers, default))
-    return [make() if i in chosen else None for i in range(num_layers)]
-
-
-@register("random")
-def _random_layers(num_layers: int, keep_ratio: float = 0.7, layers: Optional[Sequence[int]] = None,
-                   seed: int = 0) -> list[Optional[Reducer]]:
+def _keep_args(keep_ratio, keep) -> dict:
     check_ratio(keep_ratio, "keep_ratio")
-    return _per_layer(num_layers, layers, lambda: RandomPrune(keep_ratio=keep_ratio, seed=int(seed)))
+    if keep is not None:
+        check_count(keep, "keep", allow_zero=False)
+    return dict(keep_ratio=float(keep_ratio), keep=None if keep is None else int(keep))
 
 
-@register("topk_cls")
-def _topk_cls_layers(num_layers: int, keep_ratio: float = 0.7,
-                     layers: Optional[Sequence[int]] = None) -> list[Optional[Reducer]]:
-    check_ratio(keep_ratio, "keep_ratio")
-    return _per_layer(num_layers, layers, lambda: TopKCls(keep_ratio=keep_ratio))
+def _at_layers(num_layers: int, layers: Sequence[int], reducer: Reducer) -> list[Optional[Reducer]]:
+    chosen = set(layers)
+    return [reducer if i in chosen else None for i in range(num_layers)]
 
 
-@register("topk_text")
-def _topk_text_layers(num_layers: int, keep_ratio: float = 0.7,
-                      layers: Optional[Sequence[int]] = None) -> list[Optional[Reducer]]:
-    check_ratio(keep_ratio, "keep_ratio")
-    return _per_layer(num_layers, layers, lambda: TopKText(keep_ratio=keep_ratio))
+@register("random", points=("vit", "vision", "connector", "llm"))
+def _random_layers(num_layers: int, keep_ratio: float = 0.7, keep: Optional[int] = None, seed: int = 0,
+                   layers=None) -> list[Optional[Reducer]]:
+    """Random pruning: keep a seeded uniform subset of the candidates."""
+    return _at_layers(num_layers, layers, RandomPrune(seed=int(seed), **_keep_args(keep_ratio, keep)))
 
 
-@register("fastv")
-def _fastv_layers(num_layers: int, keep_ratio: float = 0.5,
-                  layers: Optional[Sequence[int]] = (2,)) -> list[Optional[Reducer]]:
-    check_ratio(keep_ratio, "keep_ratio")
-    return _per_layer(num_layers, layers, lambda: TopKText(keep_ratio=keep_ratio, last_only=True))
+@register("topk_cls", points=("vit", "vision"))
+def _topk_cls_layers(num_layers: int, keep_ratio: float = 0.7, keep: Optional[int] = None,
+                     layers=None) -> list[Optional[Reducer]]:
+    """EViT-style top-k by class-token attention."""
+    return _at_layers(num_layers, layers, TopKCls(**_keep_args(keep_ratio, keep)))
 
 
-@register("pool")
-def _pool_layers(num_layers: int, k: int = 2, layer: int = 0, grid: Optional[Sequence[int]] = None
-                 ) -> list[Optional[Reducer]]:
+@register("fastv", points=("llm",))
+def _fastv_layers(num_layers: int, keep_ratio: float = 0.5, keep: Optional[int] = None,
+                  layers=None) -> list[Optional[Reducer]]:
+    """FastV: image tokens by attention from the last prompt token, before LLM layer ``K`` (default 2)."""
+    return _at_layers(num_layers, layers, FastV(**_keep_args(keep_ratio, keep)))
+
+
+@register("pool", points=("vit", "vision", "connector"), layers="first")
+def _pool_layers(num_layers: int, k: int = 2, grid: Optional[Sequence[int]] = None,
+                 layers=None) -> list[Optional[Reducer]]:
+    """Spatial ``k x k`` average pooling of the patch grid (at the first layer of ``layers``, default 0)."""
     check_count(k, "k", allow_zero=False)
-    layer = _layer_list(num_layers, [layer], [0])[0]
     g = None if grid is None else tuple(int(v) for v in grid)
-    return [Pool(k=int(k), grid=g) if i == layer else None for i in range(num_layers)]
+    if len(layers) != 1:
+        raise ValueError(f"pool acts at one layer (the grid is gone after it), got layers={list(layers)}")
+    return _at_layers(num_layers, layers, Pool(k=int(k), grid=g))
 
 
 __all__ = [
@@ -342,6 +360,6 @@ __all__ = [
     "pool_grid_out",
     "RandomPrune",
     "TopKCls",
-    "TopKText",
+    "FastV",
     "Pool",
 ]

@@ -26,7 +26,7 @@ import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from reduction import flops as flops_lib
-from reduction.reducers import LayerInfo, build_layer_reducers
+from reduction.reducers import build_layer_reducers, default_layers, tokens_per_layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,23 +60,11 @@ Spec = Mapping[str, Any]
 
 def layer_token_counts(dims: ViTDims, reducers: Sequence[Any]) -> list[tuple[int, int, int]]:
     """Per layer ``(tokens_in, attention_tokens, mlp_tokens)`` with ``tokens_in`` the count entering the
-    layer (before a ``before_attention`` reducer)."""
-    out = []
-    t = dims.num_tokens
-    for layer, red in enumerate(reducers):
-        info = LayerInfo(layer=layer, num_layers=len(reducers), num_protected=dims.num_protected,
-                         num_distill=dims.num_distill)
-        if red is None:
-            out.append((t, t, t))
-        elif red.position == "before_attention":
-            t_out = red.num_out(t, info)
-            out.append((t, t_out, t_out))
-            t = t_out
-        else:
-            t_out = red.num_out(t, info)
-            out.append((t, t, t_out))
-            t = t_out
-    return out
+    layer (before a ``before_attention`` reducer), from :func:`reduction.reducers.tokens_per_layer`."""
+    counts = tokens_per_layer(dims.num_tokens, reducers, num_protected=dims.num_protected,
+                              num_distill=dims.num_distill)
+    t_in = [dims.num_tokens] + [m for _, m in counts[:-1]]
+    return [(t, a, m) for t, (a, m) in zip(t_in, counts)]
 
 
 def reducers_flops(dims: ViTDims, reducers: Sequence[Any]) -> int:
@@ -154,14 +142,13 @@ def ratio_grid(low: float = 0.02, high: float = 1.0, step: float = 0.01) -> list
 
 
 def default_prune_layers(depth: int) -> list[list[int]]:
-    """Layer sets for staged pruning: DynamicViT's ``[3, 6, 9]`` on 12 layers, scaled to ``depth``;
-    a single early stage; and every layer from the second on."""
-    last = max(depth - 1, 1)
-    staged = sorted({min(max(1, round(depth * f)), last) for f in (0.25, 0.5, 0.75)})
+    """Layer sets for staged pruning: the methods' default (:func:`reduction.reducers.default_layers`, DynamicViT's
+    ``[3, 6, 9]`` on 12 layers); a single early stage; and every layer from the second on."""
+    last = max(depth - 1, 0)
     single = [min(max(1, round(depth * 0.25)), last)]
     every = list(range(1, depth))
     sets = []
-    for s in (staged, single, every):
+    for s in (default_layers(depth), single, every):
         if s and s not in sets:
             sets.append(s)
     return sets
@@ -184,27 +171,27 @@ def _tome_space(dims: ViTDims) -> list:
 @register_search_space("pitome")
 def _pitome_space(dims: ViTDims) -> list:
     """PiToMe with one kept-ratio per layer (its constant-ratio schedule)."""
-    return [{"method": "pitome", "ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
+    return [{"method": "pitome", "keep_ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
 
 
 @register_search_space("pitome_code")
 def _pitome_code_space(dims: ViTDims) -> list:
     """PiToMe with the authors' code preset: the same kept-ratio grid."""
-    return [{"method": "pitome_code", "ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
+    return [{"method": "pitome_code", "keep_ratio": q} for q in ratio_grid(0.5, 1.0, 0.0025)]
 
 
 @register_search_space("atp")
 def _atp_space(dims: ViTDims) -> list:
     """ATP keeps a data-dependent count under a static capacity; the compute (and the analytic count)
-    is set by ``capacity_ratio``, so that is the knob (threshold ``theta`` at its default)."""
+    is set by the capacity ``keep_ratio``, so that is the knob (threshold ``theta`` at its default)."""
     layers = default_prune_layers(dims.depth)[0]
-    return [{"method": "atp", "capacity_ratio": k, "layers": layers} for k in ratio_grid(0.02, 1.0, 0.005)]
+    return [{"method": "atp", "keep_ratio": k, "layers": layers} for k in ratio_grid(0.02, 1.0, 0.005)]
 
 
 @register_search_space("pool")
 def _pool_space(dims: ViTDims) -> list:
-    """Average pooling of the token grid with window ``k`` at one ``layer``."""
-    return [{"method": "pool", "k": k, "layer": layer} for k in (2, 3, 4) for layer in range(dims.depth)]
+    """Average pooling of the token grid with window ``k`` at one layer."""
+    return [{"method": "pool", "k": k, "layers": [layer]} for k in (2, 3, 4) for layer in range(dims.depth)]
 
 
 def prune_space(method: str, dims: ViTDims, layers: Optional[Sequence[int]] = None) -> list:

@@ -53,7 +53,8 @@ import jax
 import jax.numpy as jnp
 
 from reduction import flops as flops_lib
-from reduction.reducers import KEYS, LayerInfo, Reducer, register
+from reduction.reducers import HIDDEN, KEYS, LayerInfo, Reducer, candidates_kept, pruned_count, register
+from reduction.spans import assemble as _assemble, check_starts as _check_starts, span_mask as _span_mask
 from reduction.schedule import keep_count
 from reduction.state import TokenState
 from reduction.step import apply_step, prune_step
@@ -187,12 +188,6 @@ def _cos_normalize(v: jax.Array) -> jax.Array:
     return v / jnp.maximum(norm, COS_EPS)
 
 
-def _span_mask(starts: jax.Array, image_len: int, num_tokens: int) -> jax.Array:
-    """``starts: [M] -> [T]`` bool, True inside any image span."""
-    pos = jnp.arange(num_tokens, dtype=jnp.int32)[None, :]
-    return jnp.any((pos >= starts[:, None]) & (pos < starts[:, None] + image_len), axis=0)
-
-
 def _order_pivots(pivots: jax.Array, present: jax.Array, num_tokens: int, pivot_order: str) -> jax.Array:
     """Visit order of the pivots ``[P]``; missing pivots get sentinel positions after ``T``."""
     sentinel = num_tokens + jnp.arange(pivots.shape[0], dtype=jnp.int32)
@@ -237,23 +232,6 @@ def _select_one_image(hn: jax.Array, norm_l1: jax.Array, text_ok: jax.Array, sta
     kept = num_image_pivots + sum(counts)
     local = jnp.nonzero(~cand, size=kept)[0].astype(jnp.int32)
     return start + local
-
-
-def _check_starts(image_starts, batch: int) -> jax.Array:
-    if getattr(image_starts, "ndim", None) not in (1, 2):
-        raise ValueError(f"image_starts must have rank 1 ([B]) or 2 ([B, M]), got shape {getattr(image_starts, 'shape', None)}")
-    check_leading(image_starts, (batch,), "image_starts", "hidden")
-    if not jnp.issubdtype(image_starts.dtype, jnp.integer):
-        raise ValueError(f"image_starts must be an integer array, got dtype {image_starts.dtype}")
-    starts = image_starts.astype(jnp.int32)
-    return starts[:, None] if starts.ndim == 1 else starts
-
-
-def _assemble(starts: jax.Array, kept_pos: jax.Array, image_len: int, num_tokens: int, num_out: int) -> jax.Array:
-    """Sorted keep indices of one example: non-image positions plus ``kept_pos [M, k]``."""
-    keep = ~_span_mask(starts, image_len, num_tokens)
-    keep = keep.at[kept_pos.reshape(-1)].set(True)
-    return jnp.nonzero(keep, size=num_out)[0].astype(jnp.int32)
 
 
 def dart_keep_indices(
@@ -392,48 +370,65 @@ def dart_vit_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 1, nu
 
 
 @dataclasses.dataclass(frozen=True)
-class DartViT(Reducer):
-    """DART-style pruning inside a ViT block (after attention, before the MLP).
+class Dart(Reducer):
+    """DART (Wen et al., 2025): keep pivots and the tokens least similar to them.
 
-    Pivots by key L1 norm (``KEYS``), similarity on the block's hidden states (``HIDDEN``; falls back to
-    ``state.x``). Keeps ``keep_count(T - protected, keep_ratio)`` of the unprotected tokens.
+    In the LLM (before layer ``K``, on layer ``K - 1``'s normed hidden states and keys): the reference's selection
+    per image span, :func:`dart_keep_indices`, with ``budget = keep`` (or ``keep_ratio`` of the span) and the
+    reference's ``4 + 8 * (budget // 8)`` rule. In a ViT block or at the connector: :func:`dart_vit_keep_indices`
+    on the unprotected tokens (pivots by key L1 norm, similarity on the hidden states).
     """
 
     keep_ratio: float = 0.7
+    keep: Optional[int] = None
     num_pivots: int = 8
-    needs: ClassVar[frozenset] = frozenset({KEYS})
+    num_image_pivots: int = 4
+    num_text_pivots: int = 4
+    pivot_order: str = "ascending"
+    needs: ClassVar[frozenset] = frozenset({KEYS, HIDDEN})
+    spans: ClassVar[bool] = True
+
+    def _budget(self, image_len: int) -> int:
+        return candidates_kept(image_len, self.keep_ratio, self.keep)
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        return keep_count(num_tokens, self.keep_ratio, protected=info.num_protected)
+        if info.in_spans:
+            kept = dart_kept_per_image(info.image_len, self._budget(info.image_len), self.num_image_pivots,
+                                       self.num_image_pivots + self.num_text_pivots)
+            return num_tokens - info.num_images * (info.image_len - min(kept, info.image_len))
+        return pruned_count(num_tokens, info, self.keep_ratio, self.keep)
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        keep = self.num_out(state.num_tokens, info)
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
         feats = state.x if info.hidden is None else info.hidden
-        idx = dart_vit_keep_indices(feats, keep=keep, num_protected=info.num_protected,
-                                    num_pivots=self.num_pivots, keys=info.keys)
-        return apply_step(state, prune_step(idx, state.num_tokens))
+        if info.in_spans:
+            idx = dart_keep_indices(feats, info.require(KEYS, "dart"), image_starts=info.image_starts,
+                                    image_len=info.image_len, budget=self._budget(info.image_len), valid=state.valid,
+                                    num_image_pivots=self.num_image_pivots, num_text_pivots=self.num_text_pivots,
+                                    pivot_order=self.pivot_order)
+        else:
+            idx = dart_vit_keep_indices(feats, keep=self.num_out(state.num_tokens, info),
+                                        num_protected=info.num_protected, num_pivots=self.num_pivots, keys=info.keys)
+        return prune_step(idx, state.num_tokens)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return flops_lib.dart_flops(num_tokens, dim, num_pivots=self.num_pivots)
 
 
-def _layer_list(num_layers: int, layers: Optional[Sequence[int]], default: Sequence[int]) -> list[int]:
-    chosen = list(default if layers is None else layers)
-    for layer in chosen:
-        if not 0 <= int(layer) < num_layers:
-            raise ValueError(f"layers entry {layer} is outside [0, {num_layers})")
-    return [int(v) for v in chosen]
-
-
-@register("dart")
-def _dart_layers(num_layers: int, keep_ratio: float = 0.7, layers: Optional[Sequence[int]] = None,
-                 num_pivots: int = 8) -> list[Optional[Reducer]]:
-    """ViT DART: prune to ``keep_ratio`` at each of ``layers`` (default ``[3, 6, 9]`` scaled to depth)."""
+@register("dart", points=("vit", "vision", "connector", "llm"))
+def _dart_layers(num_layers: int, keep_ratio: float = 0.7, keep: Optional[int] = None, num_pivots: int = 8,
+                 num_image_pivots: int = 4, num_text_pivots: int = 4, pivot_order: str = "ascending",
+                 layers=None) -> list[Optional[Reducer]]:
+    """DART: prune to ``keep_ratio`` (or ``keep``) of the candidates at each of ``layers``. ``num_pivots`` is the
+    ViT variant's; ``num_image_pivots`` / ``num_text_pivots`` / ``pivot_order`` the LLM's."""
     check_ratio(keep_ratio, "keep_ratio")
+    if keep is not None:
+        check_count(keep, "keep", allow_zero=False)
     check_count(num_pivots, "num_pivots", allow_zero=False)
-    default = sorted({max(0, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
-    chosen = set(_layer_list(num_layers, layers, default))
-    return [DartViT(keep_ratio=keep_ratio, num_pivots=num_pivots) if i in chosen else None for i in range(num_layers)]
+    if pivot_order not in PIVOT_ORDERS:
+        raise ValueError(f"pivot_order must be one of {PIVOT_ORDERS}, got {pivot_order!r}")
+    red = Dart(keep_ratio=float(keep_ratio), keep=None if keep is None else int(keep), num_pivots=int(num_pivots),
+               num_image_pivots=int(num_image_pivots), num_text_pivots=int(num_text_pivots), pivot_order=pivot_order)
+    return [red if i in set(layers) else None for i in range(num_layers)]
 
 
 __all__ = [
@@ -443,5 +438,5 @@ __all__ = [
     "dart_token_topk",
     "dart_vit_keep_indices",
     "cpython_set_order",
-    "DartViT",
+    "Dart",
 ]

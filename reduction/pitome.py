@@ -213,27 +213,34 @@ def pitome_merge(
 
 @dataclasses.dataclass(frozen=True)
 class PiToMe(Reducer):
-    """PiToMe at one layer (merges between the attention residual and the MLP, like ToMe)."""
+    """PiToMe at one layer (merges between the attention residual and the MLP, like ToMe): keeps ``keep_ratio``
+    of the mergeable tokens. ``keep`` (connector use): merge towards ``keep`` tokens, at most half per pass."""
 
-    ratio: float = 0.9
+    keep_ratio: float = 0.9
     margin: float = 0.9
     alpha: float = 1.0
     energy_fn: str = "paper"
     use_bsm: bool = False
     use_prop_attn: bool = True
+    keep: Optional[int] = None
     needs: ClassVar[frozenset] = frozenset({METRIC})
 
     @property
     def prop_attn(self) -> bool:  # type: ignore[override]
         return self.use_prop_attn
 
-    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        return pitome_merged_tokens(num_tokens, self.ratio, num_protected=info.num_protected)
+    def _ratio(self, num_tokens: int) -> float:
+        if self.keep is None:
+            return self.keep_ratio
+        return min(max(self.keep / max(num_tokens, 1), 0.5), 1.0)
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        return pitome_merge(
-            state, info.metric, ratio=self.ratio, margin=self.margin, alpha=self.alpha,
-            energy_fn=self.energy_fn, num_protected=info.num_protected, use_bsm=self.use_bsm,
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return pitome_merged_tokens(num_tokens, self._ratio(num_tokens), num_protected=info.num_protected)
+
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        return pitome_matching(
+            info.require(METRIC, "pitome"), ratio=self._ratio(state.num_tokens), margin=self.margin,
+            alpha=self.alpha, energy_fn=self.energy_fn, num_protected=info.num_protected, use_bsm=self.use_bsm,
         )
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
@@ -255,10 +262,11 @@ def _bsm_flags(num_layers: int, bsm_layers: Union[str, Sequence[int]]) -> list[b
     return [layer in chosen for layer in range(num_layers)]
 
 
-@register("pitome")
+@register("pitome", layers="all")
 def pitome_layers(
     num_layers: int,
-    ratio: float = 0.9,
+    keep_ratio: float = 0.9,
+    keep: Optional[int] = None,
     preset: str = "paper",
     margin: Union[None, float, Sequence[float]] = None,
     alpha: Optional[float] = None,
@@ -267,17 +275,20 @@ def pitome_layers(
     bsm_layers: Union[None, str, Sequence[int]] = None,
     layers: Optional[Sequence[int]] = None,
 ) -> list[Optional[Reducer]]:
-    """Per-layer PiToMe reducers from a spec, e.g. ``{"method": "pitome", "ratio": 0.9, "preset": "code"}``.
+    """PiToMe (Tran et al., NeurIPS 2024), e.g. ``{"method": "pitome", "keep_ratio": 0.9, "preset": "code"}``.
 
-    ``preset`` picks defaults from :data:`PRESETS`; every other key overrides it: ``margin`` (a float is the
-    start of the linear schedule, a list gives each layer's margin), ``alpha``, ``energy_fn``, ``prop_attn``,
-    ``bsm_layers`` (``"first_half"``, ``"second_half"``, ``"none"`` or layer indices using ``pitome_bsm``)
-    and ``layers`` (indices of the layers that merge; default all).
+    ``keep_ratio``: fraction of the mergeable tokens kept at each layer (the paper's ``ratio``). ``keep``: merge
+    towards ``keep`` tokens instead (connector). ``preset`` picks defaults from :data:`PRESETS`; every other key
+    overrides it: ``margin`` (a float is the start of the linear schedule, a list gives each layer's margin),
+    ``alpha``, ``energy_fn``, ``prop_attn``, ``bsm_layers`` (``"first_half"``, ``"second_half"``, ``"none"`` or
+    layer indices using ``pitome_bsm``) and ``layers`` (the layers that merge; default all).
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = dict(PRESETS[preset])
-    pitome_r(1000, ratio)  # validates ratio early, naming it
+    pitome_r(1000, keep_ratio)  # validates the ratio early
+    if keep is not None:
+        check_count(keep, "keep", allow_zero=False)
     margin = cfg["margin"] if margin is None else margin
     if isinstance(margin, (list, tuple)):
         if len(margin) != num_layers:
@@ -289,24 +300,27 @@ def pitome_layers(
     energy_fn = _check_energy_fn(cfg["energy_fn"] if energy_fn is None else energy_fn)
     prop_attn = cfg["prop_attn"] if prop_attn is None else bool(prop_attn)
     bsm = _bsm_flags(num_layers, cfg["bsm_layers"] if bsm_layers is None else bsm_layers)
-    active = set(range(num_layers)) if layers is None else {check_count(v, "layers[i]") for v in layers}
+    active = set(range(num_layers)) if layers is None else set(layers)
     return [
-        PiToMe(ratio=float(ratio), margin=margins[layer], alpha=alpha, energy_fn=energy_fn, use_bsm=bsm[layer],
-               use_prop_attn=prop_attn)
-        if layer in active and ratio < 1.0 else None
+        PiToMe(keep_ratio=float(keep_ratio), margin=margins[layer], alpha=alpha, energy_fn=energy_fn,
+               use_bsm=bsm[layer], use_prop_attn=prop_attn, keep=None if keep is None else int(keep))
+        if layer in active and (keep_ratio < 1.0 or keep is not None) else None
         for layer in range(num_layers)
     ]
 
 
-@register("pitome_code")
-def pitome_code_layers(num_layers: int, ratio: float = 0.9, **overrides) -> list[Optional[Reducer]]:
+@register("pitome_code", layers="all")
+def pitome_code_layers(num_layers: int, keep_ratio: float = 0.9, keep: Optional[int] = None,
+                       margin: Union[None, float, Sequence[float]] = None, alpha: Optional[float] = None,
+                       energy_fn: Optional[str] = None, prop_attn: Optional[bool] = None,
+                       bsm_layers: Union[None, str, Sequence[int]] = None,
+                       layers: Optional[Sequence[int]] = None) -> list[Optional[Reducer]]:
     """PiToMe with the authors' released-code preset (``{"method": "pitome", "preset": "code", ...}``), registered
     under its own name so sweeps over every method compare both presets. Off the shelf on DINOv2-S the code
     preset (no proportional attention) keeps features much closer to the unreduced ones than the paper preset
     (mean cosine 0.988 vs 0.936 at 0.76 of the FLOPs; see docs/results.md)."""
-    if "preset" in overrides:
-        raise ValueError("pitome_code fixes preset='code'; use method 'pitome' to choose a preset")
-    return pitome_layers(num_layers, ratio=ratio, preset="code", **overrides)
+    return pitome_layers(num_layers, keep_ratio=keep_ratio, keep=keep, preset="code", margin=margin, alpha=alpha,
+                         energy_fn=energy_fn, prop_attn=prop_attn, bsm_layers=bsm_layers, layers=layers)
 
 
 __all__ = [

@@ -12,6 +12,9 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
 * ``merges`` (static) says whether several inputs may share one slot. Pruning steps (``merges=False``)
   are applied as a gather of ``anchor``; merging steps as a size-weighted average over ``assign`` (the
   anchors gathered, the other tokens scatter-added onto them).
+* ``valid`` (optional, ``[B, K]`` bool) marks the output slots that hold a kept token. Instance-adaptive methods
+  (ATP) keep a static capacity ``K`` and mark the unused slots here; :func:`apply_step` ands it into the state's
+  mask, so no caller patches ``valid`` afterwards.
 * ``movers`` (optional, ``[B, T - K]``) lists the input tokens that are not anchors, in any order. A plan
   that knows them (ToMe: the ``r`` merged sources) passes them so the merge skips finding them; without
   it :func:`apply_step` derives them from ``anchor``.
@@ -32,14 +35,15 @@ from reduction.validate import check_rank
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ReductionStep:
-    """``assign: [B, T] int32``, ``anchor: [B, K] int32``, optional ``movers: [B, T - K] int32``;
-    ``num_out`` (= K) and ``merges`` static."""
+    """``assign: [B, T] int32``, ``anchor: [B, K] int32``, optional ``movers: [B, T - K] int32`` and output
+    ``valid: [B, K] bool``; ``num_out`` (= K) and ``merges`` static."""
 
     assign: jax.Array
     anchor: jax.Array
     num_out: int = dataclasses.field(metadata=dict(static=True))
     merges: bool = dataclasses.field(metadata=dict(static=True))
     movers: Optional[jax.Array] = None
+    valid: Optional[jax.Array] = None
 
     @property
     def num_in(self) -> int:
@@ -52,19 +56,26 @@ def identity_step(batch: int, num_tokens: int) -> ReductionStep:
     return ReductionStep(assign=idx, anchor=idx, num_out=num_tokens, merges=False)
 
 
-def prune_step(keep_idx: jax.Array, num_tokens: int) -> ReductionStep:
+def prune_step(keep_idx: jax.Array, num_tokens: int, valid: Optional[jax.Array] = None) -> ReductionStep:
     """Pruning step from kept indices.
 
     ``keep_idx: [B, K]`` int indices into ``T = num_tokens`` input tokens, in output order (callers sort
     them to keep the original order). Returns a step with ``assign[b, keep_idx[b, k]] = k`` and ``-1``
-    elsewhere.
+    elsewhere. ``valid: [B, K]`` bool marks the slots that hold a kept token (static capacity; the token in an
+    invalid slot is dropped: its ``assign`` is ``-1``).
     """
     check_rank(keep_idx, 2, "keep_idx")
     b, k = keep_idx.shape
     keep_idx = keep_idx.astype(jnp.int32)
     assign = jnp.full((b, num_tokens), -1, jnp.int32)
-    assign = jax.vmap(lambda a, i: a.at[i].set(jnp.arange(k, dtype=jnp.int32)))(assign, keep_idx)
-    return ReductionStep(assign=assign, anchor=keep_idx, num_out=k, merges=False)
+    slots = jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k))
+    target = keep_idx
+    if valid is not None:
+        check_rank(valid, 2, "valid")
+        valid = valid.astype(bool)
+        target = jnp.where(valid, keep_idx, num_tokens)        # invalid slots write nowhere (dropped)
+    assign = jax.vmap(lambda a, i, s: a.at[i].set(s, mode="drop"))(assign, target, slots)
+    return ReductionStep(assign=assign, anchor=keep_idx, num_out=k, merges=False, valid=valid)
 
 
 def merge_step(assign: jax.Array, anchor: jax.Array, movers: Optional[jax.Array] = None) -> ReductionStep:
@@ -173,12 +184,15 @@ def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
     check_rank(state.x, 3, "state.x")
     if step.num_in != state.num_tokens:
         raise ValueError(f"step expects {step.num_in} tokens but state.x has {state.num_tokens}")
+    valid = None if state.valid is None else _take(state.valid, step.anchor)
+    if step.valid is not None:
+        valid = step.valid if valid is None else valid & step.valid
     if not step.merges:
         return TokenState(
             x=_take(state.x, step.anchor),
             sizes=_take(state.sizes, step.anchor),
             positions=_take(state.positions, step.anchor),
-            valid=None if state.valid is None else _take(state.valid, step.anchor),
+            valid=valid,
             source=remap_source(state.source, step.assign),
         )
     weights = state.sizes.astype(jnp.float32)
@@ -189,7 +203,7 @@ def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
         x=x,
         sizes=sizes,
         positions=_take(state.positions, step.anchor),
-        valid=None if state.valid is None else _take(state.valid, step.anchor),
+        valid=valid,
         source=remap_source(state.source, step.assign),
     )
 

@@ -325,16 +325,13 @@ class ZeroTPrune(Reducer):
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
         return num_tokens - self._remove(num_tokens, max(info.num_protected, 1))
 
-    def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
-        if info.attention is None:
-            raise ValueError("zerotprune needs info.attention ([B, H, T, T] probabilities)")
-        metric = info.metric if self.metric == "metric" else info.keys
-        if metric is None:
-            raise ValueError(f"zerotprune with metric={self.metric!r} needs info.{self.metric}")
+    def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        attention = info.require(ATTENTION, "zerotprune")
+        metric = info.require(METRIC if self.metric == "metric" else KEYS, f"zerotprune(metric={self.metric!r})")
         protected = max(info.num_protected, 1)
         r_s, r_i = self.counts(state.num_tokens, protected)
-        return zerotprune(state, info.attention, metric, r_similarity=r_s, r_importance=r_i,
-                          num_protected=protected, config=self.config)
+        return zerotprune_step(attention, metric, r_similarity=r_s, r_importance=r_i, num_protected=protected,
+                               valid=state.valid, config=self.config)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         r_s, _ = self.counts(num_tokens, 1)
@@ -352,7 +349,7 @@ def _per_layer_value(value, chosen: Sequence[int], name: str) -> dict:
     return {i: value for i in chosen}
 
 
-@register("zerotprune")
+@register("zerotprune", points=("vit", "vision"))
 def _zerotprune_layers(
     num_layers: int,
     keep_ratio: Union[float, Sequence[float], None] = 0.7,
@@ -361,7 +358,13 @@ def _zerotprune_layers(
     similarity_fraction: float = 0.5,
     iterations: Union[int, Sequence[int], None] = None,
     metric: str = "metric",
-    **config,
+    preview_iterations: int = 1,
+    init: str = "cls_boost",
+    v_min: float = 0.01,
+    v_max: float = 0.7,
+    var_scale: str = "num_tokens",
+    fallback: str = "all",
+    renormalize: bool = True,
 ) -> list[Optional[Reducer]]:
     """Per-layer Zero-TPrune. Defaults (**guesses**, the paper's Zero-TP-a/b/c lists are not available):
     layers ``[3, 6, 9]`` (scaled to depth) with keep ratio 0.7 each -- the DynamicViT schedule, which cuts
@@ -369,10 +372,7 @@ def _zerotprune_layers(
     (``similarity_fraction=0.5``). ``iterations=None`` uses :func:`default_iterations`. Remaining keywords
     go to :class:`ZeroTPruneConfig` (``init``, ``v_min``, ``v_max``, ``var_scale``, ``fallback``,
     ``renormalize``, ``preview_iterations``)."""
-    from reduction.dart import _layer_list
-
-    default = sorted({max(0, round(num_layers * f)) for f in (0.25, 0.5, 0.75)})
-    chosen = _layer_list(num_layers, layers, default)
+    chosen = list(layers)
     check_ratio(similarity_fraction, "similarity_fraction", low_open=-1e-9)
     if metric not in ("metric", "keys"):
         raise ValueError(f"metric must be 'metric' or 'keys', got {metric!r}")
@@ -388,7 +388,9 @@ def _zerotprune_layers(
         else:
             check_count(rs[i], "r")
         n_it = its.get(i, default_iterations(i, num_layers))
-        cfg = ZeroTPruneConfig(iterations=int(n_it), **config).validate()
+        cfg = ZeroTPruneConfig(iterations=int(n_it), preview_iterations=int(preview_iterations), init=init,
+                               v_min=v_min, v_max=v_max, var_scale=var_scale, fallback=fallback,
+                               renormalize=bool(renormalize)).validate()
         out[i] = ZeroTPrune(keep_ratio=None if r is not None else float(ratios[i]),
                             r=None if r is None else int(rs[i]), similarity_fraction=float(similarity_fraction),
                             metric=metric, config=cfg)

@@ -1,6 +1,8 @@
-"""VLM: image-token placement (loop reference), connector reductions, the in-LLM pruning hook (positions,
-per-layer cache lengths, static capacity + mask), and batched == one-by-one greedy generation with and without
-in-LLM pruning (DART, FastV, ATP-style)."""
+"""VLM: image-token placement (loop reference), connector reductions, reducers inside the LLM (positions,
+per-layer cache lengths, static capacity + mask), and batched == one-by-one greedy generation with every method at
+every point of the VLM (tower, connector, LLM)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -9,8 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.clip_vision import CLIPVisionConfig
-from models.connector import ConnectorReduction, image_starts_from_mask, place_image_tokens
-from models.llama import LlamaConfig, LLMPruner
+import reduction as R
+from models.connector import connector_num_out, connector_reduce, image_starts_from_mask, place_image_tokens
+from models.llama import LlamaConfig
 from models.vlm import VLM, VLMConfig, ReductionPlan, build_plan, build_prompts
 
 IMG = 63
@@ -32,28 +35,37 @@ def images():
     return jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
 
 
-class EveryOtherImageToken(LLMPruner):
-    """Test selector: keep every text token and the even-offset image tokens."""
+@dataclasses.dataclass(frozen=True)
+class EveryOtherImageToken(R.Reducer):
+    """Test reducer: keep every text token and the even-offset image tokens."""
 
-    def num_out(self, num_tokens, image_len, num_images=1):
-        return num_tokens - image_len // 2
+    spans = True
 
-    def select(self, inputs):
-        b, t = inputs.valid.shape
+    def num_out(self, num_tokens, info):
+        return num_tokens - info.image_len // 2
+
+    def plan(self, state, info):
+        b, t = state.x.shape[:2]
         pos = jnp.arange(t)[None]
-        off = pos - inputs.image_starts[:, None]
-        drop = (off >= 0) & (off < inputs.image_len) & (off % 2 == 1)
-        idx = jnp.argsort(drop, axis=1, stable=True)[:, : t - inputs.image_len // 2]
-        return jnp.sort(idx, axis=1).astype(jnp.int32), None
+        off = pos - info.image_starts[:, None]
+        drop = (off >= 0) & (off < info.image_len) & (off % 2 == 1)
+        idx = jnp.argsort(drop, axis=1, stable=True)[:, : t - info.image_len // 2]
+        return R.prune_step(jnp.sort(idx, axis=1), t)
 
 
-class KeepAll(LLMPruner):
-    def num_out(self, num_tokens, image_len, num_images=1):
+@dataclasses.dataclass(frozen=True)
+class KeepAll(R.Reducer):
+    spans = True
+
+    def num_out(self, num_tokens, info):
         return num_tokens
 
-    def select(self, inputs):
-        b, t = inputs.valid.shape
-        return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), None
+    def plan(self, state, info):
+        return R.identity_step(*state.x.shape[:2])
+
+
+def _at(layer, reducer, num_layers=4):
+    return tuple(reducer if i == layer else None for i in range(num_layers))
 
 
 def _score(vlm, ids, images, valid, plan):
@@ -81,46 +93,67 @@ def test_placement_matches_loop_reference_and_vmap():
     np.testing.assert_array_equal(image_starts_from_mask(jnp.asarray(is_image)), [1, 4])
 
 
+def _connector(spec):
+    return tuple(R.build_layer_reducers(1, spec, point="connector"))
+
+
 def test_connector_pool_matches_window_means_and_conserves_mass():
     feats = np.random.default_rng(1).normal(size=(2, 16, 3)).astype(np.float32)
-    red = ConnectorReduction(method="pool", k=2)
-    state = red(jnp.asarray(feats))
-    assert red.num_out(16) == 4 and state.x.shape == (2, 4, 3)
+    reds = _connector({"method": "pool", "k": 2})
+    state = connector_reduce(reds, jnp.asarray(feats))
+    assert connector_num_out(reds, 16) == 4 and state.x.shape == (2, 4, 3)
     grid = feats.reshape(2, 4, 4, 3)
     ref = np.stack([grid[:, r:r + 2, c:c + 2].mean((1, 2)) for r in (0, 2) for c in (0, 2)], axis=1)
     np.testing.assert_allclose(state.x, ref, atol=1e-6)
     np.testing.assert_allclose(np.asarray(state.sizes).sum(1), 16.0)
 
 
-@pytest.mark.parametrize("method", ["tome", "pitome", "dart"])
-def test_connector_merge_methods_static_counts(method):
+@pytest.mark.parametrize("method", ["tome", "pitome", "dart", "divprune"])
+def test_connector_keep_reaches_its_target_with_static_counts(method):
+    """``keep`` at the connector: merges repeat (each pass merges at most half) until the target; pruning is one
+    pass. ToMe's passes equal explicit tome_merge calls with r = min(T - keep, T // 2)."""
     feats = jax.random.normal(jax.random.key(2), (2, 16, 8))
-    red = ConnectorReduction(method=method, keep=6)
-    state = jax.jit(red)(feats)
-    assert state.x.shape[1] == red.num_out(16)
+    reds = _connector({"method": method, "keep": 6})
+    state = jax.jit(lambda f: connector_reduce(reds, f))(feats)
+    assert state.x.shape[1] == connector_num_out(reds, 16)
     total = np.asarray(state.sizes).sum(1)
-    if method == "dart":
+    if method in ("dart", "divprune"):
+        assert state.x.shape[1] == 6
         np.testing.assert_allclose(total, 6.0)          # pruning drops mass
     else:
         np.testing.assert_allclose(total, 16.0, rtol=1e-6)  # merging conserves it
+    if method == "tome":
+        assert state.x.shape[1] == 6
+        ref, t = R.init_state(feats), 16
+        while t > 6:
+            r = min(t - 6, t // 2)
+            ref = R.tome_merge(ref, ref.x, r=r)
+            t -= r
+        np.testing.assert_allclose(state.x, ref.x, atol=1e-6)
 
 
 def test_build_plan_and_errors(vlm):
-    plan = build_plan({"point": "vision", "method": "tome", "r": 2}, vision_layers=vlm.vision_layers)
+    plan = vlm.build_plan({"point": "vision", "method": "tome", "r": 2})
     assert vlm.num_image_tokens(plan) == 16 - 2 * vlm.vision_layers
-    assert vlm.num_image_tokens(build_plan({"point": "connector", "method": "pool", "k": 2})) == 4
-    with pytest.raises(ValueError, match="in-LLM method"):
-        build_plan({"point": "llm", "method": "nope"})
-    with pytest.raises(ValueError, match="point"):
-        build_plan({"point": "decoder"})
-    with pytest.raises(ValueError, match="connector reduction method"):
-        ConnectorReduction(method="avg")
+    assert vlm.num_image_tokens(vlm.build_plan({"point": "connector", "method": "pool", "k": 2})) == 4
+    with pytest.raises(R.SpecError, match="unknown reduction method 'nope'"):
+        vlm.build_plan({"point": "llm", "method": "nope"})
+    with pytest.raises(R.SpecError, match="cannot run at the 'llm' point"):
+        vlm.build_plan({"point": "llm", "method": "tome"})
+    with pytest.raises(R.SpecError, match="point"):
+        vlm.build_plan({"point": "decoder", "method": "tome"})
+    with pytest.raises(R.SpecError, match="unknown option 'budget'.*keep"):
+        vlm.build_plan({"point": "llm", "method": "dart", "budget": 8})
+    with pytest.raises(R.SpecError, match=r"outside \[1, 4\)"):
+        vlm.build_plan({"point": "llm", "method": "dart", "layers": [0]})
+    both = vlm.build_plan({"vision": {"method": "tome", "r": 1}, "llm": {"method": "fastv", "keep": 4}})
+    assert both.vision is not None and both.llm is not None and both.connector is None
 
 
 def test_pruning_hook_keeps_positions_and_shrinks_later_layers(vlm, images):
     n = vlm.num_image_tokens()
     ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=n)
-    plan = ReductionPlan(llm=EveryOtherImageToken(layer=2))
+    plan = ReductionPlan(llm=_at(2, EveryOtherImageToken()))
     logits, aux = _score(vlm, ids, images, valid, plan)
     t = ids.shape[1]
     assert aux["tokens_per_layer"] == [t, t, t - n // 2, t - n // 2]
@@ -138,51 +171,76 @@ def test_pruning_hook_keeps_positions_and_shrinks_later_layers(vlm, images):
 def test_keep_all_pruner_equals_no_pruner(vlm, images):
     ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=vlm.num_image_tokens())
     base, _ = _score(vlm, ids, images, valid, ReductionPlan())
-    same, _ = _score(vlm, ids, images, valid, ReductionPlan(llm=KeepAll(layer=1)))
+    same, _ = _score(vlm, ids, images, valid, ReductionPlan(llm=_at(1, KeepAll())))
     np.testing.assert_allclose(same, base, atol=1e-5)
 
 
 PLANS = {
     "none": None,
-    "dart": {"point": "llm", "method": "dart", "layer": 2, "budget": 8},
-    "fastv": {"point": "llm", "method": "fastv", "layer": 2, "budget": 5},
-    "atp": {"point": "llm", "method": "atp", "layer": 1, "theta": 0.35, "capacity": 12},
+    "dart": {"point": "llm", "method": "dart", "layers": [2], "keep": 8},
+    "fastv": {"point": "llm", "method": "fastv", "layers": [2], "keep": 5},
+    "atp": {"point": "llm", "method": "atp", "layers": [1], "theta": 0.35, "keep": 12},
+    "divprune": {"point": "llm", "method": "divprune", "layers": [1], "keep": 6},
+    "random": {"point": "llm", "method": "random", "keep": 6},
+    "staged": {"point": "llm", "method": "fastv", "layers": [1, 3], "keep_ratio": 0.5},
 }
+
+
+def _check_batched_equals_single(vlm, images, plan, *, equal=True):
+    n = vlm.num_image_tokens(plan)
+    ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=n)
+    batched, info = vlm.generate(ids, images, valid=valid, max_new_tokens=4, plan=plan, return_info=True)
+    assert batched.shape == (len(PROMPTS), 4)
+    for b, p in enumerate(PROMPTS if equal else ()):
+        one_ids, one_valid = build_prompts([p], image_token_id=IMG, num_image_tokens=n, length=ids.shape[1])
+        single = vlm.generate(one_ids, images[b:b + 1], valid=one_valid, max_new_tokens=4, plan=plan)
+        np.testing.assert_array_equal(np.asarray(batched)[b], np.asarray(single)[0])
+    return n, ids, valid, info
 
 
 @pytest.mark.parametrize("name", list(PLANS))
 def test_batched_generation_equals_one_by_one(vlm, images, name):
-    spec = PLANS[name]
-    plan = spec if isinstance(spec, ReductionPlan) else build_plan(spec, vision_layers=vlm.vision_layers)
-    n = vlm.num_image_tokens(plan)
-    ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=n)
-    batched, info = vlm.generate(ids, images, valid=valid, max_new_tokens=4, plan=plan, return_info=True)
-    for b, p in enumerate(PROMPTS):
-        one_ids, one_valid = build_prompts([p], image_token_id=IMG, num_image_tokens=n, length=ids.shape[1])
-        single = vlm.generate(one_ids, images[b:b + 1], valid=one_valid, max_new_tokens=4, plan=plan)
-        np.testing.assert_array_equal(np.asarray(batched)[b], np.asarray(single)[0])
+    plan = vlm.build_plan(PLANS[name])
+    # random draws one key per batch, so its kept set depends on the batch (only shapes are compared)
+    n, ids, valid, info = _check_batched_equals_single(vlm, images, plan, equal=name != "random")
     lengths = info["prefill_lengths"]  # [L, B] valid cached tokens
     real = np.asarray(valid).sum(1)
-    k = None if plan.llm is None else plan.llm.layer
-    if k is None:
+    if plan.llm is None:
         assert np.all(lengths == real[None])
+        return
+    k = next(i for i, r in enumerate(plan.llm) if r is not None)
+    assert np.all(lengths[:k] == real[None]) and np.all(lengths[k:] < real[None])
+    if name == "atp":
+        assert np.all(lengths[k:] <= real[None] - n + 12)
     else:
-        assert np.all(lengths[:k] == real[None]) and np.all(lengths[k:] < real[None])
-        if name == "atp":
-            assert np.all(lengths[k:] <= real[None] - n + 12)
-        else:
-            expected = plan.llm.num_out(ids.shape[1], n) - (ids.shape[1] - real)
-            np.testing.assert_array_equal(lengths[k], expected)
+        counts = vlm.language_model.tokens_per_layer(ids.shape[1], plan.llm, image_len=n)
+        np.testing.assert_array_equal(lengths, np.asarray(counts)[:, None] - (ids.shape[1] - real)[None])
 
 
-def test_atp_kept_count_is_instance_adaptive(vlm):
-    plan = build_plan({"point": "llm", "method": "atp", "layer": 1, "theta": 0.35, "capacity": 12})
-    imgs = jnp.concatenate([jnp.zeros((1, 16, 16, 3)), jax.random.normal(jax.random.key(7), (1, 16, 16, 3)) * 3])
-    ids, valid = build_prompts([PROMPTS[0], PROMPTS[0]], image_token_id=IMG, num_image_tokens=16)
-    _, aux = _score(vlm, ids, imgs, valid, plan)
-    kept = np.asarray(aux["valid"]).sum(1)
-    assert aux["valid"].shape[1] == ids.shape[1] - 16 + 12
-    assert np.all(kept <= ids.shape[1] - 4) and kept[0] != kept[1]
+def _points_and_methods():
+    out = []
+    for point in ("vision", "connector", "llm"):
+        for method in R.available_methods(point):
+            if method != "none":
+                out.append((point, method))
+    return out
+
+
+SPEC_AMOUNT = {"tome": {"r": 2}, "pool": {"k": 2}}
+
+
+@pytest.mark.parametrize("point,method", _points_and_methods())
+def test_every_method_runs_at_every_point_of_the_vlm_batched(vlm, images, point, method):
+    """Every registered method at every VLM point it runs at, through ``VLM.generate`` batched with ragged,
+    left-padded prompts: the same tokens as one example at a time (except random, whose draws depend on the
+    batch), and fewer image tokens than unreduced."""
+    plan = vlm.build_plan(dict({"point": point, "method": method}, **SPEC_AMOUNT.get(method, {})))
+    n, ids, valid, info = _check_batched_equals_single(vlm, images, plan, equal=method != "random")
+    lengths = np.asarray(info["prefill_lengths"])
+    if point == "llm":
+        assert lengths[-1].max() < lengths[0].max()
+    else:
+        assert n < 16
 
 
 def test_attention_rows_equal_the_last_rows_of_full_attention(vlm, images):
@@ -204,7 +262,7 @@ def test_attention_rows_equal_the_last_rows_of_full_attention(vlm, images):
     np.testing.assert_allclose(y_rows, y_all, atol=1e-5)
 
 
-def test_pruner_layer_must_be_inside_the_stack(vlm, images):
+def test_llm_reducer_must_act_after_layer_zero(vlm, images):
     ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=16)
-    with pytest.raises(ValueError, match="pruner.layer"):
-        vlm(ids, images, valid=valid, plan=ReductionPlan(llm=KeepAll(layer=0)))
+    with pytest.raises(ValueError, match="before layer K >= 1"):
+        vlm(ids, images, valid=valid, plan=ReductionPlan(llm=_at(0, KeepAll())))

@@ -1,0 +1,81 @@
+"""Selection inside image spans of a longer sequence (the LLM point), shared by every span-aware method.
+
+A VLM prompt holds ``M`` images of ``image_len`` tokens each, starting at traced positions ``image_starts``
+(``[B]`` or ``[B, M]``; left padding moves them per example). A pruning method that selects ``kept`` tokens of
+each image writes one function for a single span and lets :func:`span_keep_indices` place it: text tokens all
+survive, the image tokens kept are the method's, and the output is in the original order with the static
+length ``T - M * (image_len - kept)``.
+
+Dimension vocabulary: B batch, T sequence tokens, M images per example, L = image_len, C channels.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from reduction.validate import check_count, check_leading, check_rank
+
+
+def check_starts(image_starts, batch: int) -> jax.Array:
+    """``image_starts: [B]`` or ``[B, M]`` integer -> ``[B, M]`` int32 (named errors otherwise)."""
+    if getattr(image_starts, "ndim", None) not in (1, 2):
+        raise ValueError(f"image_starts must have rank 1 ([B]) or 2 ([B, M]), got shape "
+                         f"{getattr(image_starts, 'shape', None)}")
+    check_leading(image_starts, (batch,), "image_starts", "tokens")
+    if not jnp.issubdtype(image_starts.dtype, jnp.integer):
+        raise ValueError(f"image_starts must be an integer array, got dtype {image_starts.dtype}")
+    starts = image_starts.astype(jnp.int32)
+    return starts[:, None] if starts.ndim == 1 else starts
+
+
+def span_mask(starts: jax.Array, image_len: int, num_tokens: int) -> jax.Array:
+    """``starts: [M]`` -> ``[T]`` bool, True on every image token of one example."""
+    pos = jnp.arange(num_tokens)[:, None]
+    return jnp.any((pos >= starts[None]) & (pos < starts[None] + image_len), axis=1)
+
+
+def assemble(starts: jax.Array, kept_pos: jax.Array, image_len: int, num_tokens: int, num_out: int) -> jax.Array:
+    """Sorted keep indices of one example: every non-image position plus ``kept_pos: [M, k]`` -> ``[num_out]``."""
+    keep = ~span_mask(starts, image_len, num_tokens)
+    keep = keep.at[kept_pos.reshape(-1)].set(True)
+    return jnp.nonzero(keep, size=num_out)[0].astype(jnp.int32)
+
+
+def span_keep_indices(select: Callable[[jax.Array], jax.Array], values: jax.Array, image_starts: jax.Array, *,
+                      image_len: int, kept: int) -> jax.Array:
+    """Keep ``kept`` tokens of each image span, chosen by ``select``, and every other token.
+
+    Args:
+      select: ``fn(span [L, ...]) -> [kept] int32`` indices into the span (one image of one example).
+      values: ``[B, T, ...]`` what ``select`` reads (features, scores).
+      image_starts: ``[B]`` or ``[B, M]`` traced span starts; image_len, kept: static.
+
+    Returns:
+      ``keep_idx: [B, T - M * (image_len - kept)]`` int32, ascending.
+    """
+    check_rank(values, values.ndim, "values")
+    b, t = values.shape[:2]
+    starts = check_starts(image_starts, b)
+    m = starts.shape[1]
+    image_len = check_count(image_len, "image_len", allow_zero=False)
+    kept = check_count(kept, "kept", allow_zero=False)
+    if kept > image_len:
+        raise ValueError(f"kept={kept} exceeds image_len={image_len}")
+    if m * image_len > t:
+        raise ValueError(f"{m} images of {image_len} tokens exceed the sequence length T={t}")
+    num_out = t - m * (image_len - kept)
+
+    def one(v, s):
+        def image(start):
+            span = jax.lax.dynamic_slice_in_dim(v, start, image_len, axis=0)
+            return start + select(span).astype(jnp.int32)
+
+        return assemble(s, jax.vmap(image)(s), image_len, t, num_out)
+
+    return jax.vmap(one)(values, starts)
+
+
+__all__ = ["check_starts", "span_mask", "assemble", "span_keep_indices"]
