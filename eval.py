@@ -21,18 +21,23 @@ REPO = pathlib.Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sys.path.insert(0, str(REPO))
+    from configs import help_epilog
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=help_epilog("eval"),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="eval_dinov2_fmnist", help="config name in configs/ or a path")
     p.add_argument("--out", default=None, help="results folder (default results/eval/<config_name>)")
     p.add_argument("--checkpoint", default=None, help="evaluate a train.py checkpoint (sets backbone=checkpoint)")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="config overrides field=value")
     return p.parse_args(argv)
 
 
 def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     """Build the backbone and data named by ``cfg``, sweep, and write every output to ``out_dir``."""
-    from configs import save_config
+    from configs import save_config, spec_from_node
     from models.evaluation import backbones, data, plots, report
     from models.evaluation import builtin  # noqa: F401 - registers the repo's backbones
     from models.evaluation.sweep import SweepSettings, run_sweep
@@ -45,6 +50,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
         methods=tuple(cfg.methods), targets=tuple(float(t) for t in cfg.targets), batch_size=cfg.batch_size,
         throughput_batch=cfg.throughput_batch, warmup=cfg.warmup, repeats=cfg.repeats,
         flop_tolerance=cfg.flop_tolerance, seed=cfg.seed, l2_grid=tuple(cfg.probe_l2_grid),
+        options=tuple((m, spec_from_node(node)) for m, node in (cfg.get("options") or {}).items()),
     )
     result = run_sweep(backbone, train, test, num_classes=num_classes, settings=settings, progress=progress)
     result["meta"].update(config_name=cfg.config_name, dataset=cfg.dataset, total_s=time.perf_counter() - start)
@@ -72,6 +78,9 @@ def main(argv=None) -> int:
     if args.checkpoint:
         overrides += ["backbone=checkpoint", f"checkpoint={args.checkpoint}"]
     cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(cfg)
+        return 0
     out_dir = pathlib.Path(args.out or cfg.out_dir or REPO / "results" / "eval" / cfg.config_name)
     result = run(cfg, out_dir, progress=not args.quiet)
     if not args.quiet:

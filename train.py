@@ -928,10 +928,11 @@ class Trainer:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=configs.help_epilog(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="preset name in configs/ (e.g. vit_fmnist) or a .py path")
     p.add_argument("--workdir", default="", help="output folder (default runs/<config name>)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="field.sub=value config overrides")
     return p.parse_args(argv)
 
@@ -940,6 +941,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     cfg = configs.load_config(args.config, args.overrides)
+    if args.print_config:
+        print(cfg)
+        return {}
     maybe_initialize_distributed(cfg.mesh.distributed)
     workdir = args.workdir or os.path.join("runs", cfg.config_name)
     summary = Trainer(cfg, workdir).train()

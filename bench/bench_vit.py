@@ -31,10 +31,10 @@ from models.vit import ViT, make_forward
 def candidate_specs(depth: int) -> dict[str, list[dict]]:
     """Per method, a few settings; the one whose FLOPs are closest to ToMe r=13 is used."""
     return {
-        "pitome": [{"method": "pitome", "ratio": r} for r in (0.85, 0.875, 0.9, 0.925, 0.95)],
+        "pitome": [{"method": "pitome", "keep_ratio": r} for r in (0.85, 0.875, 0.9, 0.925, 0.95)],
         "zerotprune": [{"method": "zerotprune", "layers": [3, 6, 9], "keep_ratio": k} for k in (0.4, 0.5, 0.6, 0.7)],
         "dart": [{"method": "dart", "keep_ratio": k, "layers": [2]} for k in (0.3, 0.4, 0.5, 0.6)],
-        "pool": [{"method": "pool", "k": 2, "layer": l} for l in range(depth)],
+        "pool": [{"method": "pool", "k": 2, "layers": [l]} for l in range(depth)],
     }
 
 

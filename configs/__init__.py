@@ -138,6 +138,12 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Iterable[str]) ->
     cfg.lock()
     for key, text in overrides:
         path, _, leaf = key.rpartition(".")
+        parts = key.split(".")
+        if len(parts) == 3 and parts[0] == "options" and isinstance(cfg.get("options"), ml_collections.ConfigDict) \
+                and parts[1] not in cfg.options:
+            with cfg.options.unlocked():      # options.<method>.<option>=value creates the method's entry
+                cfg.options[parts[1]] = ml_collections.ConfigDict()
+            spec_paths.append(f"options.{parts[1]}")
         if path in spec_paths or (path == "options" and "options" in cfg):
             node = _node(cfg, path)
             value = _parse_value(text, node[leaf] if leaf in node else None)
@@ -208,3 +214,28 @@ def save_config(cfg: ml_collections.ConfigDict, directory: str | pathlib.Path, n
     path = directory / name
     path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     return path
+
+
+def available_configs() -> list[str]:
+    return sorted(q.stem for q in CONFIG_DIR.glob("*.py") if not q.stem.startswith("_"))
+
+
+def help_epilog(kind: str = "train") -> str:
+    """``--help`` text shared by ``train.py`` and ``eval.py``: the presets (first docstring line), how overrides and
+    reduction specs are written, and every registered method with its points and options."""
+    import reduction as R
+
+    lines = ["presets (--config NAME; --print-config shows every field of one):"]
+    for name in available_configs():
+        if name.startswith("eval") != (kind == "eval"):
+            continue
+        text = config_path(name).read_text()
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        para = " ".join(doc.split("\n\n")[0].split())
+        lines.append(f"  {name:20s} {para.split('. ')[0].rstrip('.')}.")
+    lines += ["", "overrides: field.sub=value (Python literals; bare strings need no quotes). Reduction specs take",
+              "  any option of their method: model.reduction.method=pitome model.reduction.keep_ratio=0.9, or one",
+              "  override \"model.reduction={'method': 'dart', 'keep_ratio': 0.5, 'layers': [3, 6, 9]}\"; the VLM's",
+              "  model.plan adds point=vision|connector|llm. Changing method resets the spec to that method's defaults.",
+              "", R.describe_methods()]
+    return "\n".join(lines)

@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.num_test = 600
     cfg.seed = 0
     cfg.methods = ("all",)             # every registered method (tome, pitome, pruning methods, baselines)
+    cfg.options = ml_collections.ConfigDict()   # fixed options per method, e.g. options.zerotprune.iterations=3
     cfg.targets = (0.9, 0.7, 0.5)      # fractions of the unreduced analytic FLOPs
     cfg.batch_size = 32                # one compiled executable per point serves accuracy and timing
     cfg.throughput_batch = 32          # (a different value compiles every point twice)

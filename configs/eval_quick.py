@@ -12,6 +12,7 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.num_train = 120
     cfg.num_test = 40
     cfg.methods = ("tome", "topk_cls")
+    cfg.options = ml_collections.ConfigDict()   # fixed options per method, e.g. options.zerotprune.iterations=3
     cfg.targets = (0.6,)
     cfg.batch_size = 20
     cfg.throughput_batch = 20

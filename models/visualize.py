@@ -110,7 +110,7 @@ def main(argv=None):
     ap.add_argument("--image", help="image file (default: embedded sample)")
     ap.add_argument("--method", default="tome")
     ap.add_argument("--r", type=int, default=16, help="ToMe r (tome)")
-    ap.add_argument("--spec", default=None, help='full JSON spec instead of --method/--r, e.g. \'{"method": "pitome", "ratio": 0.9}\'')
+    ap.add_argument("--spec", default=None, help='full JSON spec instead of --method/--r, e.g. \'{"method": "pitome", "keep_ratio": 0.9}\'')
     ap.add_argument("--layer", type=int, default=11)
     ap.add_argument("--size", type=int, default=224, help="resize to this square size (multiple of the patch)")
     ap.add_argument("--mode", choices=["mean", "random"], default="mean")

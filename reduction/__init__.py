@@ -27,6 +27,7 @@ from reduction.reducers import (
     available_methods,
     build_layer_reducers,
     check_spec,
+    describe_methods,
     default_layers,
     method_options,
     register,

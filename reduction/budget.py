@@ -277,14 +277,26 @@ def solve(target: float, dims: ViTDims, method: str, *, specs: Optional[Iterable
     return solve_specs(target, dims, search_space(method, dims) if specs is None else specs, method=method)
 
 
-def solve_all(targets: Sequence[float], dims: ViTDims, methods: Sequence[str]) -> dict:
+def search_space_with(method: str, dims: ViTDims, options: Optional[Spec] = None) -> list:
+    """:func:`search_space` with fixed ``options`` of the method set in every spec (e.g. ``{"iterations": 3}`` for
+    Zero-TPrune, ``{"preset": "code"}`` for PiToMe); the space's own knob (``r``, ``keep_ratio``, ...) still varies
+    unless ``options`` sets it too."""
+    fixed = dict(options or {})
+    fixed.pop("method", None)
+    return [dict(spec, **fixed) for spec in search_space(method, dims)]
+
+
+def solve_all(targets: Sequence[float], dims: ViTDims, methods: Sequence[str],
+              options: Optional[Mapping[str, Spec]] = None) -> dict:
     """``{(method, target): BudgetChoice | ValueError}`` for every pair; unreachable pairs hold the error
-    so a sweep can report them instead of stopping. Each method's space is priced once."""
+    so a sweep can report them instead of stopping. Each method's space is priced once. ``options``: fixed
+    options per method (:func:`search_space_with`)."""
     targets = [_check_target(t) for t in targets]
     base = base_flops(dims)
+    options = options or {}
     out: dict = {}
     for method in methods:
-        priced, errors = price_specs(dims, search_space(method, dims))
+        priced, errors = price_specs(dims, search_space_with(method, dims, options.get(method)))
         for t in targets:
             try:
                 out[(method, t)] = _pick(t, base, priced, errors, method)

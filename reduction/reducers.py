@@ -180,8 +180,8 @@ class ToMe(Reducer):
 def default_layers(num_layers: int, point: str = "vit") -> list[int]:
     """The layers a staged method acts at by default, valid for every depth >= 1.
 
-    ViT / tower: DynamicViT's ``[3, 6, 9]`` on 12 layers, scaled to the depth (``[0]`` for 1 layer, ``[0, 1]``
-    for 2). LLM: before layer 2 (FastV's and DART's ``K = 2``), or layer 1 in a 2-layer LLM. Connector: its one
+    ViT / tower: DynamicViT's ``[3, 6, 9]`` on 12 layers, scaled to the depth, never the first layer unless it is
+    the only one (``[0]`` for 1 layer, ``[1]`` for 2, ``[1, 2, 3]`` for 4). LLM: before layer 2 (FastV's and DART's ``K = 2``), or layer 1 in a 2-layer LLM. Connector: its one
     pass, ``[0]``.
     """
     if num_layers < 1:
@@ -192,7 +192,8 @@ def default_layers(num_layers: int, point: str = "vit") -> list[int]:
         return [min(2, num_layers - 1)]
     if point == "connector":
         return [0]
-    return sorted({min(num_layers - 1, max(0, round(num_layers * f))) for f in (0.25, 0.5, 0.75)})
+    low = 1 if num_layers > 1 else 0
+    return sorted({min(num_layers - 1, max(low, round(num_layers * f))) for f in (0.25, 0.5, 0.75)})
 
 
 def check_layers(layers: Sequence[int], num_layers: int, point: str = "vit") -> list[int]:
@@ -405,3 +406,20 @@ def _tome_layers(num_layers: int, r: Any = 0, inflect: Optional[float] = None, p
     if layers is not None:
         rs = [rs[i] if i in set(layers) else 0 for i in range(num_layers)]
     return [ToMe(r=v, use_prop_attn=bool(prop_attn)) if v > 0 else None for v in rs]
+
+
+def describe_methods(point: Optional[str] = None) -> str:
+    """A plain-text table of the registered methods: name, points, and every option with its default (for
+    ``--help`` and the docs)."""
+    lines = ["registered reduction methods (spec keys: method, layers, and the options below):"]
+    for name in available_methods(point):
+        if name.startswith("_"):
+            continue
+        info = _REGISTRY[name]
+        opts = ", ".join(f"{k}={v!r}" for k, v in info.options().items() if k != "layers")
+        para = " ".join(info.doc.split("\n\n")[0].split())
+        first = para.split(". ")[0].rstrip(".") + "."
+        lines.append(f"  {name:12s} [{', '.join(info.points)}] {first}")
+        if opts:
+            lines.append(f"  {'':12s}   options: {opts}")
+    return "\n".join(lines)

@@ -119,7 +119,7 @@ def test_vit_reducer_runs_untrained_with_static_capacity_and_valid_mask():
     b, t = 2, 1 + 16
     a = jnp.asarray(_attn(b, 2, t, t, seed=6))
     x = jnp.asarray(np.random.default_rng(7).normal(size=(b, t, 4)).astype(np.float32))
-    red = R.build_layer_reducers(2, {"method": "atp", "theta": 0.5, "capacity_ratio": 0.75, "stride": 2,
+    red = R.build_layer_reducers(2, {"method": "atp", "theta": 0.5, "keep_ratio": 0.75, "stride": 2,
                                      "layers": [0]})[0]
     info = R.LayerInfo(num_protected=1, attention=a)
     out = jax.jit(lambda s: red(s, info))(R.init_state(x, track_source=True))
@@ -131,5 +131,5 @@ def test_vit_reducer_runs_untrained_with_static_capacity_and_valid_mask():
         forced = {0} | {1 + i for i in np.flatnonzero(atp.spatial_grid_mask(4, 4, 2))}
         want = forced | {i for i in range(1, t) if score[e, i] > 0.5}
         assert kept == set(sorted(want, key=lambda i: (i not in forced, -score[e, i], i))[:13])
-    with pytest.raises(ValueError, match="capacity_ratio"):
-        R.build_layer_reducers(2, {"method": "atp", "capacity_ratio": 0.0})
+    with pytest.raises(ValueError, match="keep_ratio"):
+        R.build_layer_reducers(2, {"method": "atp", "keep_ratio": 0.0})

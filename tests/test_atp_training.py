@@ -156,7 +156,7 @@ def test_untrained_hard_mode_equals_the_static_atp_reducer():
     """Zero-initialised output layer: theta = init_theta for every image, i.e. reduction.atp.ATPPrune."""
     model = atp_model(init_theta=0.45)
     plain = _randomize(ViT.from_config(ARCH, seed=0), 0)
-    static = tuple(atp.ATPPrune(theta=0.45, capacity_ratio=RATIO, stride=STRIDE) if i == LAYER else None
+    static = tuple(atp.ATPPrune(theta=0.45, keep_ratio=RATIO, stride=STRIDE) if i == LAYER else None
                    for i in range(ARCH["depth"]))
     x = images()
     out, aux = make_forward(model)(x)

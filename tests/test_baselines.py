@@ -44,16 +44,24 @@ def test_topk_cls_reducer_is_evit_and_keeps_bookkeeping():
     np.testing.assert_allclose(cls_attention_scores(jnp.asarray(a)), score, rtol=1e-6)
 
 
-def test_topk_text_and_fastv_reducers():
-    b, t = 2, 12
-    ta = _attn(b, 2, 4, t, seed=3)
+def test_fastv_reducer_in_spans_keeps_text_and_the_last_querys_top_image_tokens():
+    b, t, start, length = 2, 12, np.array([2, 3]), 6
+    ta = _attn(b, 2, 1, t, seed=3)                      # the last query's attention row
     x = jnp.asarray(np.random.default_rng(4).normal(size=(b, t, 3)).astype(np.float32))
-    for method, score in (("topk_text", ta.mean((1, 2))), ("fastv", ta[:, :, -1, :].mean(1))):
-        red = R.build_layer_reducers(2, {"method": method, "keep_ratio": 0.5, "layers": [1]})[1]
-        state = R.init_state(x)
-        out = red(state, R.LayerInfo(layer=1, num_layers=2, text_attention=jnp.asarray(ta)))
-        want = np.stack([ref.topk_ref(score[e].tolist(), 6) for e in range(b)])
-        ref.check_pruned_state(state, out, want)
+    red = R.build_layer_reducers(3, {"method": "fastv", "keep": 3, "layers": [1]}, point="llm")[1]
+    info = R.LayerInfo(layer=1, num_layers=3, text_attention=jnp.asarray(ta), image_starts=jnp.asarray(start),
+                       image_len=length)
+    state = R.init_state(x)
+    out = red(state, info)
+    score = ta[:, :, -1, :].mean(1)
+    for e in range(b):
+        span = list(range(start[e], start[e] + length))
+        top = sorted(span, key=lambda i: (-score[e, i], i))[:3]
+        want = sorted([i for i in range(t) if i not in span] + top)
+        np.testing.assert_array_equal(np.asarray(out.positions)[e], want)
+    assert out.x.shape[1] == red.num_out(t, info) == t - 3
+    with pytest.raises(R.SpecError, match="cannot run at the 'vit' point"):
+        R.build_layer_reducers(2, {"method": "fastv"})
 
 
 def test_random_is_seeded_keeps_protected_and_differs_per_example():

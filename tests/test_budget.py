@@ -24,8 +24,8 @@ class _Drop(Reducer):
         return self.cost
 
 
-@register("_test_drop")
-def _drop_layers(num_layers, k=0, at=0, cost=0):
+@register("_test_drop", layers="all")
+def _drop_layers(num_layers, k=0, at=0, cost=0, layers=None):
     if k < 0:
         raise ValueError("k must be >= 0")
     return [_Drop(k=k, cost=cost) if i == at else None for i in range(num_layers)]

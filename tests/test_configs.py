@@ -25,7 +25,7 @@ def test_presets_load_with_all_training_blocks(name):
 def test_override_typo_names_the_field():
     with pytest.raises(configs.ConfigError, match="optim.lrr"):
         configs.load_config("vit_fmnist", ["optim.lrr=0.1"])
-    with pytest.raises(configs.ConfigError, match="has no field 'rr'"):
+    with pytest.raises(configs.ConfigError, match="unknown option 'rr' for method 'tome' .did you mean 'r'.*inflect"):
         configs.load_config("vit_fmnist", ["model.reduction.rr=4"])
     with pytest.raises(configs.ConfigError):
         configs.load_config("vit_fmnist", ["train.steps=lots"])  # int field, string value
@@ -60,3 +60,26 @@ def test_distributed_mode_is_validated():
     with pytest.raises(ValueError, match="mesh.distributed"):
         train.maybe_initialize_distributed("maybe")
     train.maybe_initialize_distributed("off")  # no-op
+
+
+def test_spec_fields_are_overridable_one_by_one():
+    """Each spec field is its own override; changing the method starts from that method's defaults, whatever
+    the order; the whole spec is one override too; the VLM plan works the same way."""
+    def spec(*overrides, name="vit_fmnist"):
+        cfg = configs.load_config(name, list(overrides))
+        return train.reduction_spec(cfg) if name != "vlm_connector" else train.reduction_spec_vlm(cfg)
+
+    assert spec("model.reduction.method=pitome") == {"method": "pitome"}
+    assert spec("model.reduction.keep_ratio=0.5", "model.reduction.method=dart") == {"method": "dart", "keep_ratio": 0.5}
+    assert spec("model.reduction.r=[2, 1]") == {"method": "tome", "r": [2, 1], "prop_attn": True}
+    assert spec("model.reduction={'method': 'zerotprune', 'iterations': 3}") == {"method": "zerotprune", "iterations": 3}
+    assert spec("model.plan.point=llm", "model.plan.method=dart", "model.plan.keep=16", name="vlm_connector") == {
+        "point": "llm", "method": "dart", "keep": 16}
+    with pytest.raises(configs.ConfigError, match="unknown option 'keep_ratio' for method 'tome'"):
+        spec("model.reduction.keep_ratio=0.5")
+    with pytest.raises(configs.ConfigError, match="did you mean 'pitome'"):
+        spec("model.reduction.method=pitom")
+    with pytest.raises(configs.ConfigError, match="cannot run at the 'llm' point.*divprune"):
+        spec("model.plan.point=llm", "model.plan.method=tome", name="vlm_connector")
+    with pytest.raises(configs.ConfigError, match="must be a dict spec"):
+        spec("model.reduction=tome")

@@ -335,12 +335,12 @@ def test_token_groups_from_repo_vit_source_map(tmp_path):
     images = np.random.default_rng(0).integers(0, 255, (2, 28, 28), dtype=np.uint8)
     plain = visual.token_groups(bb, None, images)
     np.testing.assert_array_equal(plain[0], np.arange(1, 17).reshape(4, 4))  # token i+1 holds patch i
-    pooled = visual.token_groups(bb, {"method": "pool", "k": 2, "layer": 0}, images)
+    pooled = visual.token_groups(bb, {"method": "pool", "k": 2, "layers": [0]}, images)
     # 2x2 average pooling: each 2x2 window of patches becomes one token
     np.testing.assert_array_equal(pooled[0], np.kron(np.arange(1, 5).reshape(2, 2), np.ones((2, 2), int)))
     pruned = visual.token_groups(bb, {"method": "topk_cls", "keep_ratio": 0.5, "layers": [1]}, images)
     assert (pruned == -1).sum(axis=(1, 2)).tolist() == [8, 8]
-    result = {"points": [{"method": "pool", "spec": json.dumps({"method": "pool", "k": 2, "layer": 0}),
+    result = {"points": [{"method": "pool", "spec": json.dumps({"method": "pool", "k": 2, "layers": [0]}),
                           "flops_fraction": 0.5, "final_tokens": 5}]}
     cfg = type("C", (), {"seed": 0})()
     paths = visual.save_visualisations(bb, result, (images, None), tmp_path, cfg, num_images=2)

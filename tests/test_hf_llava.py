@@ -106,7 +106,7 @@ def test_llava_logits_and_greedy_match_hf(hf_llava):
 def test_llava_pruned_prefill_runs_on_loaded_weights(hf_llava):
     _, path = hf_llava
     vlm, _ = load_hf_llava(path)
-    plan = build_plan({"point": "llm", "method": "dart", "layer": 1, "budget": 8})
+    plan = vlm.build_plan({"point": "llm", "method": "dart", "layers": [1], "keep": 8})
     ids = np.concatenate([[[3, 4]], np.full((1, 16), IMAGE_TOKEN), [[5, 6, 7, 8, 9]]], axis=1)
     images = jnp.asarray(np.random.default_rng(2).normal(size=(1, 32, 32, 3)).astype(np.float32))
     logits, aux = nnx.jit(lambda m, i, x: m(i, x, plan=plan))(vlm, jnp.asarray(ids), images)

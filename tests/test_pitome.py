@@ -95,7 +95,7 @@ def test_low_energy_tokens_are_protected():
 def test_deit_s_token_counts_at_ratio_09():
     want = [197, 178, 161, 145, 131, 118, 107, 97, 88, 80, 73, 66, 60]
     for preset in PRESETS:
-        reducers = R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.9, "preset": preset})
+        reducers = R.build_layer_reducers(12, {"method": "pitome", "keep_ratio": 0.9, "preset": preset})
         counts = R.tokens_per_layer(197, reducers, num_protected=1)
         assert [a for a, _ in counts] + [counts[-1][1]] == want
     assert R.constant_ratio_tokens(197, 12, 0.9) == want
@@ -111,23 +111,23 @@ def test_r_rule_floor_in_float64():
 
 def test_presets_and_margin_schedule():
     assert R.margin_schedule(4, 0.9) == pytest.approx([0.9, 0.675, 0.45, 0.225])
-    paper = pitome_layers(12, ratio=0.9, preset="paper")
-    code = pitome_layers(12, ratio=0.9, preset="code")
+    paper = pitome_layers(12, keep_ratio=0.9, preset="paper")
+    code = pitome_layers(12, keep_ratio=0.9, preset="code")
     assert [p.margin for p in paper] == pytest.approx([0.9 - 0.9 * i / 12 for i in range(12)])
     assert [p.margin for p in code] == pytest.approx([0.75 - 0.75 * i / 12 for i in range(12)])
     assert all(p.prop_attn and p.energy_fn == "paper" and not p.use_bsm for p in paper)
     assert [p.use_bsm for p in code] == [True] * 6 + [False] * 6
     assert all(not p.prop_attn and p.energy_fn == "elu" for p in code)
-    mae = pitome_layers(11, ratio=0.9, preset="code", bsm_layers="second_half")
+    mae = pitome_layers(11, keep_ratio=0.9, preset="code", bsm_layers="second_half")
     assert [p.use_bsm for p in mae] == [False] * 6 + [True] * 5
-    custom = pitome_layers(4, ratio=0.8, margin=[0.5] * 4, alpha=0.5, prop_attn=False, bsm_layers=[1], layers=[1, 2])
+    custom = pitome_layers(4, keep_ratio=0.8, margin=[0.5] * 4, alpha=0.5, prop_attn=False, bsm_layers=[1], layers=[1, 2])
     assert custom[0] is None and custom[3] is None
     assert custom[1].use_bsm and not custom[2].use_bsm and custom[2].alpha == 0.5 and custom[2].margin == 0.5
-    assert all(r is None for r in pitome_layers(3, ratio=1.0))
+    assert all(r is None for r in pitome_layers(3, keep_ratio=1.0))
 
 
 def test_reducer_runs_in_a_layer_and_counts_flops():
-    red = pitome_layers(12, ratio=0.9, preset="code")[0]
+    red = pitome_layers(12, keep_ratio=0.9, preset="code")[0]
     x = jnp.asarray(_rand(4, 2, 21, 8))
 
     def layer(x):
@@ -228,12 +228,12 @@ def test_errors_name_the_argument_under_jit():
     with pytest.raises(ValueError, match="preset"):
         R.build_layer_reducers(12, {"method": "pitome", "preset": "nope"})
     with pytest.raises(ValueError, match="ratio"):
-        R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.3})
+        R.build_layer_reducers(12, {"method": "pitome", "keep_ratio": 0.3})
 
 
 def test_pitome_code_method_is_the_code_preset():
-    a = R.build_layer_reducers(12, {"method": "pitome_code", "ratio": 0.9})
-    b = R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.9, "preset": "code"})
-    assert a == b and a[0] != R.build_layer_reducers(12, {"method": "pitome", "ratio": 0.9})[0]
+    a = R.build_layer_reducers(12, {"method": "pitome_code", "keep_ratio": 0.9})
+    b = R.build_layer_reducers(12, {"method": "pitome", "keep_ratio": 0.9, "preset": "code"})
+    assert a == b and a[0] != R.build_layer_reducers(12, {"method": "pitome", "keep_ratio": 0.9})[0]
     with pytest.raises(ValueError, match="preset"):
         R.build_layer_reducers(12, {"method": "pitome_code", "preset": "paper"})

@@ -273,9 +273,9 @@ def test_jit_equals_eager_no_retrace_vmap_and_grads():
 
 
 @pytest.mark.parametrize("spec", [
-    {"method": "pitome", "ratio": 0.9},
+    {"method": "pitome", "keep_ratio": 0.9},
     {"method": "zerotprune", "layers": [1]},
-    {"method": "pool", "layer": 1},
+    {"method": "pool", "layers": [1]},
     {"method": "topk_cls", "keep_ratio": 0.7, "layers": [1]},
     {"method": "dart", "keep_ratio": 0.7, "layers": [1]},
 ])

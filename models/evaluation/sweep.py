@@ -81,18 +81,16 @@ class SweepSettings:
     flop_tolerance: float = 0.05
     seed: int = 0
     l2_grid: Sequence[float] = DEFAULT_L2
-
-
-# "none" is the reference point; topk_text and fastv rank tokens by text-query attention (VLM only).
-EXCLUDED_FROM_ALL = ("none", "topk_text", "fastv")
+    options: tuple = ()            # ((method, {option: value}), ...): fixed options of each method's specs
 
 
 def resolve_methods(methods: Sequence[str]) -> list[str]:
-    """``("all",)`` = every registered method except ``none`` and private ``_names``, sorted."""
+    """``("all",)`` = every registered method that runs in a ViT block, except ``none`` (the reference point) and
+    private ``_names``, sorted."""
     out: list[str] = []
     for m in methods:
         if m == "all":
-            out += [n for n in available_methods() if n not in EXCLUDED_FROM_ALL and not n.startswith("_")]
+            out += [n for n in available_methods("vit") if n != "none" and not n.startswith("_")]
         else:
             out.append(m)
     seen: list[str] = []
@@ -180,7 +178,7 @@ def plan(backbone: Backbone, settings: SweepSettings) -> list[tuple[str, Optiona
     target as chosen by the budget solver (closest from below). Unreachable targets carry the error."""
     methods = resolve_methods(settings.methods)
     out: list = [("none", 1.0, None, "")]
-    solved = budget.solve_all(list(settings.targets), backbone.dims, methods)
+    solved = budget.solve_all(list(settings.targets), backbone.dims, methods, dict(settings.options))
     for method in methods:
         for t in settings.targets:
             choice = solved[(method, float(t))]
