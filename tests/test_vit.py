@@ -15,7 +15,7 @@ from scipy.special import erf
 
 import reduction as R
 from models.layers import cubic_resize_matrix, resize_grid
-from models.loaders.common import _flatten
+from loaders.common import _flatten
 from models.vit import ViT, make_forward, parse_variant, vit_config
 
 TINY = dict(width=32, depth=3, mlp_dim=48, heads=2, patch_size=4, image_size=16)

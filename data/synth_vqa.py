@@ -24,7 +24,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from models.data.text import WordVocab
+from data.text import WordVocab
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "black")
 SHAPES = ("circle", "square", "heart")

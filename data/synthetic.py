@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.data.sources import ArraySource
+from data.sources import ArraySource
 
 
 def synthetic_classification(size: int = 512, *, image_size: int = 16, channels: int = 3, num_classes: int = 4,

@@ -72,7 +72,7 @@ def load_dataset(name: str, *, num_train: int, num_test: int, seed: int) -> tupl
         te = subset(*load_fashion_mnist("test"), num_test, seed=seed + 1)
         return tr, te, len(FASHION_MNIST_CLASSES)
     if name == "animal_mnist":
-        from models.data.animal_mnist import animal_mnist
+        from data.animal_mnist import animal_mnist
 
         def arrays(split):
             src = animal_mnist(split, seed=0)

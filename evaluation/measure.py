@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models.evaluation.data import IMAGENET_MEAN, IMAGENET_STD, batches, to_rgb
+from evaluation.data import IMAGENET_MEAN, IMAGENET_STD, batches, to_rgb
 
 # (params, images [B, S, S, 3], reducers, rng) -> [B, F]; params are passed as an argument (not baked in as
 # constants) so compilation stays fast and XLA sees the same program as a training-time forward.

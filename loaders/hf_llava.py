@@ -24,7 +24,7 @@ from flax import nnx
 
 from models.clip_vision import CLIPVisionConfig
 from models.llama import Llama, LlamaConfig
-from models.loaders.common import KeyTracker, LoadReport, assign_params, torch_conv, torch_linear
+from loaders.common import KeyTracker, LoadReport, assign_params, torch_conv, torch_linear
 from models.vlm import VLM, VLMConfig
 
 # Canonical prefixes: "lm." (decoder body), "lm_head.", "vision.", "projector.".

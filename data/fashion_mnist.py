@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pathlib
 
-from models.data.idx import read_idx
-from models.data.sources import ArraySource, DataError
+from data.idx import read_idx
+from data.sources import ArraySource, DataError
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")

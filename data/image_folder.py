@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pathlib
 
-from models.data.sources import DataError, FileImageSource
+from data.sources import DataError, FileImageSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff")
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from models.loaders.common import KeyTracker, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
+from loaders.common import KeyTracker, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
 from models.vit import ViT, ViTConfig
 
 

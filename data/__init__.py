@@ -3,7 +3,7 @@
 Sources (random access, records are dicts of numpy arrays):
   fashion_mnist, animal_mnist, image_folder (ImageNet-style class folders), easy_vqa, synth_vqa
   (generated multi-object VQA), synthetic (tiny in-memory set for tests).
-:func:`make_source` builds one from a config's ``data`` block; :mod:`models.data.pipeline` turns it into
+:func:`make_source` builds one from a config's ``data`` block; :mod:`data.pipeline` turns it into
 a sharded, shuffled, augmented, checkpointable stream.
 """
 
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from models.data.animal_mnist import animal_mnist
-from models.data.easy_vqa import easy_vqa
-from models.data.fashion_mnist import fashion_mnist
-from models.data.image_folder import image_folder
-from models.data.pipeline import Augment, eval_batches, num_eval_batches, shard_options, train_dataset
-from models.data.sources import ArraySource, DataError, FileImageSource, SkipStats, load_image
-from models.data.synth_vqa import SynthVQA
-from models.data.synthetic import synthetic_classification
-from models.data.text import WordVocab
+from data.animal_mnist import animal_mnist
+from data.easy_vqa import easy_vqa
+from data.fashion_mnist import fashion_mnist
+from data.image_folder import image_folder
+from data.pipeline import Augment, eval_batches, num_eval_batches, shard_options, train_dataset
+from data.sources import ArraySource, DataError, FileImageSource, SkipStats, load_image
+from data.synth_vqa import SynthVQA
+from data.synthetic import synthetic_classification
+from data.text import WordVocab
 
 DATASETS = ("fashion_mnist", "animal_mnist", "image_folder", "easy_vqa", "synth_vqa", "synthetic")
 

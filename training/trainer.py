@@ -1,0 +1,315 @@
+"""The :class:`Trainer`: mesh over all devices (batch on ``"data"``), grain input, Orbax checkpoints,
+JSON-lines metrics (mirrored to TensorBoard when a writer is installed), periodic evaluation, tqdm progress,
+optional ``jax_debug_nans`` and ``jax.transfer_guard``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import pathlib
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import configs
+import data as data_lib
+
+
+from training.builders import _get, build_model, layer_reducers, reduction_spec, resolve_atp_trainable
+from training.checkpoints import Checkpoints
+from training.errors import NonFiniteLossError
+from training.mesh import make_mesh, state_shardings
+from training.optim import build_optimizer, learning_rate_schedule
+from training.steps import make_eval_step, make_train_step
+from training.tasks import make_task
+
+log = logging.getLogger("tokenreduce.train")
+
+
+# -- the trainer --------------------------------------------------------------------------------------------
+
+TRANSFER_GUARDS = ("allow", "log", "disallow")
+
+
+class TensorBoardWriter:
+    """Mirrors the JSON-lines records as TensorBoard scalars: train records under ``train/<key>``, evaluation
+    records (``eval_*`` keys) under ``eval/<key>``; non-numeric fields and ``step`` are skipped."""
+
+    def __init__(self, writer, backend: str):
+        self.writer, self.backend = writer, backend
+
+    def write(self, record: dict) -> None:
+        step = int(record.get("step", 0))
+        for k, v in record.items():
+            if k == "step" or isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            tag = f"eval/{k[len('eval_'):]}" if k.startswith("eval_") else f"train/{k}"
+            self.writer.add_scalar(tag, float(v), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def open_tensorboard(logdir: pathlib.Path) -> Optional[TensorBoardWriter]:
+    """A :class:`TensorBoardWriter` on ``logdir`` with ``tensorboardX`` or else ``torch.utils.tensorboard`` (which
+    needs the ``tensorboard`` package); ``None`` (logged once) when neither imports."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        backend = "tensorboardX"
+    except ImportError:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            backend = "torch.utils.tensorboard"
+        except ImportError:
+            log.info("train.tensorboard: no TensorBoard writer importable (pip install tensorboardX, or "
+                     "'tokenreduce[tensorboard]'); metrics go to metrics.jsonl only")
+            return None
+    logdir.mkdir(parents=True, exist_ok=True)
+    log.info("TensorBoard scalars -> %s (%s)", logdir, backend)
+    return TensorBoardWriter(SummaryWriter(str(logdir)), backend)  # logdir is positional in both
+
+
+class Trainer:
+    """Runs ``cfg.train.steps`` steps in ``workdir`` (resuming from its checkpoints when present).
+
+    ``model_fn(cfg) -> nnx.Module`` and ``source_fn(data_cfg, split) -> source`` can replace the defaults
+    (tests use tiny models). ``mesh`` defaults to all devices."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                 model_fn: Optional[Callable] = None, source_fn: Optional[Callable] = None,
+                 mesh: Optional[jax.sharding.Mesh] = None):
+        self.cfg = cfg
+        self.workdir = pathlib.Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.model_fn = model_fn or build_model
+        self.source_fn = source_fn or data_lib.make_source
+        self.mesh = mesh or make_mesh(_get(cfg.mesh, "num_devices", 0))
+        self.is_main = jax.process_index() == 0
+        self.history: list[dict] = []
+        self.skip_stats = None
+
+    # - setup -
+
+
+    def _put_batch(self, batch: dict) -> dict:
+        P = jax.sharding.PartitionSpec
+        sh = jax.sharding.NamedSharding(self.mesh, P("data"))
+        return {k: jax.make_array_from_process_local_data(sh, np.asarray(v)) for k, v in batch.items()}
+
+    def train(self) -> dict:
+        """Run (or resume) the training; returns the summary. ``train.debug_nans`` turns ``jax_debug_nans`` on for
+        the run (restored afterwards); ``train.transfer_guard`` wraps the step loop in :func:`jax.transfer_guard`;
+        ``train.tensorboard`` mirrors the metrics to ``<workdir>/tensorboard/``."""
+        cfg = self.cfg
+        guard = str(_get(cfg.train, "transfer_guard", "allow"))
+        if guard not in TRANSFER_GUARDS:
+            raise ValueError(f"train.transfer_guard must be one of {TRANSFER_GUARDS}, got {guard!r}")
+        debug_nans = bool(_get(cfg.train, "debug_nans", False))
+        previous = bool(jax.config.jax_debug_nans)
+        if debug_nans:
+            jax.config.update("jax_debug_nans", True)
+            log.info("train.debug_nans: jax_debug_nans is on for this run (slow: every op is checked for NaN)")
+        self._tb = None
+        if bool(_get(cfg.train, "tensorboard", False)) and self.is_main:
+            self._tb = open_tensorboard(self.workdir / "tensorboard")
+        try:
+            return self._train(guard)
+        finally:
+            if debug_nans:
+                jax.config.update("jax_debug_nans", previous)
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+
+    def _train(self, guard: str) -> dict:
+        cfg = self.cfg
+        t_setup = time.time()
+        with cfg.unlocked():
+            resolve_atp_trainable(cfg)
+        configs.save_config(cfg, self.workdir)
+        model = self.model_fn(cfg)
+        reducers = layer_reducers(cfg, model)
+        task = make_task(cfg, model)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx = build_optimizer(cfg, params)
+        schedule = learning_rate_schedule(cfg)
+        state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        shardings = state_shardings(state, self.mesh, fsdp=bool(cfg.mesh.fsdp))
+        state = jax.device_put(state, shardings)
+        n_params = sum(x.size for x in jax.tree.leaves(params))
+
+        ckpt = Checkpoints(self.workdir / "checkpoints", keep=int(cfg.checkpoint.keep),
+                           use_async=bool(cfg.checkpoint.use_async))
+        data_state = None
+        start = 0
+        if cfg.checkpoint.resume:
+            abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+            found = ckpt.restore(abstract, fallback=bool(cfg.checkpoint.fallback))
+            if found is not None:
+                start, state, data_state, _ = found
+                log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
+        self.resumed_from = start
+
+        source = self.source_fn(cfg.data, cfg.data.train_split)
+        self.skip_stats = getattr(source, "stats", None)
+        aug = data_lib.Augment(int(cfg.data.augment.crop_padding), bool(cfg.data.augment.flip))
+        ds = data_lib.train_dataset(source, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed), augment=aug,
+                                    num_threads=int(cfg.data.num_threads))
+        it = iter(ds)
+        if data_state is not None:
+            it.set_state(data_state)
+        eval_source = (self.source_fn(cfg.data, cfg.data.eval_split)
+                       if cfg.train.eval_every > 0 or cfg.train.eval_at_end else None)
+
+        P = jax.sharding.PartitionSpec
+        repl = jax.sharding.NamedSharding(self.mesh, P())
+        train_step = make_train_step(graphdef, task, tx, cfg, reducers, schedule)
+
+        def keyed_step(state, batch, base_key):
+            # The per-step key fold_in(key(seed), step) is formed on device from state["step"] (the same key as
+            # folding the Python step in), so the loop passes no host scalar (train.transfer_guard="disallow").
+            return train_step(state, batch, jax.random.fold_in(base_key, state["step"]))
+
+        step_fn = jax.jit(keyed_step, donate_argnums=0, in_shardings=(shardings, None, repl),
+                          out_shardings=(shardings, repl))
+        eval_fn = jax.jit(make_eval_step(graphdef, task, cfg, reducers))
+        self._eval = lambda st, src: self.evaluate(eval_fn, st, src)
+
+        total = int(cfg.train.steps)
+        tpl = None
+        if reducers is not None and hasattr(model, "tokens_per_layer"):
+            tpl = model.tokens_per_layer(int(cfg.model.vit.image_size), reducers)
+        self._log_start(model, n_params, tpl, start, total)
+        metrics_path = self.workdir / "metrics.jsonl"
+        base_rng = jax.device_put(jax.random.key(int(cfg.seed)), repl)
+        meta = {"config": cfg.to_dict(), "config_name": cfg.get("config_name", "")}
+
+        bar = None
+        if self.is_main and cfg.train.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")
+        bs = int(cfg.train.batch_size)
+        pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch async
+        t_last, n_last = time.time(), start
+        log.info("setup took %.1fs", time.time() - t_setup)
+        summary = {}
+        if guard != "allow":
+            log.info("train.transfer_guard=%s: implicit host<->device transfers in the step loop are %s", guard,
+                     "logged" if guard == "log" else "refused")
+        with open(metrics_path, "a") as mfile, jax.transfer_guard(guard):
+            for step in range(start, total):
+                batch = self._put_batch(next(it))
+                state, metrics = step_fn(state, batch, base_rng)
+                if pending is not None:
+                    self._check_finite(*pending)
+                pending = (step, metrics)
+                done = step + 1
+                if done % int(cfg.train.log_every) == 0 or done == total:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    self._check_finite(step, metrics)
+                    now = time.time()
+                    m.update(step=done, images_per_s=(done - n_last) * bs / max(now - t_last, 1e-9),
+                             step_time_s=(now - t_last) / max(done - n_last, 1))
+                    if self.skip_stats is not None:
+                        m["skipped_records"] = self.skip_stats.skipped
+                    t_last, n_last = now, done
+                    self._write(mfile, m)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('accuracy', 0):.3f}",
+                                        img_s=f"{m['images_per_s']:.0f}")
+                if bar is not None:
+                    bar.update(1)
+                if cfg.train.eval_every > 0 and done % int(cfg.train.eval_every) == 0 and done != total:
+                    self._write(mfile, self._eval(state, eval_source) | {"step": done})
+                if done % int(cfg.checkpoint.every) == 0 or done == total:
+                    ckpt.save(done, state, it.get_state(), meta)
+                if done == int(cfg.train.crash_after_step):
+                    ckpt.wait()  # simulate a kill right after the checkpoint landed
+                    mfile.flush()
+                    os._exit(3)
+            if pending is not None:
+                self._check_finite(*pending)
+            if eval_source is not None and (cfg.train.eval_at_end or cfg.train.eval_every > 0):
+                ev = self._eval(state, eval_source) | {"step": total}
+                self._write(mfile, ev)
+                summary.update(ev)
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        self.state = state
+        self.graphdef = graphdef
+        summary.update(steps=total, resumed_from=start, workdir=str(self.workdir))
+        if self.history:
+            last_train = [h for h in self.history if "loss" in h]
+            if last_train:
+                summary.update(final_loss=last_train[-1]["loss"])
+        if self.is_main:
+            (self.workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        return summary
+
+    # - pieces -
+
+    def evaluate(self, eval_fn, state, source) -> dict:
+        cfg = self.cfg
+        sums = {"loss": 0.0, "correct": 0.0, "count": 0.0}
+        extra: dict[str, float] = {}
+        limit = int(cfg.data.eval_limit) or None
+        t0 = time.time()
+        for batch in data_lib.eval_batches(source, batch_size=int(cfg.train.eval_batch_size), limit=limit):
+            out = jax.device_get(eval_fn(state["params"], state["rest"], self._put_batch(batch)))
+            for k in sums:
+                sums[k] += float(out[k])
+            for k, v in out.get("extra", {}).items():
+                extra[k] = extra.get(k, 0.0) + float(v)
+        n = max(sums["count"], 1.0)
+        record = {"split": cfg.data.eval_split, "eval_loss": sums["loss"] / n, "eval_accuracy": sums["correct"] / n,
+                  "eval_examples": int(sums["count"]), "eval_time_s": time.time() - t0}
+        record.update({f"eval_{k}": v / n for k, v in extra.items()})
+        return record
+
+    def _check_finite(self, step, metrics) -> None:
+        if not self.cfg.train.check_finite:
+            return
+        loss = float(jax.device_get(metrics["loss"]))
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"training loss is {loss} at step {step + 1} (config {self.cfg.get('config_name', '?')}, workdir "
+                f"{self.workdir}); stopping. Try a lower optim.lr, optim.clip_norm > 0 or "
+                f"train.compute_dtype=float32. Checkpoints before this step are in {self.workdir / 'checkpoints'}.")
+
+    def _write(self, f, record: dict) -> None:
+        self.history.append(record)
+        if self.is_main:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            if getattr(self, "_tb", None) is not None:
+                self._tb.write(record)
+            if "eval_accuracy" in record:
+                log.info("step %d: %s accuracy %.4f loss %.4f", record["step"], record["split"],
+                         record["eval_accuracy"], record["eval_loss"])
+
+    def _log_start(self, model, n_params, tpl, start, total) -> None:
+        cfg = self.cfg
+        devs = self.mesh.devices.reshape(-1)
+        log.info("config %s -> workdir %s (config.json, metrics.jsonl, checkpoints/)", cfg.get("config_name", "?"),
+                 self.workdir.resolve())
+        log.info("model %s: %.2fM parameters; data %s; %d device(s) %s, %d process(es); fsdp=%s; batch %d",
+                 cfg.model.kind, n_params / 1e6, cfg.data.name, len(devs), devs[0].platform, jax.process_count(),
+                 bool(cfg.mesh.fsdp), int(cfg.train.batch_size))
+        if tpl is not None:
+            log.info("reduction %s: tokens per layer (attention, mlp) %s", reduction_spec(cfg), tpl)
+        if getattr(model, "atp_layers", ()):
+            log.info("ATP layers %s: soft masks in training, hard pruning (tokens per layer above) in evaluation; "
+                     "optim.trainable=%s", model.atp_layers, tuple(cfg.optim.trainable) or "everything")
+        log.info("steps %d -> %d", start, total)
