@@ -1,20 +1,23 @@
-"""Every ```python block in README.md runs as written (the README is the public API's contract)."""
+"""Every ```python block in README.md and docs/*.md runs as written (the docs are the public API's contract)."""
 
 import pathlib
 import re
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+BLOCKS = [(p.relative_to(ROOT).as_posix(), i, code) for p in DOCS
+          for i, code in enumerate(re.findall(r"```python\n(.*?)```", p.read_text(), flags=re.S))]
 
 
-def test_readme_has_examples():
-    assert len(BLOCKS) >= 5, "README lost its runnable API examples"
+def test_docs_have_examples():
+    readme = [b for b in BLOCKS if b[0] == "README.md"]
+    assert len(readme) >= 5, "README lost its runnable API examples"
+    assert len(BLOCKS) >= 25, "docs lost their runnable examples"
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index, tmp_path, monkeypatch):
+@pytest.mark.parametrize("name,index,code", BLOCKS, ids=[f"{n}[{i}]" for n, i, _ in BLOCKS])
+def test_doc_block_runs(name, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    code = BLOCKS[index]
-    exec(compile(code, f"README.md[python block {index}]", "exec"), {"__name__": f"readme_block_{index}"})
+    exec(compile(code, f"{name}[python block {index}]", "exec"), {"__name__": f"doc_block_{index}"})
