@@ -12,82 +12,9 @@ budget solver (``evaluation.budget``) picks the method's setting closest from be
 
 from __future__ import annotations
 
-import argparse
-import pathlib
 import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parent
-
-
-def parse_args(argv=None):
-    sys.path.insert(0, str(REPO))
-    from configs import help_epilog
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=help_epilog("eval"),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="eval_dinov2_fmnist", help="config name in configs/ or a path")
-    p.add_argument("--out", default=None, help="results folder (default results/eval/<config_name>)")
-    p.add_argument("--checkpoint", default=None, help="evaluate a train.py checkpoint (sets backbone=checkpoint)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", help="config overrides field=value")
-    return p.parse_args(argv)
-
-
-def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
-    """Build the backbone and data named by ``cfg``, sweep, and write every output to ``out_dir``."""
-    from configs import save_config, spec_from_node
-    from evaluation import backbones, data, plots, report
-    from evaluation import builtin  # noqa: F401 - registers the repo's backbones
-    from evaluation.sweep import SweepSettings, run_sweep
-
-    start = time.perf_counter()
-    backbone = backbones.build_backbone(cfg.backbone, cfg)
-    train, test, num_classes = data.load_dataset(cfg.dataset, num_train=cfg.num_train, num_test=cfg.num_test,
-                                                 seed=cfg.seed)
-    settings = SweepSettings(
-        methods=tuple(cfg.methods), targets=tuple(float(t) for t in cfg.targets), batch_size=cfg.batch_size,
-        throughput_batch=cfg.throughput_batch, warmup=cfg.warmup, repeats=cfg.repeats,
-        flop_tolerance=cfg.flop_tolerance, seed=cfg.seed, l2_grid=tuple(cfg.probe_l2_grid),
-        options=tuple((m, spec_from_node(node)) for m, node in (cfg.get("options") or {}).items()),
-    )
-    result = run_sweep(backbone, train, test, num_classes=num_classes, settings=settings, progress=progress)
-    result["meta"].update(config_name=cfg.config_name, dataset=cfg.dataset, total_s=time.perf_counter() - start)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir)
-    paths = report.write_all(result, out_dir)
-    paths.update(plots.plot_all(result, out_dir))
-    if cfg.visualize:
-        from evaluation import visual
-
-        paths.update(visual.save_visualisations(backbone, result, test, out_dir, cfg))
-    result["meta"]["total_s"] = time.perf_counter() - start
-    report.write_json(result, out_dir / "points.json")
-    result["paths"] = {k: str(v) for k, v in paths.items()}
-    return result
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    from configs import load_config
-    from evaluation import report
-
-    overrides = list(args.overrides)
-    if args.checkpoint:
-        overrides += ["backbone=checkpoint", f"checkpoint={args.checkpoint}"]
-    cfg = load_config(args.config, overrides)
-    if args.print_config:
-        print(cfg)
-        return 0
-    out_dir = pathlib.Path(args.out or cfg.out_dir or REPO / "results" / "eval" / cfg.config_name)
-    result = run(cfg, out_dir, progress=not args.quiet)
-    if not args.quiet:
-        print(report.markdown_table(result))
-        print(f"wrote {out_dir} in {result['meta']['total_s']:.0f} s")
-    return 0
-
+from evaluation.cli import main, parse_args, run  # noqa: F401  (the command line lives in evaluation.cli)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,42 +12,9 @@ this file is its command line, and re-exports it so ``import train; train.Traine
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import os
-import sys
 
-import configs
 from training import *  # noqa: F401,F403  (the training library, re-exported for ``import train``)
-from training import Trainer, maybe_initialize_distributed
-
-log = logging.getLogger("tokenreduce.train")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=configs.help_epilog(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="preset name in configs/ (e.g. vit_fmnist) or a .py path")
-    p.add_argument("--workdir", default="", help="output folder (default runs/<config name>)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", help="field.sub=value config overrides")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg = configs.load_config(args.config, args.overrides)
-    if args.print_config:
-        print(cfg)
-        return {}
-    maybe_initialize_distributed(cfg.mesh.distributed)
-    workdir = args.workdir or os.path.join("runs", cfg.config_name)
-    summary = Trainer(cfg, workdir).train()
-    print(json.dumps(summary, default=str))
-    return summary
-
+from training.cli import main, parse_args  # noqa: F401
 
 if __name__ == "__main__":
     main()
