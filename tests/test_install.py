@@ -57,3 +57,17 @@ def test_no_package_imports_the_command_line_scripts():
                     names = [node.module or ""]
                 offenders += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names if n in ("train", "eval")]
     assert not offenders, offenders
+
+
+def test_train_script_logs_what_ran_and_exits_zero(tmp_path):
+    """The console script exits 0 and its log lines reach stderr (an imported library's root handler used to
+    swallow every ``log.info`` of the run)."""
+    script = pathlib.Path(sys.executable).parent / "tokenreduce-train"
+    overrides = ["data.name=synthetic", "data.image_size=16", "model.vit.width=32", "model.vit.depth=2",
+                 "model.vit.mlp_dim=64", "model.vit.heads=2", "model.vit.patch_size=4", "model.vit.image_size=16",
+                 "model.vit.num_classes=4", "model.reduction.r=2", "train.batch_size=8", "train.steps=1",
+                 "train.progress=False", "train.eval_at_end=False", "train.tensorboard=False"]
+    out = subprocess.run([str(script), "--config", "vit_fmnist", "--workdir", str(tmp_path / "run"), *overrides],
+                         cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "tokens per layer" in out.stderr, out.stderr[-2000:]

@@ -28,7 +28,10 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # force: an imported library (absl, via orbax) may have installed a root handler already, which would drop
+    # every log line of the run ("resumed from step N", devices, tokens per layer)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr,
+                        force=True)
     cfg = configs.load_config(args.config, args.overrides)
     if args.print_config:
         print(cfg)
@@ -40,3 +43,7 @@ def main(argv=None) -> dict:
     return summary
 
 
+def cli() -> int:
+    """Console-script entry point (``tokenreduce-train``): :func:`main`, exit status 0."""
+    main()
+    return 0
