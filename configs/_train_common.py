@@ -73,6 +73,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.frozen = ()            # regexes over parameter paths, e.g. ("^blocks/[0-5]/",)
     c.optim.trainable = ()         # if non-empty, only matching parameters train
+    c.optim.lr_scales = ()         # (regex, scale) pairs scaling matching updates, e.g. (("^learned/", 10.0),)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 500

@@ -1,4 +1,4 @@
-"""Learned ATP thresholds (reduction.nnx.ATPModule) inside the CPU-sized Fashion-MNIST ViT, with a budget loss.
+"""Learned ATP thresholds (reduction.nnx.LearnedATP, an ordinary learned reducer) inside the CPU-sized Fashion-MNIST ViT, with a budget loss.
 
 Two-step recipe (pretrain, then learn the thresholds while the backbone adapts to the pruning):
 
@@ -6,7 +6,7 @@ Two-step recipe (pretrain, then learn the thresholds while the backbone adapts t
     python train.py --config atp_threshold model.pretrained=runs/vit_fmnist      # ATP + backbone, 400 steps
 
 Thresholds only, backbone frozen: add ``model.atp.train_backbone=auto`` (with ``model.pretrained`` set only the
-ATP parameters train: ``optim.trainable`` becomes ``("^atp/",)``, recorded in ``config.json``) or ``=no``. From
+learned reducers train: ``optim.trainable`` becomes ``("^learned/",)``, recorded in ``config.json``) or ``=no``. From
 scratch (``model.pretrained=""``) everything trains. An explicit ``optim.trainable=...`` always wins.
 
 What runs: one ATP module after the attention of block 1 of the 4-block ViT (17 tokens: class token + 4x4
@@ -17,7 +17,7 @@ layer. The budget term is normalised by the candidate count (16 patches), i.e. i
 ``budget_weight=2`` makes one point of keep ratio cost 0.02 nats, far above the CE gain of keeping a few more
 tokens. Evaluation prunes hard to the static capacity ``1 + floor(16 * 0.7) = 12`` tokens with a validity mask
 (an instance keeps fewer when fewer patches pass its threshold) and logs ``eval_kept_ratio_L1``. The threshold
-MLP's updates are scaled by ``lr_scale`` (it has to move the threshold logit by O(1) in a few hundred steps).
+MLP's updates are scaled by 10 (``optim.lr_scales``; it has to move the threshold logit by O(1) in a few hundred steps).
 Measured from the 88.15% backbone (docs/training.md has the table): this preset keeps 0.50 of the patches after
 block 1 at 85.1% test accuracy; soft masks with a frozen backbone (``straight_through=False
 train_backbone=auto``) meet the budget too but reach only 64.3% under hard pruning.
@@ -44,7 +44,6 @@ def get_config():
         target_keep=0.5,        # budget: kept fraction of the 49 patch candidates
         budget_weight=2.0,      # weight of the (candidate-normalised) budget loss, summed over ATP layers
         budget_kind="abs",      # "abs" | "square"
-        lr_scale=10.0,          # ATP parameters step lr_scale times the backbone learning rate
         train_backbone="yes",   # "yes" (backbone adapts too) | "auto" (frozen iff model.pretrained is set) | "no"
     ))
     c.train.steps = 400
@@ -52,5 +51,6 @@ def get_config():
     c.train.log_every = 25
     c.optim.lr = 2e-3
     c.optim.warmup_steps = 40
+    c.optim.lr_scales = (("^learned/", 10.0),)   # the learned reducers step 10x the backbone learning rate
     c.checkpoint.every = 200
     return c

@@ -176,15 +176,15 @@ def prop_attn_flags(reducers) -> list[bool]:
 
 
 def reducing_block(state, *, attn, norm1, mlp, norm2, ls1=None, ls2=None, reducer=None, info: Optional[dict] = None,
-                   prop_attn: bool = False, hook=None):
+                   prop_attn: bool = False):
     """A pre-norm transformer block with its reduction point, shared by the ViT and the VLM's vision tower.
 
     ``state.x: [B, T, C] -> [B, K, C]`` (``K = T`` without a reducer): ``x + ls1(attn(norm1(x)))``, then the reducer
     at its ``position`` (``"after_attention"``: before the MLP, ToMe's place; ``"before_attention"``: at the start of
     the block, on this block's own attention over the tokens about to be reduced), then ``x + ls2(mlp(norm2(x)))``.
     ``attn(x, bias=, need_probs=) -> (y, keys [B, T, H, Dh], probs or None)``. Attention stays fused unless the
-    reducer (or ``hook``) needs probabilities. ``hook(state, probs) -> state`` runs after the attention residual,
-    before the reducer (the learned ATP gate)."""
+    reducer needs probabilities. ``reducer`` is anything with ``needs``, ``position`` and
+    ``reducer(state, info) -> state`` (a :class:`reduction.Reducer`, or a model's binding of a learned reducer)."""
     import reduction as R
 
     info = info or {}
@@ -205,10 +205,8 @@ def reducing_block(state, *, attn, norm1, mlp, norm2, ls1=None, ls2=None, reduce
         state = reducer(state, reducer_info(reducer, info, keys, probs, state.x))
 
     need_probs = reducer is not None and reducer.position == "after_attention" and R.ATTENTION in reducer.needs
-    y, keys, probs = attn(norm1(state.x), bias=bias(state), need_probs=need_probs or hook is not None)
+    y, keys, probs = attn(norm1(state.x), bias=bias(state), need_probs=need_probs)
     state = state.replace(x=state.x + (ls1(y) if ls1 is not None else y))
-    if hook is not None:
-        state = hook(state, probs)
     if reducer is not None and reducer.position == "after_attention":
         state = reducer(state, reducer_info(reducer, info, keys, probs, state.x))
     y = mlp(norm2(state.x))

@@ -14,27 +14,26 @@ stay consistent for every method.
 Reducers are static: pass a tuple with one :class:`reduction.Reducer` (or ``None``) per block; token counts per
 layer are Python ints known before tracing.
 
-Learned ATP thresholds (:meth:`ViT.attach_atp`) are the one trainable reduction: :class:`reduction.nnx.ATPModule`
-instances live in ``model.atp`` (an ``nnx.Dict`` keyed by the layer index as a string, so their parameter paths
-start with ``atp/``) and run at their block's after-attention point. ``model(images, atp_mode="soft")`` keeps every
-token and gates the later layers with the soft keep mask (training); ``atp_mode="hard"`` (default) prunes to a static
-capacity with a validity mask (inference).
+Trainable reducers (:class:`reduction.nnx.LearnedReducer`, e.g. the learned ATP thresholds
+:class:`reduction.nnx.LearnedATP`) are modules attached with :meth:`ViT.attach_reducer`: they live in
+``model.learned`` (an ``nnx.Dict`` keyed by the layer index as a string, so their parameter paths start with
+``learned/<layer>/``) and run at their block's reduction point like any reducer. ``model(images, train=True)``
+runs them in training mode, ``train=False`` (default) in inference mode; ``aux["reducer_aux"]`` holds each one's
+auxiliary dict and ``aux["reducer_loss"]`` the sum of their losses.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import reduction as R
-from reduction import atp as atp_ops
-from reduction.schedule import keep_count
-from reduction.validate import check_count, check_rank, check_ratio
+from reduction.validate import check_rank
 from models.layers import (Attention, LayerScale, Mlp, PatchEmbed, layer_norm, prop_attn_flags, reducing_block,
                            resize_grid)
 
@@ -155,12 +154,11 @@ class Block(nnx.Module):
         self.ls2 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
 
     def __call__(self, state: R.TokenState, *, reducer: Optional[R.Reducer] = None, info: Optional[dict] = None,
-                 prop_attn: bool = False,
-                 hook: Optional[Callable[[R.TokenState, jax.Array], R.TokenState]] = None) -> R.TokenState:
+                 prop_attn: bool = False) -> R.TokenState:
         """``state.x: [B, T, C] -> [B, K, C]`` (:func:`models.layers.reducing_block`). ``info``: the static LayerInfo
         fields (layer, num_layers, num_protected, num_distill, rng)."""
         return reducing_block(state, attn=self.attn, norm1=self.norm1, mlp=self.mlp, norm2=self.norm2, ls1=self.ls1,
-                              ls2=self.ls2, reducer=reducer, info=info, prop_attn=prop_attn, hook=hook)
+                              ls2=self.ls2, reducer=reducer, info=info, prop_attn=prop_attn)
 
 
 def _as_reducers(reducers, depth: int) -> tuple:
@@ -177,26 +175,33 @@ def _as_reducers(reducers, depth: int) -> tuple:
     return reducers
 
 
-ATP_MODES = ("soft", "hard")
+class _Bound:
+    """A learned reducer bound to a mode, seen by the block as a reducer: ``needs`` / ``position`` /
+    ``prop_attn`` / ``flops`` from the module, ``num_out`` the static count of the mode, and
+    ``bound(state, info) -> state`` calls ``module(state, info, train=train)`` and records its aux dict in
+    ``sink[layer]``."""
 
+    def __init__(self, module, train: bool, sink: Optional[dict] = None):
+        self.module, self.train, self.sink = module, bool(train), sink
+        self.needs, self.position, self.prop_attn = module.needs, module.position, module.prop_attn
 
-@dataclasses.dataclass(frozen=True)
-class ATPSpec:
-    """Static settings of the learned ATP layers (:meth:`ViT.attach_atp`).
+    def num_out(self, num_tokens: int, info: R.LayerInfo) -> int:
+        return (self.module.train_num_out if self.train else self.module.num_out)(num_tokens, info)
 
-    ``layers``: blocks whose after-attention point runs an ATP module; ``capacity_ratio``: hard-mode static capacity
-    ``keep_count(T, capacity_ratio, protected=num_protected)`` at that layer's token count ``T``; ``stride``: spatial
-    grid of always-kept patches (:func:`reduction.atp.spatial_grid_mask`, 0 = none); ``straight_through``: soft
-    mode gates with the hard 0/1 keep set in the forward pass and takes gradients through the soft mask.
-    """
+    def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
+        return self.module.flops(num_tokens, dim=dim, heads=heads)
 
-    layers: tuple[int, ...]
-    capacity_ratio: float
-    stride: int
-    straight_through: bool = False
-
-    def capacity(self, num_tokens: int, num_protected: int) -> int:
-        return keep_count(num_tokens, self.capacity_ratio, protected=num_protected)
+    def __call__(self, state: R.TokenState, info: R.LayerInfo) -> R.TokenState:
+        want = self.num_out(state.num_tokens, info)
+        state, aux = self.module(state, info, train=self.train)
+        if state.num_tokens != want:
+            raise ValueError(f"{type(self.module).__name__} at layer {info.layer} returned {state.num_tokens} tokens "
+                             f"but its {'train_' if self.train else ''}num_out says {want}")
+        if not isinstance(aux, Mapping) or "loss" not in aux:
+            raise ValueError(f"{type(self.module).__name__} must return (state, aux) with aux['loss']")
+        if self.sink is not None:
+            self.sink[info.layer] = dict(aux)
+        return state
 
 
 class ViT(nnx.Module):
@@ -221,7 +226,6 @@ class ViT(nnx.Module):
                      if cfg.num_classes else None)
         self.head_dist = (nnx.Linear(c, cfg.num_classes, kernel_init=zeros, dtype=cfg.dtype, rngs=rngs)
                           if cfg.num_classes and cfg.distill_token else None)
-        self.atp_spec: Optional[ATPSpec] = None  # set by attach_atp (the modules go to self.atp)
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -243,104 +247,67 @@ class ViT(nnx.Module):
             cfg = vit_config(spec.pop("variant", None), **spec)
         return cls(cfg, rngs=rngs if rngs is not None else nnx.Rngs(seed))
 
-    def attach_atp(self, layers: Sequence[int], *, capacity_ratio: float, stride: int = 4, hidden: int = 16,
-                   temperature: float = 10.0, init_theta: float = 0.3, self_weight: float = 0.5,
-                   straight_through: bool = False, rngs: Optional[nnx.Rngs] = None, seed: int = 0) -> "ViT":
-        """Attach one trainable :class:`reduction.nnx.ATPModule` per entry of ``layers`` (block indices).
+    def attach_reducer(self, layer: int, module) -> "ViT":
+        """Attach a trainable reducer (:class:`reduction.nnx.LearnedReducer`) at block ``layer``.
 
-        The modules go to ``self.atp`` (``nnx.Dict`` keyed ``str(layer)``; parameter paths ``atp/<layer>/...``, so
-        ``optim.trainable=("^atp/",)`` trains only them) and run after the attention of their block (see
-        :meth:`__call__`, ``atp_mode``). ``capacity_ratio`` in (0, 1] sets the hard-mode static capacity
-        ``keep_count(T, capacity_ratio, protected=num_protected)`` at that layer's ``T``; ``stride`` the always-kept
-        spatial grid over the patches (0 = none). ``hidden``, ``temperature``, ``init_theta`` and ``self_weight``
-        go to the modules. ``straight_through=True`` makes the soft (training) mode gate with the hard keep set
-        ``score > theta`` in the forward pass (what inference does) while gradients flow through the soft mask
-        (``hard + soft - stop_gradient(soft)``), which closes the gap between soft-mode training and hard-mode
-        evaluation. Replaces previously attached modules. Returns ``self``.
-        """
-        cfg = self.config
-        if not cfg.class_token:
-            raise ValueError("attach_atp needs config.class_token=True (the class token is the cross-score query)")
-        layers = tuple(sorted({int(v) for v in layers}))
-        if not layers:
-            raise ValueError("attach_atp: layers is empty")
-        bad = [v for v in layers if not 0 <= v < cfg.depth]
-        if bad:
-            raise ValueError(f"attach_atp: layers {bad} out of range for depth={cfg.depth}")
-        capacity_ratio = check_ratio(capacity_ratio, "capacity_ratio")
-        stride = check_count(stride, "stride")
-        if not 0.0 < float(init_theta) < 1.0:
-            raise ValueError(f"init_theta must be in (0, 1), got {init_theta}")
-        if not 0.0 <= float(self_weight) <= 1.0:
-            raise ValueError(f"self_weight must be in [0, 1], got {self_weight}")
-        from reduction.nnx import ATPModule
+        The module goes to ``self.learned`` (``nnx.Dict`` keyed ``str(layer)``; parameter paths
+        ``learned/<layer>/...``, so ``optim.trainable=("^learned/",)`` trains only the learned reducers) and runs at
+        the block's reduction point (its ``position``) in the mode ``model(..., train=)`` picks. A static reducer
+        passed at the same layer is refused. Replaces a module already at that layer. Returns ``self``."""
+        from reduction.nnx import LearnedReducer
 
-        rngs = rngs if rngs is not None else nnx.Rngs(seed)
-        spec = ATPSpec(layers=layers, capacity_ratio=float(capacity_ratio), stride=int(stride),
-                       straight_through=bool(straight_through))
-        t = self.num_tokens(cfg.image_size)  # capacity at the configured resolution (informational in the module)
-        self.atp = nnx.Dict({
-            str(v): ATPModule(capacity=spec.capacity(t, cfg.num_protected), hidden=int(hidden),
-                              temperature=float(temperature), self_weight=float(self_weight),
-                              init_theta=float(init_theta), rngs=rngs)
-            for v in layers})
-        self.atp_spec = spec
+        if isinstance(layer, bool) or not isinstance(layer, int) and not hasattr(layer, "__index__"):
+            raise ValueError(f"attach_reducer: layer must be an int, got {layer!r}")
+        layer = int(layer)
+        if not 0 <= layer < self.config.depth:
+            raise ValueError(f"attach_reducer: layer {layer} out of range for depth={self.config.depth}")
+        if not isinstance(module, LearnedReducer):
+            raise ValueError(f"attach_reducer needs a reduction.nnx.LearnedReducer, got {type(module).__name__}")
+        if module.position not in ("after_attention", "before_attention"):
+            raise ValueError(f"module.position must be 'after_attention' or 'before_attention', got {module.position!r}")
+        current = dict(self.learned.items()) if getattr(self, "learned", None) is not None else {}
+        current[str(layer)] = module
+        self.learned = nnx.Dict({k: current[k] for k in sorted(current, key=int)})
         return self
 
-    def _atp_gate(self, module, state: R.TokenState, probs: jax.Array, mode: str) -> tuple[R.TokenState, dict]:
-        """Run one ATP module on this block's attention ``probs [B, H, T, T]``.
+    def attach_atp(self, layers: Sequence[int], *, capacity_ratio: float, rngs: Optional[nnx.Rngs] = None,
+                   seed: int = 0, **options) -> "ViT":
+        """Convenience: one :class:`reduction.nnx.LearnedATP` (``capacity_ratio`` plus ``options``: ``stride``,
+        ``hidden``, ``temperature``, ``init_theta``, ``self_weight``, ``straight_through``, ``target_keep``,
+        ``budget_weight``, ``budget_kind``) per block of ``layers``, each attached with :meth:`attach_reducer`.
+        Returns ``self``."""
+        from reduction.nnx import LearnedATP
 
-        ``"soft"``: ``state`` keeps all ``T`` tokens, ``sizes *= max(m, 1e-6)`` with the soft mask ``m [B, T]``
-        (1 on the prefix tokens and the spatial grid); record ``mask``, ``theta [B]``, ``candidates [B, T]``.
-        ``"hard"``: ``[B, T] -> [B, K]`` with ``K`` the static capacity, ``valid`` marking the kept tokens; record
-        ``theta``, ``kept`` (valid tokens per example, prefix included), ``kept_candidates`` and ``num_candidates``
-        (``[B]`` float32).
-        """
-        cfg, spec = self.config, self.atp_spec
-        p = cfg.num_protected
-        b, t = state.x.shape[:2]
-        cand = jnp.broadcast_to(jnp.arange(t) >= p, (b, t))
-        if state.valid is not None:
-            cand = cand & state.valid
-        self_r, cross_r, score = atp_ops.vit_atp_inputs(probs, cand, self_weight=module.self_weight)
-        theta = module.threshold(score, self_r, cross_r, cand)
-        grid = jnp.asarray(atp_ops.patch_grid_mask(t, p, spec.stride)) & cand
-        if mode == "soft":
-            m = atp_ops.soft_keep_mask(score, theta, temperature=module.temperature, forced=grid, candidates=cand)
-            if spec.straight_through:
-                hard = atp_ops.hard_keep_mask(score, theta, forced=grid, candidates=cand).astype(jnp.float32)
-                m = hard + (m - jax.lax.stop_gradient(m))          # forward value exactly the 0/1 set
-            # Clamp to 1e-6 in the forward pass only: the gradient still reaches m where the clamp is active (the
-            # straight-through 0s), and d(attention)/dm stays finite, as in a mask applied inside the softmax.
-            gate = m + jax.lax.stop_gradient(jnp.maximum(m, 1e-6) - m)
-            state = state.replace(sizes=state.sizes * gate)
-            return state, {"mask": m, "theta": theta, "candidates": cand}
-        forced = (jnp.arange(t) < p) | grid
-        state, idx = atp_ops.prune_above_threshold(state, score, theta, forced=forced, capacity=spec.capacity(t, p))
-        kept = jnp.sum(state.valid, axis=-1).astype(jnp.float32)
-        kept_cand = jnp.sum(state.valid & (idx >= p), axis=-1).astype(jnp.float32)  # idx: input positions
-        n_cand = jnp.sum(cand, axis=-1).astype(jnp.float32)
-        return state, {"theta": theta, "kept": kept, "kept_candidates": kept_cand, "num_candidates": n_cand}
+        if not self.config.class_token:
+            raise ValueError("attach_atp needs config.class_token=True (the class token is the cross-score query)")
+        layers = sorted({int(v) for v in layers})
+        if not layers:
+            raise ValueError("attach_atp: layers is empty")
+        bad = [v for v in layers if not 0 <= v < self.config.depth]
+        if bad:
+            raise ValueError(f"attach_atp: layers {bad} out of range for depth={self.config.depth}")
+        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        for v in layers:
+            self.attach_reducer(v, LearnedATP(capacity_ratio=capacity_ratio, rngs=rngs, **options))
+        return self
 
     @property
-    def atp_layers(self) -> tuple[int, ...]:
-        """Blocks with an attached ATP module (empty without :meth:`attach_atp`)."""
-        return () if self.atp_spec is None else self.atp_spec.layers
+    def learned_layers(self) -> tuple[int, ...]:
+        """Blocks with an attached learned reducer (:meth:`attach_reducer`), ascending."""
+        learned = getattr(self, "learned", None)
+        return () if learned is None else tuple(sorted(int(k) for k in learned.keys()))
 
-    def _count_reducers(self, reducers: tuple, atp_mode: str) -> tuple:
-        """``reducers`` with the hard-mode ATP layers filled in (for static token counts and FLOPs)."""
-        if atp_mode not in ATP_MODES:
-            raise ValueError(f"atp_mode must be one of {ATP_MODES}, got {atp_mode!r}")
-        if not self.atp_layers:
+    def _run_reducers(self, reducers: tuple, train: bool, sink: Optional[dict] = None) -> tuple:
+        """``reducers`` with the learned reducers bound to the mode at their layers (for the forward pass, static
+        token counts and FLOPs)."""
+        learned = self.learned_layers
+        if not learned:
             return reducers
-        clash = [v for v in self.atp_layers if reducers[v] is not None]
+        clash = [v for v in learned if reducers[v] is not None]
         if clash:
-            raise ValueError(f"reducers at layers {clash} collide with the attached ATP modules there")
-        if atp_mode == "soft":
-            return reducers
-        spec = self.atp_spec
-        stand_in = atp_ops.ATPPrune(keep_ratio=spec.capacity_ratio, stride=spec.stride)
-        return tuple(stand_in if i in spec.layers else red for i, red in enumerate(reducers))
+            raise ValueError(f"reducers at layers {clash} collide with the learned reducers attached there")
+        return tuple(_Bound(self.learned[str(i)], train, sink) if i in learned else red
+                     for i, red in enumerate(reducers))
 
     # -- static helpers -------------------------------------------------------------------------------
 
@@ -354,20 +321,19 @@ class ViT(nnx.Module):
         """One reducer (or ``None``) per block from a plain spec such as ``{"method": "tome", "r": 13}``."""
         return tuple(R.build_layer_reducers(self.config.depth, spec))
 
-    def tokens_per_layer(self, image_hw, reducers=None, *, atp_mode: str = "hard") -> list[tuple[int, int]]:
-        """Static ``(attention tokens, MLP tokens)`` per block (attached ATP layers at their hard-mode capacity unless
-        ``atp_mode="soft"``)."""
-        reducers = self._count_reducers(_as_reducers(reducers, self.config.depth), atp_mode)
+    def tokens_per_layer(self, image_hw, reducers=None, *, train: bool = False) -> list[tuple[int, int]]:
+        """Static ``(attention tokens, MLP tokens)`` per block (learned reducers at their inference capacity, or
+        their training count with ``train=True``)."""
+        reducers = self._run_reducers(_as_reducers(reducers, self.config.depth), train)
         return R.tokens_per_layer(self.num_tokens(image_hw), reducers, num_protected=self.config.num_protected,
                                   num_distill=int(self.config.distill_token))
 
     def flops(self, image_size: Union[int, Sequence[int]] = None, reducers=None) -> int:
         """Analytic FLOPs (2 x MACs) per image: patch embedding, blocks at the scheduled token counts, the
-        reducers' own cost and the head (attached ATP layers counted at their hard-mode capacity, without the
-        tiny threshold MLP)."""
+        reducers' own cost and the head (learned reducers at their inference capacity and their own ``flops``)."""
         cfg = self.config
         image_size = cfg.image_size if image_size is None else image_size
-        reducers = self._count_reducers(_as_reducers(reducers, cfg.depth), "hard")
+        reducers = self._run_reducers(_as_reducers(reducers, cfg.depth), False)
         counts = R.tokens_per_layer(self.num_tokens(image_size), reducers, num_protected=cfg.num_protected,
                                     num_distill=int(cfg.distill_token))
         t = self.num_tokens(image_size)
@@ -440,7 +406,7 @@ class ViT(nnx.Module):
         return avg
 
     def __call__(self, images: jax.Array, *, reducers=None, return_source: bool = False,
-                 deterministic: bool = True, rng: Optional[jax.Array] = None, atp_mode: str = "hard"):
+                 deterministic: bool = True, rng: Optional[jax.Array] = None, train: bool = False):
         """Forward pass.
 
         Args:
@@ -452,48 +418,29 @@ class ViT(nnx.Module):
             counts every initial token (prefix and registers included).
           deterministic: the model has no dropout; kept for API symmetry with training code.
           rng: PRNG key handed (folded with the layer index) to stochastic reducers.
-          atp_mode: only with attached ATP modules (:meth:`attach_atp`); static. ``"soft"`` (training): no token
-            is dropped; each ATP layer multiplies ``sizes`` by its soft keep mask ``m [B, T]`` (clamped to
-            ``>= 1e-6``) and every later block uses proportional attention, so ``log m`` gates the keys.
-            ``"hard"`` (inference, default): each ATP layer prunes to its static capacity with a validity mask.
+          train: static; the mode of the learned reducers (:meth:`attach_reducer`): ``True`` training (e.g. the
+            soft gate of :class:`reduction.nnx.LearnedATP`), ``False`` (default) inference (static capacity).
 
         Returns:
           ``(out, aux)``: ``out`` = logits ``[B, num_classes]`` if the model has a head, else the pooled
           features. ``aux``: ``tokens_per_layer`` (static list of ``(attention, MLP)`` tokens), ``features``
           (pooled, pre-head), ``tokens`` (final normed ``[B, K, C]``), ``sizes`` ``[B, K]``, ``positions``,
-          ``valid`` (or ``None``) and, with ``return_source``, ``source`` ``[B, N]``. With ATP modules,
-          ``aux["atp"]`` holds one entry per ATP layer (in :attr:`atp_layers` order) in each list: soft mode
-          ``masks`` ``[B, T]`` (in ``(0, 1]``, 1 on the prefix and the spatial grid), ``thetas`` ``[B]``,
-          ``candidates`` ``[B, T]`` bool; hard mode ``thetas``, ``kept`` (valid tokens after pruning, prefix
-          included), ``kept_candidates`` and ``num_candidates`` (``[B]`` float32 each).
+          ``valid`` (or ``None``), with ``return_source``, ``source`` ``[B, N]``, ``reducer_aux``
+          (``{layer: aux dict}`` of the learned reducers, empty without any) and ``reducer_loss`` (the sum of their
+          ``aux["loss"]``, a float32 scalar, 0 without any).
         """
         del deterministic
         cfg = self.config
-        if atp_mode not in ATP_MODES:
-            raise ValueError(f"atp_mode must be one of {ATP_MODES}, got {atp_mode!r}")
-        reducers = _as_reducers(reducers, cfg.depth)
-        count_reducers = self._count_reducers(reducers, atp_mode)  # also rejects reducers at ATP layers
+        sink: dict = {}
+        reducers = self._run_reducers(_as_reducers(reducers, cfg.depth), bool(train), sink)
         x = self.embed(images)
         state = R.init_state(x, track_source=return_source)
         props = prop_attn_flags(reducers)
-        atp_layers = self.atp_layers
-        if atp_layers and atp_mode == "soft":  # later blocks see log(m) through the size bias
-            props = [on or layer > atp_layers[0] for layer, on in enumerate(props)]
-        records = []
         for layer, (blk, red) in enumerate(zip(self.blocks, reducers)):
             info = dict(layer=layer, num_layers=cfg.depth, num_protected=cfg.num_protected,
                         num_distill=int(cfg.distill_token),
                         rng=None if rng is None else jax.random.fold_in(rng, layer))
-            hook = None
-            if layer in atp_layers:
-                module = self.atp[str(layer)]
-
-                def hook(st, probs, module=module):
-                    st, rec = self._atp_gate(module, st, probs, atp_mode)
-                    records.append(rec)
-                    return st
-
-            state = blk(state, reducer=red, info=info, prop_attn=props[layer], hook=hook)
+            state = blk(state, reducer=red, info=info, prop_attn=props[layer])
         tokens = self.norm(state.x)
         features = self.pool(tokens, state)
         if self.head is None:
@@ -503,7 +450,7 @@ class ViT(nnx.Module):
         else:
             out = self.head(features)
         aux = {
-            "tokens_per_layer": R.tokens_per_layer(x.shape[1], count_reducers, num_protected=cfg.num_protected,
+            "tokens_per_layer": R.tokens_per_layer(x.shape[1], reducers, num_protected=cfg.num_protected,
                                                    num_distill=int(cfg.distill_token)),
             "features": features,
             "tokens": tokens,
@@ -513,10 +460,9 @@ class ViT(nnx.Module):
         }
         if return_source:
             aux["source"] = state.source
-        if records:
-            names = {"mask": "masks", "theta": "thetas", "candidates": "candidates", "kept": "kept",
-                     "kept_candidates": "kept_candidates", "num_candidates": "num_candidates"}
-            aux["atp"] = {names[k]: [r[k] for r in records] for k in records[0]}
+        aux["reducer_aux"] = {layer: sink[layer] for layer in sorted(sink)}
+        aux["reducer_loss"] = sum((jnp.asarray(a["loss"], jnp.float32) for a in aux["reducer_aux"].values()),
+                                  jnp.zeros((), jnp.float32))
         return out, aux
 
 
@@ -527,18 +473,18 @@ def _hw(image_hw) -> tuple[int, int]:
     return int(h), int(w)
 
 
-def make_forward(model: ViT, reducers=None, *, return_source: bool = False, atp_mode: str = "hard"):
+def make_forward(model: ViT, reducers=None, *, return_source: bool = False, train: bool = False):
     """Jitted ``fn(images) -> (out, aux)`` for eval and benchmarks.
 
     The model is split once (``graphdef, state = nnx.split(model)``); the pure function merges it inside
     ``jax.jit`` with the reducers closed over as static values. ``aux["tokens_per_layer"]`` is added back
     outside the jit as plain Python ints. ``fn.num_traces()`` reports how often the function was traced
     (new data of the same shape must not retrace). Parameters are captured at call time of
-    ``make_forward``; call it again after changing the model. ``atp_mode`` is passed to :meth:`ViT.__call__`.
+    ``make_forward``; call it again after changing the model. ``train`` (the learned reducers' mode) is passed to
+    :meth:`ViT.__call__`.
     """
     reducers = _as_reducers(reducers, model.config.depth)
-    if atp_mode not in ATP_MODES:
-        raise ValueError(f"atp_mode must be one of {ATP_MODES}, got {atp_mode!r}")
+    train = bool(train)
     graphdef, params = nnx.split(model)
     traces = [0]
 
@@ -546,14 +492,14 @@ def make_forward(model: ViT, reducers=None, *, return_source: bool = False, atp_
     def pure(params, images):
         traces[0] += 1
         m = nnx.merge(graphdef, params)
-        out, aux = m(images, reducers=reducers, return_source=return_source, atp_mode=atp_mode)
+        out, aux = m(images, reducers=reducers, return_source=return_source, train=train)
         aux = dict(aux)
         aux.pop("tokens_per_layer")
         return out, aux
 
     def fn(images):
         out, aux = pure(params, images)
-        aux["tokens_per_layer"] = model.tokens_per_layer(images.shape[1:3], reducers, atp_mode=atp_mode)
+        aux["tokens_per_layer"] = model.tokens_per_layer(images.shape[1:3], reducers, train=train)
         return out, aux
 
     fn.num_traces = lambda: traces[0]
@@ -561,4 +507,4 @@ def make_forward(model: ViT, reducers=None, *, return_source: bool = False, atp_
     return fn
 
 
-__all__ = ["ViT", "ViTConfig", "ATPSpec", "Block", "VARIANTS", "parse_variant", "vit_config", "make_forward"]
+__all__ = ["ViT", "ViTConfig", "Block", "VARIANTS", "parse_variant", "vit_config", "make_forward"]

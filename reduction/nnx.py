@@ -1,11 +1,24 @@
 """Learned reducers as thin Flax NNX modules (the only Flax import under ``reduction/``).
 
-``import reduction`` does not import this module; use ``from reduction.nnx import ATPModule``.
+``import reduction`` does not import this module; use ``from reduction.nnx import LearnedATP``.
+
+The protocol of a trainable reducer (:class:`LearnedReducer`): an ``nnx.Module`` that a model holds in its list of
+reducers (:meth:`models.vit.ViT.attach_reducer`) and calls at its layer like any static
+:class:`reduction.Reducer` (same ``needs``, ``position``, ``prop_attn``, static ``num_out``), except that the call
+takes the mode and returns an auxiliary dict::
+
+    state, aux = module(state, info, train=True)    # training: e.g. a soft gate, aux["loss"] = weighted aux loss
+    state, aux = module(state, info, train=False)   # inference: static capacity num_out(T, info), aux["loss"] = 0
+
+``aux`` holds ``"loss"`` (already weighted, summed by the model into ``aux["reducer_loss"]`` and added to the task
+loss by the trainer) and any metrics, each a scalar or a per-example ``[B]`` array (the trainer logs their mean as
+``<name>_L<layer>``). Tokens still move only through :func:`reduction.step.apply_step`.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import ClassVar, Optional
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +26,12 @@ import numpy as np
 from flax import nnx
 
 from reduction import atp
-from reduction.validate import check_count, check_leading, check_rank
+from reduction import flops as flops_lib
+from reduction.reducers import ATTENTION, LayerInfo
+from reduction.schedule import keep_count
+from reduction.state import TokenState
+from reduction.step import apply_step, identity_step
+from reduction.validate import check_count, check_leading, check_rank, check_ratio
 
 
 class ATPModule(nnx.Module):
@@ -89,4 +107,136 @@ class ATPModule(nnx.Module):
         return idx, valid, theta
 
 
-__all__ = ["ATPModule"]
+# -- the protocol of a trainable reducer ----------------------------------------------------------------------
+
+
+class LearnedReducer(nnx.Module):
+    """Base class of trainable reducers (see the module docstring).
+
+    Subclasses set the class attributes ``needs`` / ``position`` / ``prop_attn`` (as on :class:`reduction.Reducer`)
+    and implement :meth:`num_out` (the static inference capacity) and :meth:`__call__`. :meth:`train_num_out` is
+    the static output count in training (default: :meth:`num_out`; a soft gate keeps every token).
+    """
+
+    needs: ClassVar[frozenset] = frozenset()
+    position: ClassVar[str] = "after_attention"
+    prop_attn: ClassVar[bool] = False
+
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        """Static output count at inference for ``num_tokens`` input tokens (``info``: static fields only)."""
+        raise NotImplementedError
+
+    def train_num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        """Static output count in training (default: the inference count)."""
+        return self.num_out(num_tokens, info)
+
+    def __call__(self, state: TokenState, info: LayerInfo, *, train: bool) -> tuple[TokenState, dict]:
+        """``(state [B, T, C] -> [B, K, C], aux)`` with ``aux["loss"]`` the weighted auxiliary loss (0 at inference)."""
+        raise NotImplementedError
+
+    def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
+        """The reducer's own FLOPs at this layer at inference (2 x MACs)."""
+        return 0
+
+
+class LearnedATP(LearnedReducer):
+    """ATP-style pruning in a ViT block with an instance-wise learned threshold and a budget loss.
+
+    The score is :func:`reduction.atp.vit_atp_inputs` on the block's attention (self: the other patches, cross: the
+    class token, token 0); a spatial grid of patches (``stride``, :func:`reduction.atp.patch_grid_mask`) and the
+    ``num_protected`` prefix are always kept. ``theta [B] = sigmoid(mlp(pooled score statistics))`` as in
+    :class:`ATPModule` (parameters ``fc1``, ``fc2``).
+
+    * ``train=True``: every token stays; the identity step with ``size_scale = max(m, 1e-6)`` (the clamp in the
+      forward pass only) gates them through proportional attention in the later blocks, where
+      ``m = soft_keep_mask(score, theta, temperature)`` (with ``straight_through``: the hard 0/1 keep set in the
+      forward pass, the soft mask's gradient). ``aux``: ``loss = budget_weight * budget``, with ``budget`` the
+      candidate-normalised :func:`reduction.atp.budget_loss` ``|mean kept fraction - target_keep|`` (``"abs"``) or
+      its square (``"square"``); ``theta`` and ``kept_ratio`` (soft kept fraction of the candidates), ``[B]``.
+    * ``train=False``: keep ``score > theta`` plus the forced tokens, compacted to the static capacity
+      ``keep_count(T, capacity_ratio, protected=num_protected)`` (:func:`reduction.atp.threshold_prune_step`;
+      ``valid`` marks the slots of images that keep fewer). ``aux``: ``loss = 0``, ``theta``, ``kept_ratio`` (kept
+      candidates / candidates) and ``kept_tokens`` (valid tokens, prefix included), ``[B]`` each.
+    """
+
+    needs: ClassVar[frozenset] = frozenset({ATTENTION})
+    position: ClassVar[str] = "after_attention"
+    prop_attn: ClassVar[bool] = True      # the soft gate reaches the later blocks through log(sizes)
+
+    def __init__(self, *, capacity_ratio: float, stride: int = 4, hidden: int = 16, temperature: float = 10.0,
+                 init_theta: float = 0.3, self_weight: float = 0.5, straight_through: bool = False,
+                 target_keep: float = 0.5, budget_weight: float = 1.0, budget_kind: str = "abs", rngs: nnx.Rngs):
+        self.capacity_ratio = float(check_ratio(capacity_ratio, "capacity_ratio"))
+        self.stride = int(check_count(stride, "stride"))
+        if not 0.0 < float(init_theta) < 1.0:
+            raise ValueError(f"init_theta must be in (0, 1), got {init_theta}")
+        if not 0.0 <= float(self_weight) <= 1.0:
+            raise ValueError(f"self_weight must be in [0, 1], got {self_weight}")
+        if not 0.0 < float(target_keep) <= 1.0:
+            raise ValueError(f"target_keep must be in (0, 1], got {target_keep}")
+        if float(budget_weight) < 0:
+            raise ValueError(f"budget_weight must be >= 0, got {budget_weight}")
+        if budget_kind not in ("abs", "square"):
+            raise ValueError(f"budget_kind must be 'abs' or 'square', got {budget_kind!r}")
+        self.temperature = float(temperature)
+        self.self_weight = float(self_weight)
+        self.straight_through = bool(straight_through)
+        self.target_keep = float(target_keep)
+        self.budget_weight = float(budget_weight)
+        self.budget_kind = str(budget_kind)
+        self.fc1 = nnx.Linear(5, int(hidden), rngs=rngs)
+        self.fc2 = nnx.Linear(int(hidden), 1, kernel_init=nnx.initializers.zeros_init(),
+                              bias_init=nnx.initializers.constant(float(np.log(init_theta / (1 - init_theta)))),
+                              rngs=rngs)
+
+    features = ATPModule.features
+    threshold = ATPModule.threshold
+
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return keep_count(num_tokens, self.capacity_ratio, protected=info.num_protected)
+
+    def train_num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return num_tokens
+
+    def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
+        return flops_lib.attention_score_flops(num_tokens + 1, num_tokens, heads)
+
+    def __call__(self, state: TokenState, info: LayerInfo, *, train: bool) -> tuple[TokenState, dict]:
+        probs = info.require(ATTENTION, "LearnedATP")
+        p = info.num_protected
+        if p < 1:
+            raise ValueError("LearnedATP needs a class token (token 0 is the cross-score query): num_protected >= 1")
+        b, t = state.x.shape[:2]
+        cand = jnp.broadcast_to(jnp.arange(t) >= p, (b, t))
+        if state.valid is not None:
+            cand = cand & state.valid
+        self_r, cross_r, score = atp.vit_atp_inputs(probs, cand, self_weight=self.self_weight)
+        theta = self.threshold(score, self_r, cross_r, cand)
+        grid = jnp.asarray(atp.patch_grid_mask(t, p, self.stride)) & cand
+        n_ex = jnp.sum(cand, axis=-1).astype(jnp.float32)                      # [B] candidates per example
+        if train:
+            m = atp.soft_keep_mask(score, theta, temperature=self.temperature, forced=grid, candidates=cand)
+            if self.straight_through:
+                hard = atp.hard_keep_mask(score, theta, forced=grid, candidates=cand).astype(jnp.float32)
+                m = hard + (m - jax.lax.stop_gradient(m))          # forward value exactly the 0/1 set
+            # Clamp to 1e-6 in the forward pass only: the gradient still reaches m where the clamp is active (the
+            # straight-through 0s), and d(attention)/dm stays finite, as in a mask applied inside the softmax.
+            gate = m + jax.lax.stop_gradient(jnp.maximum(m, 1e-6) - m)
+            step = dataclasses.replace(identity_step(b, t), size_scale=gate)
+            n = jnp.maximum(jnp.mean(n_ex), 1.0)
+            budget = atp.budget_loss(m, self.target_keep * n, candidates=cand, kind=self.budget_kind)
+            budget = budget / (n if self.budget_kind == "abs" else n * n)
+            kept = jnp.sum(jnp.where(cand, m, 0.0), axis=-1) / jnp.maximum(n_ex, 1.0)
+            return apply_step(state, step), {"loss": self.budget_weight * budget, "budget": budget,
+                                             "theta": theta, "kept_ratio": kept}
+        forced = (jnp.arange(t) < p) | grid
+        step = atp.threshold_prune_step(score, theta, forced=forced, capacity=self.num_out(t, info),
+                                        valid=state.valid)
+        state = apply_step(state, step)
+        kept = jnp.sum(state.valid, axis=-1).astype(jnp.float32)
+        kept_cand = jnp.sum(state.valid & (step.anchor >= p), axis=-1).astype(jnp.float32)  # anchor: input positions
+        return state, {"loss": jnp.zeros((), jnp.float32), "theta": theta,
+                       "kept_ratio": kept_cand / jnp.maximum(n_ex, 1.0), "kept_tokens": kept}
+
+
+__all__ = ["ATPModule", "LearnedReducer", "LearnedATP"]

@@ -18,6 +18,9 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
 * ``movers`` (optional, ``[B, T - K]``) lists the input tokens that are not anchors, in any order. A plan
   that knows them (ToMe: the ``r`` merged sources) passes them so the merge skips finding them; without
   it :func:`apply_step` derives them from ``anchor``.
+* ``size_scale`` (optional, ``[B, K]`` float) multiplies the output sizes. With the identity step it is a soft
+  gate: every token stays, and later proportional attention sees ``log(size_scale)`` as a key bias (the learned
+  ATP thresholds in training, :class:`reduction.nnx.LearnedATP`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from reduction.validate import check_rank
 @dataclasses.dataclass(frozen=True)
 class ReductionStep:
     """``assign: [B, T] int32``, ``anchor: [B, K] int32``, optional ``movers: [B, T - K] int32`` and output
-    ``valid: [B, K] bool``; ``num_out`` (= K) and ``merges`` static."""
+    ``valid: [B, K] bool``, optional ``size_scale: [B, K]`` (multiplies the output sizes); ``num_out`` (= K) and
+    ``merges`` static."""
 
     assign: jax.Array
     anchor: jax.Array
@@ -44,6 +48,7 @@ class ReductionStep:
     merges: bool = dataclasses.field(metadata=dict(static=True))
     movers: Optional[jax.Array] = None
     valid: Optional[jax.Array] = None
+    size_scale: Optional[jax.Array] = None
 
     @property
     def num_in(self) -> int:
@@ -179,7 +184,8 @@ def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
     Merging is the size-weighted average ``x_k = sum_{t -> k} s_t x_t / sum_{t -> k} s_t`` computed in
     float32 (cast back to ``x.dtype``), with ``s_k = sum s_t``; a slot with a single member is that
     member's ``x`` exactly. When a validity mask is present, invalid
-    tokens carry zero weight so padding never leaks into a valid token. Differentiable in ``x``.
+    tokens carry zero weight so padding never leaks into a valid token. A step's ``size_scale [B, K]`` then
+    multiplies the output sizes. Differentiable in ``x`` (and in ``size_scale``).
     """
     check_rank(state.x, 3, "state.x")
     if step.num_in != state.num_tokens:
@@ -187,10 +193,19 @@ def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
     valid = None if state.valid is None else _take(state.valid, step.anchor)
     if step.valid is not None:
         valid = step.valid if valid is None else valid & step.valid
+    if step.size_scale is not None:
+        check_rank(step.size_scale, 2, "step.size_scale")
+        if tuple(step.size_scale.shape) != tuple(step.anchor.shape):
+            raise ValueError(f"step.size_scale must have shape {tuple(step.anchor.shape)} ([B, K]), "
+                             f"got {tuple(step.size_scale.shape)}")
+
+    def scaled(sizes):
+        return sizes if step.size_scale is None else sizes * step.size_scale.astype(sizes.dtype)
+
     if not step.merges:
         return TokenState(
             x=_take(state.x, step.anchor),
-            sizes=_take(state.sizes, step.anchor),
+            sizes=scaled(_take(state.sizes, step.anchor)),
             positions=_take(state.positions, step.anchor),
             valid=valid,
             source=remap_source(state.source, step.assign),
@@ -201,7 +216,7 @@ def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
     x, sizes = _merge_weighted(state.x, weights, step)
     return TokenState(
         x=x,
-        sizes=sizes,
+        sizes=scaled(sizes),
         positions=_take(state.positions, step.anchor),
         valid=valid,
         source=remap_source(state.source, step.assign),

@@ -275,9 +275,13 @@ def test_atp_preset_builds_a_vit_with_atp_and_its_task():
     """The atp_threshold preset is runnable now (training itself: tests/test_atp_training.py)."""
     cfg = configs.load_config("atp_threshold")
     model = train.build_model(cfg)
-    assert model.atp_layers == (1,) and model.tokens_per_layer(28)[1] == (17, 12)   # 1 + floor(16 * 0.7)
+    assert model.learned_layers == (1,) and model.tokens_per_layer(28)[1] == (17, 12)   # 1 + floor(16 * 0.7)
+    assert model.tokens_per_layer(28, train=True)[1] == (17, 17)                       # the soft gate keeps all
+    module = model.learned["1"]
+    assert (module.target_keep, module.budget_weight, module.budget_kind) == (0.5, 2.0, "abs")
     task = train.make_task(cfg, model)
-    assert isinstance(task, train.ATPClassificationTask) and task.layers == (1,)
+    assert type(task) is train.ClassificationTask      # learned reducers need no task of their own
+    assert train.lr_scale_pairs(cfg) == [("^learned/", 10.0)]
 
 
 def test_pretrained_run_loads_every_parameter(reference_run):

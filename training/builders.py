@@ -50,9 +50,10 @@ def compute_dtype(cfg):
 def build_model(cfg) -> nnx.Module:
     """The model named by ``model.kind``: ``"vit"`` (:class:`models.vit.ViT`) or ``"vlm"``.
 
-    With a ``model.atp`` block the ViT gets trainable ATP modules (:func:`attach_atp_from_config`) before
-    ``model.pretrained`` is loaded, so a source run without them initialises the backbone and the ATP modules keep
-    their fresh initialisation (logged), while a source run with them (an earlier ATP run) restores them too."""
+    With a ``model.atp`` block the ViT gets learned ATP reducers (:func:`attach_atp_from_config`, parameters
+    ``learned/<layer>/...``) before ``model.pretrained`` is loaded, so a source run without them initialises the
+    backbone and the learned reducers keep their fresh initialisation (logged), while a source run with them (an
+    earlier ATP run) restores them too."""
     kind = cfg.model.kind
     dtype = compute_dtype(cfg)
     check_atp_kind(cfg)
@@ -87,12 +88,16 @@ def check_atp_kind(cfg) -> None:
     if "atp" in cfg.model and cfg.model.kind != "vit":
         raise NotImplementedError(
             f"model.atp (learned ATP thresholds) is wired into the ViT only (model.kind='vit'), got "
-            f"model.kind={cfg.model.kind!r}; the VLM has no soft-mask ATP hook yet (use model.plan with the untrained "
+            f"model.kind={cfg.model.kind!r}; the VLM has no learned-reducer slot yet (use model.plan with the untrained "
             f"'atp' method there)")
 
 
+LEARNED_PATHS = "^learned/"   # parameter paths of the learned reducers (models.vit.ViT.attach_reducer)
+
+
 def attach_atp_from_config(model, cfg):
-    """``model.attach_atp(...)`` from the ``model.atp`` block (no-op without one). Returns ``model``."""
+    """One :class:`reduction.nnx.LearnedATP` per layer of the ``model.atp`` block, attached with
+    ``model.attach_atp`` (no-op without the block). Returns ``model``."""
     if "atp" not in cfg.model:
         return model
     a = cfg.model.atp
@@ -100,17 +105,18 @@ def attach_atp_from_config(model, cfg):
     model.attach_atp(layers, capacity_ratio=float(a.capacity_ratio), stride=int(a.stride), hidden=int(a.hidden),
                      temperature=float(a.temperature), init_theta=float(a.init_theta),
                      self_weight=float(a.self_weight), straight_through=bool(_get(a, "straight_through", False)),
-                     rngs=nnx.Rngs(int(cfg.seed) + 1))
-    log.info("attached ATP threshold modules at layers %s (capacity_ratio %.2f, stride %d)", layers,
+                     target_keep=float(_get(a, "target_keep", 0.5)), budget_weight=float(_get(a, "budget_weight", 1.0)),
+                     budget_kind=str(_get(a, "budget_kind", "abs")), rngs=nnx.Rngs(int(cfg.seed) + 1))
+    log.info("attached learned ATP reducers at layers %s (capacity_ratio %.2f, stride %d)", layers,
              float(a.capacity_ratio), int(a.stride))
     return model
 
 
-def resolve_atp_trainable(cfg) -> None:
-    """``model.atp.train_backbone``: ``"auto"`` trains only the ATP modules (``optim.trainable=("^atp/",)``) when
-    ``model.pretrained`` is set and everything otherwise; ``"no"`` always only the ATP modules; ``"yes"`` leaves
-    ``optim.trainable`` alone. A non-empty ``optim.trainable`` always wins. Edits ``cfg`` in place (the resolved
-    value is what ``config.json`` records)."""
+def resolve_learned_trainable(cfg) -> None:
+    """``model.atp.train_backbone``: ``"auto"`` trains only the learned reducers (``optim.trainable=("^learned/",)``)
+    when ``model.pretrained`` is set and everything otherwise; ``"no"`` always only the learned reducers; ``"yes"``
+    leaves ``optim.trainable`` alone. A non-empty ``optim.trainable`` always wins. Edits ``cfg`` in place (the
+    resolved value is what ``config.json`` records)."""
     if "atp" not in cfg.model:
         return
     mode = _get(cfg.model.atp, "train_backbone", "auto")
@@ -119,8 +125,8 @@ def resolve_atp_trainable(cfg) -> None:
     if cfg.optim.trainable:
         return
     if mode == "no" or (mode == "auto" and _get(cfg.model, "pretrained", "")):
-        cfg.optim.trainable = ("^atp/",)
-        log.info("ATP: training only the ATP threshold modules (optim.trainable=%s)", cfg.optim.trainable)
+        cfg.optim.trainable = (LEARNED_PATHS,)
+        log.info("training only the learned reducers (optim.trainable=%s)", cfg.optim.trainable)
 
 
 def build_vlm(cfg) -> nnx.Module:
@@ -150,10 +156,10 @@ def load_params_from_run(model: nnx.Module, path: str) -> None:
     skipped = copy_matching_params(model, src)
     if len(skipped) == len(nnx.to_flat_state(nnx.state(model, nnx.Param))):
         raise CheckpointError(f"model.pretrained={path!r}: no parameter of step {step} matches this model")
-    atp_fresh = [k for k in skipped if k.startswith("atp/")]
-    if atp_fresh:
-        log.info("model.pretrained=%s has no ATP parameters for %d leaves: the ATP modules keep their fresh "
-                 "initialisation", path, len(atp_fresh))
+    fresh = [k for k in skipped if k.startswith("learned/")]
+    if fresh:
+        log.info("model.pretrained=%s has no parameters for %d leaves of the learned reducers: they keep their fresh "
+                 "initialisation", path, len(fresh))
     log.info("initialised from %s step %d; kept fresh: %s", p, step, skipped or "nothing")
 
 

@@ -23,7 +23,7 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="", help="output folder (default runs/<config name>)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="field.sub=value config overrides")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)   # overrides may come before or after the options
 
 
 def main(argv=None) -> dict:

@@ -1,5 +1,6 @@
 """The optimizer of a run: AdamW, linear warm-up + cosine decay, global-norm clipping, frozen parameters
-(``optim.frozen`` / ``optim.trainable`` regexes over parameter paths) via ``optax.multi_transform``."""
+(``optim.frozen`` / ``optim.trainable`` regexes over parameter paths) via ``optax.multi_transform``, and per-path
+update scales (``optim.lr_scales``)."""
 
 from __future__ import annotations
 
@@ -50,11 +51,34 @@ def trainable_labels(params, cfg) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
+def lr_scale_pairs(cfg) -> list[tuple[str, float]]:
+    """``optim.lr_scales`` as ``[(regex, scale), ...]``: a mapping ``{regex: scale}`` or a sequence of pairs
+    (default empty)."""
+    raw = _get(cfg.optim, "lr_scales", ()) or ()
+    items = list(raw.items()) if hasattr(raw, "items") else list(raw)
+    pairs = []
+    for item in items:
+        if isinstance(item, str) or len(item) != 2:
+            raise ValueError(f"optim.lr_scales must be (regex, scale) pairs, got {item!r} in {raw!r}")
+        pattern, scale = item
+        try:
+            re.compile(str(pattern))
+        except re.error as err:
+            raise ValueError(f"optim.lr_scales: bad regex {pattern!r}: {err}") from err
+        scale = float(scale)
+        if not scale >= 0:
+            raise ValueError(f"optim.lr_scales: scale for {pattern!r} must be >= 0, got {scale}")
+        pairs.append((str(pattern), scale))
+    return pairs
+
+
 def build_optimizer(cfg, params) -> optax.GradientTransformation:
     """``clip_by_global_norm -> adamw(schedule)`` on trainable parameters, zero updates on frozen ones.
 
-    Weight decay applies to matrices only (not biases, norms, position embeddings or special tokens). With
-    ``model.atp.lr_scale != 1`` the updates of the ATP parameters (paths ``atp/...``) are multiplied by it."""
+    Weight decay applies to matrices only (not biases, norms, position embeddings or special tokens).
+    ``optim.lr_scales``: ``(regex, scale)`` pairs; the (already clipped) updates of the parameters whose path matches
+    a regex (``re.search``; the first matching pair wins) are multiplied by its scale, e.g. ``(("^learned/", 10.0),)``
+    for learned reducers that must move faster than the backbone."""
     o = cfg.optim
     names = param_paths(params)
     decay = jax.tree.unflatten(jax.tree.structure(params),
@@ -65,8 +89,13 @@ def build_optimizer(cfg, params) -> optax.GradientTransformation:
         tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
     if o.frozen or o.trainable:
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, trainable_labels(params, cfg))
-    scale = float(_get(_get(cfg.model, "atp"), "lr_scale", 1.0))
-    if scale != 1.0:  # ATP threshold MLPs learn faster than the backbone: scale their (already clipped) updates
-        atp = jax.tree.unflatten(jax.tree.structure(params), [n.startswith("atp/") for n in names])
-        tx = optax.chain(tx, optax.masked(optax.scale(scale), atp))
+    pairs = lr_scale_pairs(cfg)
+    if pairs:
+        scales = [next((s for p, s in pairs if re.search(p, n)), 1.0) for n in names]
+        for scale in sorted(set(scales) - {1.0}):
+            mask = jax.tree.unflatten(jax.tree.structure(params), [s == scale for s in scales])
+            tx = optax.chain(tx, optax.masked(optax.scale(scale), mask))
+        for p, _ in pairs:
+            if not any(re.search(p, n) for n in names):
+                log.warning("optim.lr_scales: %r matches no parameter (paths look like %s)", p, names[:3])
     return tx

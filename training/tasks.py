@@ -1,11 +1,15 @@
-"""The loss and metrics of a batch: :class:`ClassificationTask`, :class:`ATPClassificationTask` (learned ATP
-thresholds with a budget loss) and :class:`VQATask` (the VLM), and :func:`make_task` to pick one from a config."""
+"""The loss and metrics of a batch: :class:`ClassificationTask` and :class:`VQATask` (the VLM), and
+:func:`make_task` to pick one from a config.
+
+Learned reducers (:class:`reduction.nnx.LearnedReducer`) need nothing here beyond :func:`reducer_terms`: the model
+reports ``aux["reducer_loss"]`` (added to the loss) and ``aux["reducer_aux"]`` (``{layer: {name: value}}``, each value
+logged as ``<name>_L<layer>``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ import optax
 import data as data_lib
 
 
-from training.builders import _get, check_atp_kind, reduction_spec_vlm
+from training.builders import _get, reduction_spec_vlm
 
 log = logging.getLogger("tokenreduce.train")
 
@@ -36,15 +40,31 @@ def _images(batch, cfg) -> jax.Array:
     return x
 
 
+def reducer_terms(aux) -> tuple[jax.Array, dict]:
+    """``(reducer_loss, metrics)`` from a model's ``aux``: the summed auxiliary loss of its learned reducers (0 when
+    it has none) and every entry of ``aux["reducer_aux"]`` as ``<name>_L<layer>`` (scalars or per-example ``[B]``
+    values, unreduced)."""
+    aux = aux if isinstance(aux, Mapping) else {}
+    per_layer = aux.get("reducer_aux") or {}
+    loss = aux.get("reducer_loss")
+    loss = jnp.zeros((), jnp.float32) if loss is None else jnp.asarray(loss, jnp.float32)
+    metrics = {f"{name}_L{layer}": value for layer, a in per_layer.items() for name, value in a.items()}
+    return loss, metrics
+
+
 @dataclasses.dataclass(frozen=True)
 class ClassificationTask:
-    """Softmax cross-entropy with label smoothing on ``label``; metrics ``loss``, ``accuracy``."""
+    """Softmax cross-entropy with label smoothing on ``label`` plus the model's ``aux["reducer_loss"]``.
+
+    Metrics: ``accuracy``; with learned reducers also ``ce_loss``, ``reducer_loss`` and the mean of every
+    ``<name>_L<layer>`` (:func:`reducer_terms`). Training runs ``model(..., train=True)``, evaluation
+    ``train=False`` and adds the learned reducers' metrics (except their ``loss``) as per-example extras."""
 
     num_classes: int
     label_smoothing: float = 0.0
 
     def forward(self, model, batch, cfg, reducers, rng, train: bool):
-        logits, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng)
+        logits, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train)
         return logits.astype(jnp.float32), aux
 
     def per_example(self, logits, batch, smoothing):
@@ -57,82 +77,31 @@ class ClassificationTask:
     def loss(self, model, batch, cfg, reducers, rng):
         logits, aux = self.forward(model, batch, cfg, reducers, rng, True)
         loss, correct = self.per_example(logits, batch, self.label_smoothing)
-        return jnp.mean(loss), {"accuracy": jnp.mean(correct)}
-
-    def eval(self, model, batch, cfg, reducers):
-        logits, _ = self.forward(model, batch, cfg, reducers, None, False)
-        return self.per_example(logits, batch, 0.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class ATPClassificationTask(ClassificationTask):
-    """Classification with learned ATP thresholds in the ViT (:meth:`models.vit.ViT.attach_atp`).
-
-    Training runs the model with ``atp_mode="soft"`` (every token kept, later layers gated by the soft masks) and
-    minimises ``CE + budget_weight * sum_layers L_l`` with the budget term normalised by the candidate count
-    ``n`` (49 patches in the Fashion-MNIST ViT), so it is a keep *fraction*:
-    ``L_l = budget_loss(m_l, target_keep * n, candidates=...) / n`` (``kind="abs"``) or ``/ n**2`` (``"square"``).
-    Metrics: ``ce_loss``, ``budget_loss`` (the unweighted sum), per ATP layer ``l`` ``theta_L{l}`` (mean
-    threshold) and ``soft_keep_L{l}`` (mean soft kept fraction of the candidates), and ``soft_keep`` (their mean).
-    Evaluation runs ``atp_mode="hard"`` (pruning to the static capacity) and reports per layer ``kept_ratio_L{l}``
-    (kept candidates / candidates) and ``kept_tokens_L{l}`` (valid tokens after pruning, prefix included).
-    """
-
-    layers: tuple = ()
-    target_keep: float = 0.5
-    budget_weight: float = 1.0
-    budget_kind: str = "abs"
-
-    def __post_init__(self):
-        if not self.layers:
-            raise ValueError("ATPClassificationTask: layers is empty")
-        if not 0.0 < self.target_keep <= 1.0:
-            raise ValueError(f"model.atp.target_keep must be in (0, 1], got {self.target_keep}")
-        if self.budget_weight < 0:
-            raise ValueError(f"model.atp.budget_weight must be >= 0, got {self.budget_weight}")
-        if self.budget_kind not in ("abs", "square"):
-            raise ValueError(f"model.atp.budget_kind must be 'abs' or 'square', got {self.budget_kind!r}")
-
-    def forward(self, model, batch, cfg, reducers, rng, train: bool):
-        logits, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng,
-                            atp_mode="soft" if train else "hard")
-        return logits.astype(jnp.float32), aux
-
-    def budget(self, aux) -> tuple[jax.Array, dict]:
-        """Normalised budget loss summed over the ATP layers and per-layer metrics, from soft-mode ``aux``."""
-        from reduction.atp import budget_loss
-
-        a = aux["atp"]
-        total, metrics, keeps = jnp.zeros((), jnp.float32), {}, []
-        for layer, m, theta, cand in zip(self.layers, a["masks"], a["thetas"], a["candidates"]):
-            n_ex = jnp.sum(cand, axis=-1).astype(jnp.float32)                  # [B] candidates per example
-            n = jnp.maximum(jnp.mean(n_ex), 1.0)
-            term = budget_loss(m, self.target_keep * n, candidates=cand, kind=self.budget_kind)
-            total = total + term / (n if self.budget_kind == "abs" else n * n)
-            keep = jnp.mean(jnp.sum(jnp.where(cand, m, 0.0), axis=-1) / jnp.maximum(n_ex, 1.0))
-            metrics[f"theta_L{layer}"] = jnp.mean(theta)
-            metrics[f"soft_keep_L{layer}"] = keep
-            keeps.append(keep)
-        metrics["soft_keep"] = sum(keeps) / len(keeps)
-        return total, metrics
-
-    def loss(self, model, batch, cfg, reducers, rng):
-        logits, aux = self.forward(model, batch, cfg, reducers, rng, True)
-        ce, correct = self.per_example(logits, batch, self.label_smoothing)
-        ce = jnp.mean(ce)
-        budget, metrics = self.budget(aux)
-        metrics.update(accuracy=jnp.mean(correct), ce_loss=ce, budget_loss=budget)
-        return ce + self.budget_weight * budget, metrics
+        return _with_reducers(jnp.mean(loss), {"accuracy": jnp.mean(correct)}, aux)
 
     def eval(self, model, batch, cfg, reducers):
         logits, aux = self.forward(model, batch, cfg, reducers, None, False)
         loss, correct = self.per_example(logits, batch, 0.0)
-        a = aux["atp"]
-        extras = {}
-        for layer, kc, nc, kept in zip(self.layers, a["kept_candidates"], a["num_candidates"], a["kept"]):
-            extras[f"kept_ratio_L{layer}"] = kc / jnp.maximum(nc, 1.0)
-            extras[f"kept_tokens_L{layer}"] = kept
-        return loss, correct, extras
+        return _eval_with_reducers(loss, correct, aux)
+
+
+def _with_reducers(task_loss, metrics: dict, aux):
+    """Training: ``task_loss + reducer_loss`` and the reducer metrics (means), when the model has learned reducers."""
+    if not (isinstance(aux, Mapping) and aux.get("reducer_aux")):
+        return task_loss, metrics
+    reducer_loss, extra = reducer_terms(aux)
+    metrics = dict(metrics, ce_loss=task_loss, reducer_loss=reducer_loss)
+    metrics.update({k: jnp.mean(jnp.asarray(v, jnp.float32)) for k, v in extra.items()})
+    return task_loss + reducer_loss, metrics
+
+
+def _eval_with_reducers(loss, correct, aux):
+    """Evaluation: the reducer metrics (but their ``loss``, 0 at inference) as per-example ``[B]`` extras."""
+    _, extra = reducer_terms(aux)
+    b = loss.shape[0]
+    extras = {k: jnp.broadcast_to(jnp.asarray(v, jnp.float32), (b,)) for k, v in extra.items()
+              if not k.startswith("loss_L")}
+    return (loss, correct, extras) if extras else (loss, correct)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,30 +140,17 @@ class VQATask:
         return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
     def loss(self, model, batch, cfg, reducers, rng):
-        logits, _ = self.forward(model, batch, cfg)
+        logits, aux = self.forward(model, batch, cfg)
         loss, correct = self.per_example(logits, batch, self.label_smoothing)
-        return jnp.mean(loss), {"accuracy": jnp.mean(correct)}
+        return _with_reducers(jnp.mean(loss), {"accuracy": jnp.mean(correct)}, aux)
 
     def eval(self, model, batch, cfg, reducers):
-        logits, _ = self.forward(model, batch, cfg)
-        return self.per_example(logits, batch, 0.0)
+        logits, aux = self.forward(model, batch, cfg)
+        loss, correct = self.per_example(logits, batch, 0.0)
+        return _eval_with_reducers(loss, correct, aux)
 
 
 def make_task(cfg, model) -> Any:
-    check_atp_kind(cfg)
-    if "atp" in cfg.model:
-        if cfg.task != "classification":
-            raise ValueError(f"model.atp needs task='classification', got {cfg.task!r}")
-        layers = tuple(getattr(model, "atp_layers", ()))
-        want = tuple(sorted({int(v) for v in cfg.model.atp.layers}))
-        if layers != want:
-            raise ValueError(f"model.atp.layers={want} but the model has ATP modules at {layers}; build it with "
-                             f"train.build_model or call train.attach_atp_from_config(model, cfg) in model_fn")
-        a = cfg.model.atp
-        return ATPClassificationTask(num_classes=int(cfg.model.vit.num_classes),
-                                     label_smoothing=float(cfg.train.label_smoothing), layers=layers,
-                                     target_keep=float(a.target_keep), budget_weight=float(a.budget_weight),
-                                     budget_kind=str(_get(a, "budget_kind", "abs")))
     if cfg.task == "classification":
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
                                   label_smoothing=float(cfg.train.label_smoothing))

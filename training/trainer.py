@@ -22,7 +22,7 @@ import configs
 import data as data_lib
 
 
-from training.builders import _get, build_model, layer_reducers, reduction_spec, resolve_atp_trainable
+from training.builders import _get, build_model, layer_reducers, reduction_spec, resolve_learned_trainable
 from training.checkpoints import Checkpoints
 from training.errors import NonFiniteLossError
 from training.mesh import make_mesh, state_shardings
@@ -135,7 +135,7 @@ class Trainer:
         cfg = self.cfg
         t_setup = time.time()
         with cfg.unlocked():
-            resolve_atp_trainable(cfg)
+            resolve_learned_trainable(cfg)
         configs.save_config(cfg, self.workdir)
         model = self.model_fn(cfg)
         reducers = layer_reducers(cfg, model)
@@ -309,7 +309,8 @@ class Trainer:
                  bool(cfg.mesh.fsdp), int(cfg.train.batch_size))
         if tpl is not None:
             log.info("reduction %s: tokens per layer (attention, mlp) %s", reduction_spec(cfg), tpl)
-        if getattr(model, "atp_layers", ()):
-            log.info("ATP layers %s: soft masks in training, hard pruning (tokens per layer above) in evaluation; "
-                     "optim.trainable=%s", model.atp_layers, tuple(cfg.optim.trainable) or "everything")
+        if getattr(model, "learned_layers", ()):
+            log.info("learned reducers at layers %s: training mode in training, inference mode (tokens per layer above) "
+                     "in evaluation; optim.trainable=%s", model.learned_layers,
+                     tuple(cfg.optim.trainable) or "everything")
         log.info("steps %d -> %d", start, total)
