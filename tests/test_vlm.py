@@ -218,11 +218,13 @@ def test_batched_generation_equals_one_by_one(vlm, images, name):
 
 
 def _points_and_methods():
+    """Every (point, method) pair; beyond DivPrune at each point they run in the long suite (``pytest -m long``)."""
     out = []
     for point in ("vision", "connector", "llm"):
         for method in R.available_methods(point):
             if method != "none":
-                out.append((point, method))
+                marks = () if method == "divprune" else (pytest.mark.long,)
+                out.append(pytest.param(point, method, marks=marks))
     return out
 
 
