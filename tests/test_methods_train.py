@@ -27,7 +27,7 @@ AMOUNT = {"tome": ["model.reduction.r=2"], "pool": ["model.reduction.k=2"]}
 def _vit_methods():
     """Every ViT method; beyond ToMe and DivPrune they run in the long suite (``pytest -m long``)."""
     return [m if m in ("tome", "divprune") else pytest.param(m, marks=pytest.mark.long)
-            for m in R.available_methods("vit") if m != "none"]
+            for m in R.available_methods("vit") if m != "none" and not m.startswith("_")]   # _: test-only methods
 
 
 @pytest.mark.parametrize("method", _vit_methods())

@@ -222,7 +222,7 @@ def _points_and_methods():
     out = []
     for point in ("vision", "connector", "llm"):
         for method in R.available_methods(point):
-            if method != "none":
+            if method != "none" and not method.startswith("_"):   # _: test-only methods of other test files
                 marks = () if method == "divprune" else (pytest.mark.long,)
                 out.append(pytest.param(point, method, marks=marks))
     return out
