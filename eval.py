@@ -1,13 +1,7 @@
-"""Token-reduction trade-off sweeps: accuracy, analytic and XLA FLOPs, throughput, tokens per layer.
+"""``python eval.py``: the evaluation command line (``evaluation.cli``; also installed as ``tokenreduce-eval``).
 
     python eval.py                                    # default: DINOv2-small + Fashion-MNIST linear probe
-    python eval.py --config eval_quick                # tiny smoke sweep
-    python eval.py --config eval_dinov2_fmnist num_test=500 methods="('tome','pitome')"
-
-Every method is compared at equal analytic FLOPs: for each target fraction of the unreduced FLOPs the
-budget solver (``evaluation.budget``) picks the method's setting closest from below. Results go to
-``results/eval/<config_name>/`` (``points.json``, ``points.csv``, ``table.md``, PNG plots, the resolved
-``config.json``).
+    python eval.py --help                             # presets, override syntax, every method and option
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ G key/value heads, D head dim, V vocabulary, K kept tokens, S cache slots.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp

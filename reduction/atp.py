@@ -36,7 +36,6 @@ import numpy as np
 
 from reduction import flops as flops_lib
 from reduction.reducers import ATTENTION, LayerInfo, Reducer, pruned_count, register
-from reduction.schedule import keep_count
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio

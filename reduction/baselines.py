@@ -32,7 +32,6 @@ from reduction import flops as flops_lib
 from reduction.reducers import (ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer, candidates_kept, pruned_count,
                                 register)
 from reduction.spans import assemble as _assemble, check_starts as _check_starts, span_keep_indices
-from reduction.schedule import keep_count
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, merge_step, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio

@@ -55,9 +55,8 @@ import jax.numpy as jnp
 from reduction import flops as flops_lib
 from reduction.reducers import HIDDEN, KEYS, LayerInfo, Reducer, candidates_kept, pruned_count, register
 from reduction.spans import assemble as _assemble, check_starts as _check_starts, span_mask as _span_mask
-from reduction.schedule import keep_count
 from reduction.state import TokenState
-from reduction.step import apply_step, prune_step
+from reduction.step import prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
 
 COS_EPS = 1e-8
