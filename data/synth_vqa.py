@@ -119,14 +119,17 @@ def _paste(canvas: np.ndarray, sprite: np.ndarray, top: int, left: int) -> None:
 class SynthVQA:
     """Random-access source of generated scenes.
 
-    Records: ``{"image": uint8 [S, S, 3], "question": int32 [max_len], "answer": int32, "qtype": int32}``.
+    Records: ``{"image": uint8 [S, S, 3], "question": int32 [max_len], "answer": int32, "qtype": int32}``, plus
+    ``"prompt": encode_question(question_text)`` when an encoder is given (e.g.
+    :meth:`data.chat_prompts.ChatPrompt.question_ids` for a pretrained LLM's tokenizer).
     Attributes ``vocab`` (questions) and ``answers`` (answer strings) describe the encodings.
     """
 
     max_len = 10
 
     def __init__(self, split: str = "train", *, size: int = 10000, seed: int = 0, image_size: int = 64,
-                 grid: int = 4, min_objects: int = 3, max_objects: int = 10, style: str = "auto"):
+                 grid: int = 4, min_objects: int = 3, max_objects: int = 10, style: str = "auto",
+                 encode_question=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if image_size % grid:
@@ -143,6 +146,7 @@ class SynthVQA:
         self.vocab = question_vocab(grid)
         self.answers = answer_list(grid)
         self._a = {a: i for i, a in enumerate(self.answers)}
+        self.encode_question = encode_question
 
     def __len__(self) -> int:
         return self.size
@@ -196,8 +200,11 @@ class SynthVQA:
 
     def __getitem__(self, index: int) -> dict:
         ex = self.example(int(index))
-        return {"image": ex["image"], "question": self.vocab.encode(ex["question_text"], self.max_len),
-                "answer": np.int32(self._a[ex["answer_text"]]), "qtype": np.int32(ex["qtype"])}
+        rec = {"image": ex["image"], "question": self.vocab.encode(ex["question_text"], self.max_len),
+               "answer": np.int32(self._a[ex["answer_text"]]), "qtype": np.int32(ex["qtype"])}
+        if self.encode_question is not None:
+            rec["prompt"] = self.encode_question(ex["question_text"])
+        return rec
 
     def __repr__(self) -> str:
         return f"SynthVQA({self.split}, n={self.size}, style={self.style}, {self.image_size}px, grid {self.grid})"

@@ -3,6 +3,7 @@
     python eval.py                                    # default: DINOv2-small + Fashion-MNIST linear probe
     python eval.py --config eval_quick                # tiny smoke sweep
     python eval.py --config eval_dinov2_fmnist num_test=500 methods="('tome','pitome')"
+    python eval.py --config eval_vlm_smol             # VLM: DINOv2-small + SmolLM2, methods x budgets x points
 
 Every method is compared at equal analytic FLOPs: for each target fraction of the unreduced FLOPs the
 budget solver (``evaluation.budget``) picks the method's setting closest from below. Results go to
@@ -32,7 +33,12 @@ def parse_args(argv=None):
 
 
 def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
-    """Build the backbone and data named by ``cfg``, sweep, and write every output to ``out_dir``."""
+    """Build the backbone and data named by ``cfg``, sweep, and write every output to ``out_dir``. Configs with
+    ``kind="vlm"`` run the VLM sweep (:func:`evaluation.vlm_sweep.run`)."""
+    if cfg.get("kind", "vit") == "vlm":
+        from evaluation import vlm_sweep
+
+        return vlm_sweep.run(cfg, out_dir, progress=progress)
     from configs import save_config, spec_from_node
     from evaluation import backbones, data, plots, report
     from evaluation import builtin  # noqa: F401 - registers the repo's backbones
@@ -79,7 +85,12 @@ def main(argv=None) -> int:
     out_dir = pathlib.Path(args.out or cfg.out_dir or pathlib.Path("results") / "eval" / cfg.config_name)
     result = run(cfg, out_dir, progress=not args.quiet)
     if not args.quiet:
-        print(report.markdown_table(result))
+        if cfg.get("kind", "vit") == "vlm":
+            from evaluation.vlm_sweep import markdown_table
+
+            print(markdown_table(result))
+        else:
+            print(report.markdown_table(result))
         print(f"wrote {out_dir} in {result['meta']['total_s']:.0f} s")
     return 0
 

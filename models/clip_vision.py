@@ -101,6 +101,20 @@ class CLIPVision(nnx.Module):
         t = counts[-1][1] if counts else self.cfg.num_patches + 1
         return t - int(self.cfg.drop_cls)
 
+    def flops(self, reducers: Optional[Sequence[Optional[Reducer]]] = None) -> int:
+        """Analytic FLOPs per image of the blocks that run (patch embedding, reducers' own cost; no head)."""
+        from reduction.flops import vit_flops
+
+        cfg = self.cfg
+        reducers = self._reducers(reducers)
+        counts = tokens_per_layer(cfg.num_patches + 1, reducers, num_protected=1)
+        t, red_flops = cfg.num_patches + 1, []
+        for (a, m), red in zip(counts, reducers):
+            red_flops.append(0 if red is None else int(red.flops(t, dim=cfg.dim, heads=cfg.num_heads)))
+            t = m
+        return vit_flops([a for a, _ in counts], mlp_tokens=[m for _, m in counts], dim=cfg.dim, mlp_dim=cfg.mlp_dim,
+                         patch_size=cfg.patch_size, num_patches=cfg.num_patches, reduction_flops=red_flops)
+
     def _reducers(self, reducers):
         n = self.cfg.layers_run
         if reducers is None:

@@ -4,7 +4,8 @@ tokens into the text stream.
 Reduction point (b) of the VLM acts here, on the vision tower's output features before the projector, with any
 registered method that runs at the ``"connector"`` point (:func:`reduction.available_methods`): the reducers come
 from the same spec as everywhere (``build_layer_reducers(1, spec, point="connector")``), see the features as their
-metric, keys and hidden states, and protect no token. A method given an absolute target ``keep`` whose single
+metric, keys and hidden states, and protect only the leading tokens the tower marks (a class token it passes
+on). A method given an absolute target ``keep`` whose single
 pass is capped (ToMe and PiToMe merge at most half the tokens per pass) is applied again until it reaches it.
 
 Placement (MaxText style, static shapes): the prompt ids hold one placeholder id per image token; for
@@ -29,9 +30,9 @@ from reduction.validate import check_rank
 MAX_PASSES = 64
 
 
-def _passes(reducer: Reducer, num_tokens: int) -> list[int]:
+def _passes(reducer: Reducer, num_tokens: int, num_protected: int = 0) -> list[int]:
     """Token counts entering each application of ``reducer`` at the connector (static)."""
-    info = LayerInfo(num_protected=0)
+    info = LayerInfo(num_protected=num_protected)
     counts, t = [], num_tokens
     repeat = getattr(reducer, "keep", None) is not None
     while len(counts) < MAX_PASSES:
@@ -45,28 +46,30 @@ def _passes(reducer: Reducer, num_tokens: int) -> list[int]:
     return counts
 
 
-def connector_num_out(reducers: Optional[Sequence[Optional[Reducer]]], num_tokens: int) -> int:
-    """Static output count of the connector reducers for ``num_tokens`` vision tokens."""
+def connector_num_out(reducers: Optional[Sequence[Optional[Reducer]]], num_tokens: int,
+                      num_protected: int = 0) -> int:
+    """Static output count of the connector reducers for ``num_tokens`` vision tokens (the first
+    ``num_protected`` of them, e.g. a class token the tower passes on, are kept)."""
     t = num_tokens
     for red in reducers or ():
         if red is not None:
-            for _ in _passes(red, t):
-                t = red.num_out(t, LayerInfo(num_protected=0))
+            for _ in _passes(red, t, num_protected):
+                t = red.num_out(t, LayerInfo(num_protected=num_protected))
     return t
 
 
 def connector_reduce(reducers: Optional[Sequence[Optional[Reducer]]], feats: jax.Array,
-                     rng: Optional[jax.Array] = None) -> TokenState:
+                     rng: Optional[jax.Array] = None, num_protected: int = 0) -> TokenState:
     """``feats: [B, N, C] -> TokenState`` with ``x: [B, K, C]`` (sizes; positions = patch indices)."""
     check_rank(feats, 3, "feats")
     state = init_state(feats)
     for layer, red in enumerate(reducers or ()):
         if red is None:
             continue
-        for _ in _passes(red, state.num_tokens):
+        for _ in _passes(red, state.num_tokens, num_protected):
             x = state.x
             needs = red.needs
-            info = LayerInfo(layer=layer, num_layers=len(reducers), num_protected=0,
+            info = LayerInfo(layer=layer, num_layers=len(reducers), num_protected=num_protected,
                              metric=x if METRIC in needs else None, keys=x if KEYS in needs else None,
                              hidden=x if HIDDEN in needs else None,
                              rng=None if rng is None else jax.random.fold_in(rng, layer))

@@ -248,6 +248,38 @@ class Llama(nnx.Module):
                                   num_images=num_images)
         return [a for a, _ in counts]
 
+    def prefill_flops(self, num_tokens: int, reducers=None, *, image_len: int = 0, num_images: int = 1,
+                      logits_tokens: int = 1) -> int:
+        """Analytic prefill FLOPs (2 x MACs) of ``num_tokens`` prompt tokens under ``reducers``: every layer at its
+        static token count (causal attention counted in full, as the dense kernels compute it), the reducers' own
+        cost, and the LM head on ``logits_tokens`` positions."""
+        cfg = self.cfg
+        reducers = self._reducers(reducers)
+        counts = self.tokens_per_layer(num_tokens, reducers, image_len=image_len, num_images=num_images)
+        qdim, kvdim = cfg.num_heads * cfg.dh, cfg.num_kv_heads * cfg.dh
+        total = 0
+        prev = num_tokens
+        for t, red in zip(counts, reducers):
+            if red is not None:
+                total += int(red.flops(prev, dim=cfg.dim, heads=cfg.num_heads))
+            total += 2 * t * cfg.dim * (2 * qdim + 2 * kvdim) + 4 * t * t * qdim + 6 * t * cfg.dim * cfg.mlp_dim
+            prev = t
+        return int(total + 2 * logits_tokens * cfg.dim * cfg.vocab_size)
+
+    def decode_flops(self, cache_lengths) -> int:
+        """Analytic FLOPs of one decoded token per example whose layer ``l`` attends over ``cache_lengths[l]``
+        entries (the head included)."""
+        cfg = self.cfg
+        qdim, kvdim = cfg.num_heads * cfg.dh, cfg.num_kv_heads * cfg.dh
+        per_layer = 2 * cfg.dim * (2 * qdim + 2 * kvdim) + 6 * cfg.dim * cfg.mlp_dim
+        return int(sum(per_layer + 4 * int(s) * qdim for s in cache_lengths) + 2 * cfg.dim * cfg.vocab_size)
+
+    def kv_cache_bytes(self, cache_lengths, dtype=None) -> int:
+        """Bytes of the K and V caches per example for per-layer lengths ``cache_lengths``."""
+        cfg = self.cfg
+        itemsize = jnp.dtype(dtype or cfg.dtype or jnp.float32).itemsize
+        return int(sum(2 * int(s) * cfg.num_kv_heads * cfg.dh * itemsize for s in cache_lengths))
+
     def prefill_embeds(self, x: jax.Array, positions: jax.Array, valid: jax.Array, *, reducers=None,
                        image_starts: Optional[jax.Array] = None, image_len: int = 0, rng: Optional[jax.Array] = None):
         """Run all layers on ``x: [B, N, C]`` with ``positions, valid: [B, N]``.

