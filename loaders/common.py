@@ -4,19 +4,24 @@ A loader turns a foreign checkpoint into a flat ``{our_param_path: numpy array}`
 ``"blocks.3.attn.qkv.kernel"``), then :func:`assign_params` checks every shape against the model and writes
 the values in. Checkpoint keys that were not used are *unexpected*; model parameters that received nothing
 are *missing*; keys a format carries but inference never uses (e.g. HF's ``mask_token``) are *skipped*.
+
+Large checkpoints use :func:`materialize` instead: the model is built abstractly (``nnx.eval_shape``), and
+each parameter is filled from a stream of converted tensors straight onto the device(s), in the requested
+dtype and optionally sharded over a mesh, so no random model and no full host copy of the weights exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from flax import nnx
 
 
 class LoadError(ValueError):
-    """A strict load found missing or unexpected keys."""
+    """A checkpoint cannot be loaded: missing or unexpected keys under a strict load, or a file this
+    loader does not support (wrong architecture, unknown tensor type)."""
 
 
 @dataclasses.dataclass
@@ -78,7 +83,8 @@ def assign_params(model: nnx.Module, params: Mapping[str, np.ndarray], report: L
     Shapes are checked first (a mismatch raises ``ValueError`` naming both keys and shapes); paths the model
     does not have go to ``report.unexpected``; model parameters absent from ``params`` go to
     ``report.missing``. With ``strict`` the load raises :class:`LoadError` unless both lists are empty
-    (nothing is written in that case).
+    (nothing is written in that case). For loads that should not build a random model first, or that place
+    parameters in another dtype or over a mesh, see :func:`materialize`.
     """
     origin = origin or {}
     target = model_params(model)
@@ -156,7 +162,7 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes) -> dict[str, np.nd
 
 
 __all__ = ["LoadReport", "LoadError", "KeyTracker", "model_params", "assign_params", "check_shape",
-           "torch_linear", "torch_conv", "strip_prefix"]
+           "torch_linear", "torch_conv", "strip_prefix", "abstract_params", "default_sharding", "materialize"]
 
 
 def make_putter(src: "KeyTracker", out: dict, origin: dict):
@@ -169,3 +175,74 @@ def make_putter(src: "KeyTracker", out: dict, origin: dict):
             origin[ours] = theirs
 
     return put
+
+
+# -- streaming a checkpoint onto devices -----------------------------------------------------------------
+
+
+def abstract_params(model: nnx.Module) -> dict[str, nnx.Param]:
+    """``{dotted path: nnx.Param}`` of a model, abstract (from ``nnx.eval_shape``) or concrete."""
+    return {".".join(str(p) for p in path): node for path, node in nnx.iter_graph(model)
+            if isinstance(node, nnx.Param)}
+
+
+def default_sharding(path: str, shape: tuple[int, ...], mesh) -> "jax.sharding.Sharding":
+    """How :func:`materialize` places one parameter on ``mesh`` (a ``jax.sharding.Mesh``).
+
+    Matrices are split over the mesh's first axis along their output dimension: the last axis of a Linear
+    ``kernel [in, out]``, the vocabulary axis of an ``embedding [V, C]``. A matrix whose dimension does not
+    divide by that axis' size, and every vector (norm scales), is replicated on all devices.
+    """
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    axis = mesh.axis_names[0]
+    size = mesh.shape[axis]
+    spec = P()
+    if len(shape) == 2:
+        dim = 0 if path.endswith("embedding") else 1
+        if shape[dim] % size == 0:
+            spec = P(*(axis if i == dim else None for i in range(2)))
+    return NamedSharding(mesh, spec)
+
+
+def materialize(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray, str]], report: LoadReport, *,
+                dtype=None, mesh=None, sharding_fn: Callable | None = None, strict: bool = True) -> nnx.Module:
+    """Fill the parameters of an abstract model (``nnx.eval_shape(lambda: Model(cfg, rngs=...))``) from a stream.
+
+    ``tensors`` yields ``(our dotted path, host array, source key)`` one at a time, already in our layout
+    (e.g. a Linear ``kernel [in, out]``). Each is shape-checked (``ValueError`` naming both keys), cast to
+    ``dtype`` (default: the parameter's own dtype) and moved to the device with ``jax.device_put``: onto the
+    default device, or, with ``mesh``, with ``sharding_fn(path, shape, mesh)`` (default
+    :func:`default_sharding`). The host copy is dropped before the next tensor is read, so peak host memory is
+    one tensor plus whatever the producer holds. Paths the model lacks go to ``report.unexpected`` (by source
+    key); parameters left unfilled go to ``report.missing``, and with ``strict`` a non-empty list raises
+    :class:`LoadError` (without ``strict`` they are filled with zeros). Returns ``model``, every parameter now a
+    device array (``report.loaded`` lists those filled from the stream).
+    """
+    import jax
+
+    target = abstract_params(model)
+    sharding_fn = sharding_fn or default_sharding
+    filled: set[str] = set()
+    for path, value, source in tensors:
+        param = target.get(path)
+        if param is None:
+            report.unexpected.append(source)
+            continue
+        want = param.get_value()
+        check_shape(path, value, tuple(want.shape), source_key=source)
+        value = np.asarray(value, dtype=np.dtype(dtype or want.dtype))
+        placement = sharding_fn(path, value.shape, mesh) if mesh is not None else None
+        param.set_value(jax.device_put(value, placement))
+        del value
+        filled.add(path)
+        report.loaded.append(path)
+    report.missing.extend(k for k in target if k not in filled)
+    report.raise_if_strict(strict)
+    for path in report.missing:  # a non-strict load leaves no abstract leaf behind: the gaps become zeros
+        want = target[path].get_value()
+        zeros = np.zeros(want.shape, np.dtype(dtype or want.dtype))
+        placement = sharding_fn(path, zeros.shape, mesh) if mesh is not None else None
+        target[path].set_value(jax.device_put(zeros, placement))
+    return model

@@ -37,7 +37,12 @@ from reduction.validate import check_count, check_rank
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-    """Static shape of the LM. ``head_dim`` defaults to ``dim // num_heads``."""
+    """Static shape of the LM. ``head_dim`` defaults to ``dim // num_heads``.
+
+    ``dtype`` is the compute dtype of the projections and the embedding; ``param_dtype`` the storage dtype of
+    every parameter (norm scales included). The default keeps float32 parameters whatever ``dtype`` is; a
+    bfloat16 checkpoint load sets both to ``jnp.bfloat16``.
+    """
 
     vocab_size: int = 32000
     dim: int = 4096
@@ -50,6 +55,7 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
     dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
 
     @property
     def dh(self) -> int:
@@ -85,9 +91,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class RMSNorm(nnx.Module):
     """``x / rms(x) * scale`` computed in float32, cast back to ``x.dtype`` before the scale (as HF does)."""
 
-    def __init__(self, dim: int, *, eps: float = 1e-6):
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any = jnp.float32):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
@@ -96,7 +102,7 @@ class RMSNorm(nnx.Module):
 
 
 def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
 def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -154,9 +160,9 @@ class Block(nnx.Module):
     """Pre-norm decoder block: ``x + attn(norm(x))`` then ``+ mlp(norm(.))``."""
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.input_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.mlp = Mlp(cfg, rngs=rngs)
 
     def prefill(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, probs: str = "none",
@@ -209,9 +215,10 @@ class Llama(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=jnp.float32, rngs=rngs)
+        self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.dim, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+                                      rngs=rngs)
         self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         self.lm_head = None if cfg.tie_embeddings else _linear(cfg.dim, cfg.vocab_size, cfg, rngs)
 
     # -- pieces ---------------------------------------------------------------------------------------
