@@ -29,7 +29,14 @@ def make_train_step(graphdef, task, tx, cfg, reducers, schedule) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, pure; ``state`` = ``{"params", "rest", "opt",
     "step"}`` where ``params``/``rest`` are the :func:`nnx.split` parts of the model."""
 
+    freezes = bool(cfg.optim.frozen or cfg.optim.trainable)
+
     def loss_fn(params, rest, batch, rng):
+        if freezes:  # no gradient flows into frozen weights: their weight-gradient matmuls are never computed
+            from training.optim import trainable_labels
+
+            params = jax.tree.map(lambda p, label: p if label == "train" else jax.lax.stop_gradient(p), params,
+                                  trainable_labels(params, cfg))
         model = nnx.merge(graphdef, params, rest)
         loss, metrics = task.loss(model, batch, cfg, reducers, rng)
         return loss, metrics
