@@ -186,14 +186,13 @@ def abstract_params(model: nnx.Module) -> dict[str, nnx.Param]:
             if isinstance(node, nnx.Param)}
 
 
-def default_sharding(path: str, shape: tuple[int, ...], mesh) -> "jax.sharding.Sharding":
+def default_sharding(path: str, shape: tuple[int, ...], mesh):
     """How :func:`materialize` places one parameter on ``mesh`` (a ``jax.sharding.Mesh``).
 
     Matrices are split over the mesh's first axis along their output dimension: the last axis of a Linear
     ``kernel [in, out]``, the vocabulary axis of an ``embedding [V, C]``. A matrix whose dimension does not
     divide by that axis' size, and every vector (norm scales), is replicated on all devices.
     """
-    import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     axis = mesh.axis_names[0]
