@@ -1,4 +1,6 @@
-"""DART: static count rule, CPython set-order emulation, batched multi-image selection vs the loop reference."""
+"""DART: static count rule, CPython set-order emulation, the default == the official selection (loop
+transcription) at LLaVA size and on hand cases, batched multi-image selection vs the loop reference, and the
+same kept set for a prompt alone or left-padded in a batch (function, LLM and VLM paths)."""
 
 import random
 import warnings
@@ -36,13 +38,14 @@ def test_cpython_set_order_equals_real_set_iteration():
         assert got == list(set(vals).copy())
 
 
-@pytest.mark.parametrize("order,source", [("ascending", "keys"), ("cpython_set", "keys"), ("ascending", "hidden")])
+@pytest.mark.parametrize("order,source", [("cpython_set", "keys"), ("ascending", "keys"), ("cpython_set", "hidden")])
 def test_batched_multi_image_matches_loop_reference(order, source):
     b, t, length = 3, 64, 14
     h, k = _data(b, t, seed=3)
-    starts = np.array([[2, 30], [5, 22], [0, 40]], np.int32)
+    starts = np.array([[2, 30], [5, 22], [6, 40]], np.int32)
     valid = np.ones((b, t), bool)
     valid[1, 58:] = False                                        # right padding in one example
+    valid[2, :6] = False                                         # left padding in another
     fn = jax.jit(lambda h, k, s, v: dart_keep_indices(h, k, image_starts=s, image_len=length, budget=8, valid=v,
                                                       pivot_source=source, pivot_order=order))
     out = np.asarray(fn(h, k, starts, valid))
@@ -51,6 +54,83 @@ def test_batched_multi_image_matches_loop_reference(order, source):
     for e in range(b):
         want = ref.dart_ref(h[e], k[e], list(starts[e]), length, 8, valid[e], source=source, order=order)
         assert out[e].tolist() == want
+
+
+def _llava_like(seed, text_after=40, prefix=35, length=576, c=64, ck=128):
+    rng = np.random.default_rng(seed)
+    t = prefix + length + text_after
+    return rng.normal(size=(t, c)).astype(np.float32), rng.normal(size=(t, ck)).astype(np.float32)
+
+
+@pytest.mark.parametrize("budget", [64, 128, 192])
+def test_default_equals_official_selection_at_llava_size(budget):
+    """576 image tokens at 35, the LLaVA-1.5 layout: the default kept set is the official code's, exactly."""
+    fn = jax.jit(lambda h, k: dart_keep_indices(h, k, image_starts=jnp.array([35]), image_len=576, budget=budget))
+    for seed in range(3):
+        h, k = _llava_like(seed + budget)
+        got = np.asarray(fn(h[None], k[None]))[0].tolist()
+        want = ref.dart_official_ref(h, k, 35, 576, budget)
+        assert got == want
+        assert len(got) == len(h) - 576 + dart_kept_per_image(576, budget)
+        assert want == ref.dart_ref(h, k, [35], 576, budget)        # the generalised reference agrees
+
+
+def _hand_case(pad=0):
+    """A span of 4 at slot ``8 + pad`` whose result depends on the visit order (see the test)."""
+    t, c = 17 + pad, 3
+    h = np.zeros((t, c), np.float32)
+    k = np.ones((t, 2), np.float32)
+    o = pad
+    e1, e2, e3 = np.eye(3, dtype=np.float32)
+    h[:o + 8] = e3
+    h[o + 8] = e2 + 0.05 * e1          # like the image pivot, slightly like the text pivot
+    h[o + 9] = e2                      # image pivot (largest key norm in the span)
+    h[o + 10] = e1                     # like the text pivot only
+    h[o + 11] = -e2 - 0.1 * e1         # unlike both
+    h[o + 12:] = e3
+    h[o + 16] = e1                     # text pivot (largest key norm after the span)
+    k[o + 9] = 5.0
+    k[o + 16] = 5.0
+    valid = np.arange(t) >= pad
+    return h, k, valid
+
+
+def test_hand_case_pivot_order_and_left_padding():
+    """One image + one text pivot, one pick each. The official order iterates ``set({9, 16})`` = [16, 9] (16 hashes
+    to slot 0 of 8): the text pivot takes 11, then the image pivot takes 10, so 8 is dropped. Visiting by position
+    (9 first) takes 11 then 8 and drops 10. With 7 pads the slots are 16 and 23 (set order [16, 23]: image first),
+    so ordering by slot instead of position id would change the result; ordering by position id does not."""
+    kw = dict(image_len=4, budget=2, num_image_pivots=1, num_text_pivots=1)
+    h, k, _ = _hand_case()
+    assert list(set([9, 16])) == [16, 9] and list(set([16, 23])) == [16, 23]
+    want = [i for i in range(17) if i != 8]
+    assert ref.dart_official_ref(h, k, 8, 4, 2, nip=1, ntp=1) == want
+    assert np.asarray(dart_keep_indices(h[None], k[None], image_starts=jnp.array([8]), **kw))[0].tolist() == want
+    asc = np.asarray(dart_keep_indices(h[None], k[None], image_starts=jnp.array([8]), pivot_order="ascending", **kw))
+    assert asc[0].tolist() == [i for i in range(17) if i != 10]
+    h, k, valid = _hand_case(pad=7)
+    got = dart_keep_indices(h[None], k[None], image_starts=jnp.array([15]), valid=valid[None], **kw)
+    assert np.asarray(got)[0].tolist() == list(range(7)) + [7 + i for i in want]
+    by_slot = dart_keep_indices(h[None], k[None], image_starts=jnp.array([15]), valid=valid[None],
+                                positions=jnp.arange(24)[None], **kw)
+    assert np.asarray(by_slot)[0].tolist() != np.asarray(got)[0].tolist()
+
+
+def test_alone_equals_left_padded_in_a_batch_function_level():
+    """Each prompt alone == the same prompt left-padded in a batch with a longer one (positions from ``valid``)."""
+    h, k = _llava_like(7, prefix=5, length=96, text_after=12)
+    t = len(h)
+    kw = dict(image_len=96, budget=32)
+    alone = np.asarray(dart_keep_indices(h[None], k[None], image_starts=jnp.array([5]), **kw))[0]
+    assert alone.tolist() == ref.dart_official_ref(h, k, 5, 96, 32)
+    for pad in (1, 3, 11, 40):
+        long_h, long_k = _llava_like(100 + pad, prefix=5 + pad, length=96, text_after=12)
+        hb = np.stack([long_h, np.concatenate([np.zeros((pad, h.shape[1]), np.float32), h])])
+        kb = np.stack([long_k, np.concatenate([np.full((pad, k.shape[1]), 9.0, np.float32), k])])  # loud pads
+        valid = np.stack([np.ones(t + pad, bool), np.arange(t + pad) >= pad])
+        out = np.asarray(dart_keep_indices(hb, kb, image_starts=jnp.array([5 + pad, 5 + pad]), valid=valid, **kw))
+        np.testing.assert_array_equal(out[1][pad:] - pad, alone)       # pads are the first `pad` kept slots
+        np.testing.assert_array_equal(out[1][:pad], np.arange(pad))
 
 
 def test_batch_equals_each_example_alone_and_jit_equals_eager():
