@@ -121,14 +121,16 @@ def test_alone_equals_left_padded_in_a_batch_function_level():
     h, k = _llava_like(7, prefix=5, length=96, text_after=12)
     t = len(h)
     kw = dict(image_len=96, budget=32)
-    alone = np.asarray(dart_keep_indices(h[None], k[None], image_starts=jnp.array([5]), **kw))[0]
+    alone = np.asarray(jax.jit(lambda h, k: dart_keep_indices(h, k, image_starts=jnp.array([5]), **kw))(
+        h[None], k[None]))[0]
     assert alone.tolist() == ref.dart_official_ref(h, k, 5, 96, 32)
-    for pad in (1, 3, 11, 40):
+    fn = jax.jit(lambda h, k, s, v: dart_keep_indices(h, k, image_starts=s, valid=v, **kw))
+    for pad in (3, 40):
         long_h, long_k = _llava_like(100 + pad, prefix=5 + pad, length=96, text_after=12)
         hb = np.stack([long_h, np.concatenate([np.zeros((pad, h.shape[1]), np.float32), h])])
         kb = np.stack([long_k, np.concatenate([np.full((pad, k.shape[1]), 9.0, np.float32), k])])  # loud pads
         valid = np.stack([np.ones(t + pad, bool), np.arange(t + pad) >= pad])
-        out = np.asarray(dart_keep_indices(hb, kb, image_starts=jnp.array([5 + pad, 5 + pad]), valid=valid, **kw))
+        out = np.asarray(fn(hb, kb, jnp.array([5 + pad, 5 + pad]), valid))
         np.testing.assert_array_equal(out[1][pad:] - pad, alone)       # pads are the first `pad` kept slots
         np.testing.assert_array_equal(out[1][:pad], np.arange(pad))
 
@@ -218,3 +220,68 @@ def test_vit_variant_matches_reference_and_reducer_bookkeeping():
     assert new.x.shape[1] == red.num_out(37, info) == 19
     idx = dart_vit_keep_indices(jnp.asarray(x), keep=19, num_protected=1, keys=jnp.asarray(kk))
     ref.check_pruned_state(state, new, idx, num_protected=1)
+
+
+def _kept_positions(positions, valid):
+    return np.asarray(positions)[np.asarray(valid)].tolist()
+
+
+def test_llm_prefill_alone_equals_batched_with_a_longer_left_padded_prompt():
+    """``Llama.prefill_embeds`` with DART before layer 2: the kept positions and outputs of a prompt alone equal
+    those of the same prompt left-padded next to a longer one; one trace for new data of the same shapes."""
+    from flax import nnx
+    from models.llama import Llama, LlamaConfig, positions_from_valid
+
+    cfg = LlamaConfig(vocab_size=32, dim=32, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=48)
+    lm = Llama(cfg, rngs=nnx.Rngs(0))
+    reducers = tuple(R.build_layer_reducers(3, {"method": "dart", "keep": 16, "layers": [2]}, point="llm"))
+    traces = []
+
+    def run(m, x, valid, starts):
+        traces.append(1)
+        h, _, aux = m.prefill_embeds(x, positions_from_valid(valid), valid, reducers=reducers, image_starts=starts,
+                                     image_len=40)
+        return h, aux["positions"], aux["valid"]
+
+    fn = nnx.jit(run)
+    rng = np.random.default_rng(0)
+    short = rng.normal(size=(3 + 40 + 7, 32)).astype(np.float32)
+    for seed, pad in ((1, 12), (2, 25)):
+        long_ = np.random.default_rng(seed).normal(size=(len(short) + pad, 32)).astype(np.float32)
+        h1, p1, v1 = fn(lm, short[None], np.ones((1, len(short)), bool), jnp.array([3]))
+        xb = np.stack([long_, np.concatenate([np.zeros((pad, 32), np.float32), short])])
+        vb = np.stack([np.ones(len(long_), bool), np.arange(len(long_)) >= pad])
+        hb, pb, vb_out = fn(lm, xb, vb, jnp.array([3 + pad, 3 + pad]))
+        assert hb.shape[1] == len(long_) - 40 + dart_kept_per_image(40, 16)
+        assert _kept_positions(pb[1], vb_out[1]) == _kept_positions(p1[0], v1[0])
+        np.testing.assert_allclose(np.asarray(hb[1])[np.asarray(vb_out[1])], np.asarray(h1[0]), atol=2e-5)
+    assert len(traces) == 3          # the single prompt once, each batch shape once; new data does not retrace
+
+
+def test_vlm_prompt_alone_equals_batched_with_a_longer_left_padded_prompt():
+    from flax import nnx
+    from models.clip_vision import CLIPVisionConfig
+    from models.llama import LlamaConfig
+    from models.vlm import VLM, VLMConfig, build_prompts
+
+    img = 63
+    cfg = VLMConfig(vision=CLIPVisionConfig(image_size=16, patch_size=4, dim=16, num_layers=2, num_heads=2,
+                                            mlp_dim=32),
+                    text=LlamaConfig(vocab_size=64, dim=32, num_layers=4, num_heads=4, num_kv_heads=2, mlp_dim=48),
+                    image_token_id=img)
+    vlm = VLM(cfg, rngs=nnx.Rngs(0))
+    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    plan = vlm.build_plan({"point": "llm", "method": "dart", "layers": [2], "keep": 8})
+    n = vlm.num_image_tokens(plan)
+    prompts = [[1, 2, img, 5, 6, 7], [3, 9, 9, 9, 9, img, 4, 5, 6, 7, 8, 9, 10, 11, 12]]
+    fn = nnx.jit(lambda m, i, x, v: m(i, x, valid=v, plan=plan))
+    ids, valid = build_prompts(prompts, image_token_id=img, num_image_tokens=n)
+    logits_b, aux_b = fn(vlm, ids, images, valid)
+    one_ids, one_valid = build_prompts(prompts[:1], image_token_id=img, num_image_tokens=n)
+    assert one_ids.shape[1] < ids.shape[1]
+    logits_1, aux_1 = fn(vlm, one_ids, images[:1], one_valid)
+    assert aux_b["tokens_per_layer"][-1] < aux_b["tokens_per_layer"][0]
+    assert _kept_positions(aux_b["positions"][0], aux_b["valid"][0]) == _kept_positions(aux_1["positions"][0],
+                                                                                         aux_1["valid"][0])
+    np.testing.assert_allclose(np.asarray(logits_b[0])[np.asarray(aux_b["valid"][0])], np.asarray(logits_1[0]),
+                               atol=1e-4)
