@@ -188,7 +188,7 @@ def main(argv=None):
     llm_ops = {
         "decoder_layer": jax.jit(lambda x: decoder_layer(dp, x, hl)),
         "dart_ascending": jax.jit(lambda h, k, s: R.dart_keep_indices(h, k, image_starts=s, image_len=img,
-                                                                      budget=budget)),
+                                                                      budget=budget, pivot_order="ascending")),
         "dart_cpython_set": jax.jit(lambda h, k, s: R.dart_keep_indices(h, k, image_starts=s, image_len=img,
                                                                         budget=budget, pivot_order="cpython_set")),
         "fastv": jax.jit(lambda a, s: R.fastv_keep_indices(a, image_starts=s, image_len=img, budget=budget)),

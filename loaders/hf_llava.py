@@ -10,21 +10,35 @@ layouts of transformers 4.x (``language_model.model.*``, ``vision_tower.vision_m
 (``rope_type="default"``), a single integer ``vision_feature_layer``, the ``"default"`` (drop the class token)
 and ``"full"`` feature strategies, the ``gelu`` projector. Anything else raises ``ValueError``.
 Weights are converted to float32. No PyTorch is needed.
+
+Named refusals, raised as :class:`~loaders.common.LoadError` from the config and the checkpoint's key list
+(:func:`check_supported`) before any tensor is read: LLaVA-NeXT AnyRes (``model_type`` ``"llava_next"`` /
+``"llava_next_video"`` / ``"llava_onevision"`` or ``image_grid_pinpoints``), Qwen2 text models (``model_type``
+``"qwen2"`` or q/k/v projection biases), Mistral's sliding-window attention (``"mistral"`` with a
+``sliding_window``), other text architectures, and RoPE scaling other than ``"default"``.
+
+The tokenizer and image processor of a checkpoint directory (:func:`load_hf_llava_assets`, or
+``load_hf_llava(..., return_assets=True)``): ``tokenizer.json`` through the ``tokenizers`` package
+(:func:`read_hf_tokenizer`), special tokens and the chat template from ``tokenizer_config.json``,
+``chat_template.json`` or ``chat_template.jinja``, and ``preprocessor_config.json`` as a
+:class:`~loaders.clip_image.ClipImageProcessor`. Each is ``None`` when its file is absent.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 from flax import nnx
 
 from models.clip_vision import CLIPVisionConfig
 from models.llama import Llama, LlamaConfig
-from loaders.common import KeyTracker, LoadReport, assign_params, torch_conv, torch_linear
+from loaders.clip_image import ClipImageProcessor
+from loaders.common import KeyTracker, LoadError, LoadReport, assign_params, torch_conv, torch_linear
 from models.vlm import VLM, VLMConfig
 
 # Canonical prefixes: "lm." (decoder body), "lm_head.", "vision.", "projector.".
@@ -59,12 +73,68 @@ def _load_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     return {k: _to_numpy(v) for k, v in tensors.items()}
 
 
+def read_config(path) -> dict:
+    """The ``config.json`` of a checkpoint directory."""
+    cfg_path = pathlib.Path(path) / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"no config.json in {path}")
+    return json.loads(cfg_path.read_text())
+
+
+def checkpoint_keys(path) -> list[str]:
+    """Tensor names of a checkpoint directory, from the safetensors headers / index only (no tensor is read)."""
+    path = pathlib.Path(path)
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.exists():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="numpy") as f:
+            return list(f.keys())
+    if index.exists():
+        return list(json.loads(index.read_text())["weight_map"])
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+
+_ANYRES_TYPES = ("llava_next", "llava_next_video", "llava_onevision")
+
+
+def _check_text(text: Mapping[str, Any], keys) -> None:
+    kind = text.get("model_type", "llama")
+    biased = any(re.match(r"lm\.layers\.\d+\.self_attn\.[qkv]_proj\.bias$", k) for k in canonical_keys(
+        dict.fromkeys(keys)))
+    if kind == "qwen2" or biased:
+        raise LoadError(f"Qwen2 text models (text model_type={kind!r}, q/k/v projection biases) are not supported")
+    if kind == "mistral" and text.get("sliding_window") is not None:
+        raise LoadError(f"Mistral's sliding-window attention (sliding_window={text['sliding_window']}) is not "
+                        f"supported")
+    if kind not in ("llama", "mistral"):
+        raise LoadError(f"text model_type={kind!r} is not supported (only llama, and mistral without sliding window)")
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
+    if rope_type != "default":
+        raise LoadError(f"RoPE scaling rope_type={rope_type!r} is not supported (only 'default')")
+
+
+def check_supported(hf: Mapping[str, Any], keys=()) -> None:
+    """Raise a :class:`LoadError` naming the first unsupported feature of an HF config (Llama or LLaVA) and its
+    tensor names ``keys``; see the module docstring for the list."""
+    keys = list(keys)
+    kind = hf.get("model_type", "")
+    if kind in _ANYRES_TYPES or hf.get("image_grid_pinpoints") is not None:
+        raise LoadError(f"LLaVA-NeXT AnyRes (model_type={kind!r}, image_grid_pinpoints) is not supported; only "
+                        f"LLaVA-1.5-style single-resolution models")
+    if "text_config" in hf or kind == "llava":
+        if kind not in ("llava", ""):
+            raise LoadError(f"model_type={kind!r} is not supported (only 'llava')")
+        _check_text(hf.get("text_config", {}), keys)
+    else:
+        _check_text(hf, keys)
+
+
 def read_checkpoint(path) -> tuple[dict, dict[str, np.ndarray]]:
     """``(config dict, {key: float32 array})`` from a directory (single file or sharded index)."""
     path = pathlib.Path(path)
-    cfg_path = path / "config.json"
-    if not cfg_path.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
+    cfg = read_config(path)
     single, index = path / "model.safetensors", path / "model.safetensors.index.json"
     if single.exists():
         tensors = _load_safetensors(single)
@@ -75,7 +145,7 @@ def read_checkpoint(path) -> tuple[dict, dict[str, np.ndarray]]:
             tensors.update(_load_safetensors(path / shard))
     else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    return json.loads(cfg_path.read_text()), tensors
+    return cfg, tensors
 
 
 def canonical_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -94,7 +164,7 @@ def _rope_theta(hf: Mapping[str, Any]) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default")) if params else "default"
     if rope_type != "default":
-        raise ValueError(f"rope_type={rope_type!r} is not supported (only 'default')")
+        raise LoadError(f"RoPE scaling rope_type={rope_type!r} is not supported (only 'default')")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
 
 
@@ -214,6 +284,7 @@ def _finish(model, params, src: KeyTracker, source: str, strict: bool) -> LoadRe
 
 def load_hf_llama(path, *, strict: bool = True, seed: int = 0, **config_overrides) -> tuple[Llama, LoadReport]:
     """``LlamaForCausalLM`` directory -> ``(Llama, LoadReport)``."""
+    check_supported(read_config(path), checkpoint_keys(path))
     hf, tensors = read_checkpoint(path)
     cfg = llama_config_from_hf(hf, **config_overrides)
     model = Llama(cfg, rngs=nnx.Rngs(seed))
@@ -234,8 +305,10 @@ def vlm_config_from_hf(hf: Mapping[str, Any], **text_overrides) -> VLMConfig:
     return VLMConfig(vision=vision, text=text, image_token_id=int(image_token))
 
 
-def load_hf_llava(path, *, strict: bool = True, seed: int = 0, **text_overrides) -> tuple[VLM, LoadReport]:
-    """``LlavaForConditionalGeneration`` directory -> ``(VLM, LoadReport)``."""
+def load_hf_llava(path, *, strict: bool = True, seed: int = 0, return_assets: bool = False, **text_overrides):
+    """``LlavaForConditionalGeneration`` directory -> ``(VLM, LoadReport)``, or ``(VLM, LoadReport, LlavaAssets)``
+    with ``return_assets`` (:func:`load_hf_llava_assets`). Unsupported features raise :class:`LoadError` first."""
+    check_supported(read_config(path), checkpoint_keys(path))
     hf, tensors = read_checkpoint(path)
     cfg = vlm_config_from_hf(hf, **text_overrides)
     model = VLM(cfg, rngs=nnx.Rngs(seed))
@@ -245,8 +318,91 @@ def load_hf_llava(path, *, strict: bool = True, seed: int = 0, **text_overrides)
     for n in ("linear_1", "linear_2"):
         params[f"multi_modal_projector.{n}.kernel"] = _linear_or_none(src.get(f"projector.{n}.weight"))
         params[f"multi_modal_projector.{n}.bias"] = src.get(f"projector.{n}.bias")
-    return model, _finish(model, params, src, str(path), strict)
+    report = _finish(model, params, src, str(path), strict)
+    if return_assets:
+        return model, report, load_hf_llava_assets(path)
+    return model, report
 
 
-__all__ = ["load_hf_llama", "load_hf_llava", "read_checkpoint", "canonical_keys", "llama_config_from_hf",
-           "clip_config_from_hf", "vlm_config_from_hf"]
+# -- tokenizer, chat template, image processor ------------------------------------------------------------
+
+_SPECIAL = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def read_hf_tokenizer(path):
+    """``tokenizer.json`` of a directory as a ``tokenizers.Tokenizer``, or ``None`` when the file is absent.
+
+    The one place the repo reads HF tokenizers for LLaVA; meant to be redirected to a shared text tokenizer.
+    """
+    file = pathlib.Path(path) / "tokenizer.json"
+    if not file.exists():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError as err:  # pragma: no cover - tokenizers is a dependency of the test environment
+        raise LoadError(f"{file} needs the 'tokenizers' package") from err
+    return Tokenizer.from_file(str(file))
+
+
+def read_chat_template(path) -> Optional[str]:
+    """The chat template (Jinja source): ``chat_template.jinja``, else ``chat_template.json``, else the
+    ``chat_template`` of ``tokenizer_config.json``; ``None`` when none has one."""
+    path = pathlib.Path(path)
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    if (path / "chat_template.json").exists():
+        template = json.loads((path / "chat_template.json").read_text()).get("chat_template")
+        if template is not None:
+            return template
+    cfg = path / "tokenizer_config.json"
+    template = json.loads(cfg.read_text()).get("chat_template") if cfg.exists() else None
+    if isinstance(template, list):  # a list of named templates: take "default"
+        named = {t.get("name"): t.get("template") for t in template}
+        template = named.get("default")
+    return template
+
+
+def _token_text(value) -> Optional[str]:
+    if isinstance(value, Mapping):
+        return value.get("content")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaAssets:
+    """What a LLaVA checkpoint directory holds besides weights.
+
+    Attributes:
+      tokenizer: a ``tokenizers.Tokenizer`` or ``None`` (no ``tokenizer.json``).
+      special_tokens: ``{"bos_token": (text, id), ...}`` for the tokens ``tokenizer_config.json`` names (id
+        ``None`` when the tokenizer does not know it or is absent).
+      chat_template: Jinja source or ``None``.
+      image_processor: :class:`~loaders.clip_image.ClipImageProcessor` or ``None`` (no preprocessor config).
+    """
+
+    tokenizer: Any = None
+    special_tokens: Mapping[str, tuple] = dataclasses.field(default_factory=dict)
+    chat_template: Optional[str] = None
+    image_processor: Optional[ClipImageProcessor] = None
+
+
+def load_hf_llava_assets(path) -> LlavaAssets:
+    """Tokenizer, special tokens, chat template and image processor of a checkpoint directory."""
+    path = pathlib.Path(path)
+    tokenizer = read_hf_tokenizer(path)
+    cfg_file = path / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    special = {}
+    for name in _SPECIAL:
+        text = _token_text(tok_cfg.get(name))
+        if text is not None:
+            special[name] = (text, None if tokenizer is None else tokenizer.token_to_id(text))
+    pre = path / "preprocessor_config.json"
+    processor = ClipImageProcessor.from_config(json.loads(pre.read_text())) if pre.exists() else None
+    return LlavaAssets(tokenizer=tokenizer, special_tokens=special, chat_template=read_chat_template(path),
+                       image_processor=processor)
+
+
+__all__ = ["load_hf_llama", "load_hf_llava", "load_hf_llava_assets", "LlavaAssets", "read_hf_tokenizer",
+           "read_chat_template", "check_supported", "checkpoint_keys", "read_config", "read_checkpoint",
+           "canonical_keys", "llama_config_from_hf", "clip_config_from_hf", "vlm_config_from_hf"]

@@ -29,15 +29,22 @@ Choices this port makes explicit (the reference has batch size 1 and one span):
   inside any image span (the Qwen reference would treat later images as text; this port does not).
 * Missing text pivots (fewer valid text positions after the span than ``num_text_pivots``): the pivot
   slot still takes its ``TOKEN_TOPK`` picks, scored against a zero vector, i.e. every candidate has
-  similarity 0 and the earliest remaining positions are taken. This keeps the kept count static; the
-  reference never meets this case (LLaVA prompts always end with text).
+  similarity 0 and the earliest remaining positions are taken. For the visit order a missing pivot
+  counts as position ``last valid position + 1 + j`` (``j`` its slot), which padding does not move. This
+  keeps the kept count static; the reference never meets this case (LLaVA prompts always end with text).
+* Padding: invalid slots are never pivots and never image candidates (image spans must be valid
+  tokens); they are returned among the non-image positions so ``K`` stays static and stay invalid.
 * Budget at or above the span: the reference crashes (``topk`` out of range); here the per-pivot count
   is clamped to the candidates left, so every image token is kept, and a ``UserWarning`` is raised at
   trace time (see also :func:`dart_keeps_all`).
-* Pivot order (the greedy result depends on it): ``"ascending"`` (default, pivots visited by position)
-  or ``"cpython_set"``, which visits them in the iteration order of the reference's
-  ``list(set(image_pivots + text_pivots).copy())`` (CPython 3.11/3.12 small-int hashing, emulated on
-  device by :func:`cpython_set_order`) for set-level parity with the reference.
+* Pivot order (the greedy result depends on it). Default ``"cpython_set"``: the reference's order, the
+  iteration order of ``set(image_pivots + text_pivots)`` (CPython 3.11/3.12 small-int hashing, emulated on
+  device by :func:`cpython_set_order`), computed on the pivots' **position ids** rather than on their slot
+  in the (possibly padded) batch. In the reference (batch 1, no padding) the two coincide, so the default
+  gives the reference's kept set; with left padding the position ids still count from the first real
+  token, so an example keeps the same tokens alone or batched with longer prompts. ``"ascending"`` visits
+  the pivots by position: not the reference (5-9% of a 576-token span's kept set differs), kept as the
+  order-ablation that depends on no CPython implementation detail.
 * Cosine similarity in float32 like ``torch.nn.functional.cosine_similarity``: each norm clamped at
   ``1e-8``, so a zero vector has similarity 0 with everything. Ties between candidates: lower position
   first (``lax.top_k`` order).
@@ -187,43 +194,48 @@ def _cos_normalize(v: jax.Array) -> jax.Array:
     return v / jnp.maximum(norm, COS_EPS)
 
 
-def _order_pivots(pivots: jax.Array, present: jax.Array, num_tokens: int, pivot_order: str) -> jax.Array:
-    """Visit order of the pivots ``[P]``; missing pivots get sentinel positions after ``T``."""
-    sentinel = num_tokens + jnp.arange(pivots.shape[0], dtype=jnp.int32)
-    keyed = jnp.where(present, pivots, sentinel)
+def _visit_order(pivot_pos: jax.Array, pivot_order: str) -> jax.Array:
+    """Permutation ``[P]`` visiting the pivots, from their position ids ``pivot_pos: [P]`` (distinct, >= 0,
+    image pivots first in descending key norm, then text pivots likewise: the reference's insertion order)."""
     if pivot_order == "ascending":
-        return keyed[jnp.argsort(keyed, stable=True)]
-    return keyed[cpython_set_order(keyed)]
+        return jnp.argsort(pivot_pos, stable=True).astype(jnp.int32)
+    return cpython_set_order(pivot_pos)
 
 
-def _select_one_image(hn: jax.Array, norm_l1: jax.Array, text_ok: jax.Array, start: jax.Array, *, image_len: int,
-                      counts: Sequence[int], num_image_pivots: int, num_text_pivots: int,
-                      pivot_order: str) -> jax.Array:
-    """Kept image positions of one span, sorted. ``hn: [T, C]`` unit rows, ``norm_l1/text_ok: [T]``."""
+def _select_one_image(hn: jax.Array, norm_l1: jax.Array, text_ok: jax.Array, pos_ids: jax.Array,
+                      next_pos: jax.Array, start: jax.Array, *, image_len: int, counts: Sequence[int], num_image_pivots: int,
+                      num_text_pivots: int, pivot_order: str) -> jax.Array:
+    """Kept image positions (slots) of one span, sorted.
+
+    ``hn: [T, C]`` unit rows, ``norm_l1: [T]``, ``text_ok: [T]`` bool (valid non-image slots), ``pos_ids: [T]``
+    int32 position ids (only used to order the pivots), ``next_pos`` one past the last valid position id,
+    ``start`` the span's first slot.
+    """
     t = hn.shape[0]
     img_h = jax.lax.dynamic_slice_in_dim(hn, start, image_len, axis=0)           # [L, C]
     img_l1 = jax.lax.dynamic_slice_in_dim(norm_l1, start, image_len, axis=0)     # [L]
     _, img_piv = jax.lax.top_k(img_l1, num_image_pivots)                         # descending L1, ties: low index
     img_piv = img_piv.astype(jnp.int32)
-    pivots = [start + img_piv]
+    slots = [start + img_piv]
     present = [jnp.ones((num_image_pivots,), bool)]
     if num_text_pivots:
-        pos = jnp.arange(t, dtype=jnp.int32)
-        ok = text_ok & (pos >= start + image_len)
-        score = jnp.where(ok, norm_l1, -jnp.inf)
-        top, txt_piv = jax.lax.top_k(score, num_text_pivots)
-        pivots.append(txt_piv.astype(jnp.int32))
+        slot = jnp.arange(t, dtype=jnp.int32)
+        ok = text_ok & (slot >= start + image_len)
+        top, txt_piv = jax.lax.top_k(jnp.where(ok, norm_l1, -jnp.inf), num_text_pivots)
+        slots.append(txt_piv.astype(jnp.int32))
         present.append(jnp.isfinite(top))
-    pivots = jnp.concatenate(pivots)
+    slots = jnp.concatenate(slots)
     present = jnp.concatenate(present)
-    visit = _order_pivots(pivots, present, t, pivot_order)
+    # order by position ids; a missing pivot counts as a position past the last valid one (padding-free)
+    spare = next_pos + jnp.arange(slots.shape[0], dtype=jnp.int32)
+    visit = _visit_order(jnp.where(present, pos_ids[slots], spare), pivot_order)
+    slots, present = slots[visit], present[visit]
 
     cand = jnp.ones((image_len,), bool).at[img_piv].set(False)
     for i, k in enumerate(counts):  # static: one step per pivot, no loop over tokens
         if k == 0:
             continue
-        p = visit[i]
-        hp = jnp.where(p < t, hn[jnp.minimum(p, t - 1)], 0.0)
+        hp = jnp.where(present[i], hn[slots[i]], 0.0)
         sim = jnp.einsum("lc,c->l", img_h, hp, precision=jax.lax.Precision.HIGHEST)
         sim = jnp.where(jnp.isnan(sim), jnp.inf, sim)
         _, pick = jax.lax.top_k(jnp.where(cand, -sim, -jnp.inf), k)
@@ -241,10 +253,11 @@ def dart_keep_indices(
     image_len: int,
     budget: int,
     valid: Optional[jax.Array] = None,
+    positions: Optional[jax.Array] = None,
     num_image_pivots: int = 4,
     num_text_pivots: int = 4,
     pivot_source: str = "keys",
-    pivot_order: str = "ascending",
+    pivot_order: str = "cpython_set",
 ) -> jax.Array:
     """DART's kept positions for a batch of sequences with ``M`` images each.
 
@@ -254,10 +267,14 @@ def dart_keep_indices(
       image_starts: ``[B]`` or ``[B, M]`` int32 (traced) first position of every image span.
       image_len: static tokens per image. budget: static image tokens to keep per image, before the
         ``num_image_pivots + P * (budget // P)`` rule (``P`` = all pivots, see :func:`dart_kept_per_image`).
-      valid: ``[B, T]`` bool or ``None``; invalid positions are never text pivots (they are still returned
-        as non-image tokens so ``K`` stays static).
+      valid: ``[B, T]`` bool or ``None``; invalid slots are never pivots or image candidates (they are still
+        returned as non-image tokens so ``K`` stays static).
+      positions: ``[B, T]`` int position ids (>= 0; negatives are clipped to 0) or ``None`` for
+        ``cumsum(valid) - 1`` (each valid token's index in its unpadded prompt; ``0..T-1`` without
+        ``valid``). They only order the pivots, so the reference's order does not move with left padding.
       pivot_source: ``"keys"`` (reference: L1 norm of the keys) or ``"hidden"`` (L1 norm of ``hidden``).
-      pivot_order: ``"ascending"`` or ``"cpython_set"`` (reference parity; see the module docstring).
+      pivot_order: ``"cpython_set"`` (default, the reference's order) or ``"ascending"`` (see the module
+        docstring).
 
     Returns:
       ``keep_idx: [B, K]`` int32 ascending, ``K = T - M * (image_len - kept_per_image)``. Not
@@ -270,6 +287,11 @@ def dart_keep_indices(
     if valid is not None:
         check_rank(valid, 2, "valid")
         check_leading(valid, (b, t), "valid", "hidden")
+    if positions is not None:
+        check_rank(positions, 2, "positions")
+        check_leading(positions, (b, t), "positions", "hidden")
+        if not jnp.issubdtype(positions.dtype, jnp.integer):
+            raise ValueError(f"positions must be an integer array, got dtype {positions.dtype}")
     starts = _check_starts(image_starts, b)
     num_images = starts.shape[1]
     image_len = check_count(image_len, "image_len", allow_zero=False)
@@ -300,16 +322,20 @@ def dart_keep_indices(
     norm_l1 = jnp.sum(jnp.abs(jax.lax.stop_gradient(src).astype(jnp.float32)), axis=-1)   # [B, T]
     hn = _cos_normalize(jax.lax.stop_gradient(hidden))                                  # [B, T, C]
     ok = jnp.ones((b, t), bool) if valid is None else valid.astype(bool)
+    if positions is None:
+        positions = jnp.cumsum(ok.astype(jnp.int32), axis=1) - 1
+    pos_ids = jnp.maximum(positions.astype(jnp.int32), 0)
 
-    def one(hn_b, l1_b, ok_b, starts_b):
+    def one(hn_b, l1_b, ok_b, pos_b, starts_b):
         text_ok = ok_b & ~_span_mask(starts_b, image_len, t)
+        next_pos = jnp.max(jnp.where(ok_b, pos_b, -1)) + 1
         select = lambda s: _select_one_image(
-            hn_b, l1_b, text_ok, s, image_len=image_len, counts=counts, num_image_pivots=num_image_pivots,
-            num_text_pivots=num_text_pivots, pivot_order=pivot_order)
+            hn_b, l1_b, text_ok, pos_b, next_pos, s, image_len=image_len, counts=counts,
+            num_image_pivots=num_image_pivots, num_text_pivots=num_text_pivots, pivot_order=pivot_order)
         kept_pos = jax.vmap(select)(starts_b)                                             # [M, kept]
         return _assemble(starts_b, kept_pos, image_len, t, num_out)
 
-    return jax.vmap(one)(hn, norm_l1, ok, starts)
+    return jax.vmap(one)(hn, norm_l1, ok, pos_ids, starts)
 
 
 # -- ViT variant -----------------------------------------------------------------------------------------
@@ -374,8 +400,10 @@ class Dart(Reducer):
 
     In the LLM (before layer ``K``, on layer ``K - 1``'s normed hidden states and keys): the reference's selection
     per image span, :func:`dart_keep_indices`, with ``budget = keep`` (or ``keep_ratio`` of the span) and the
-    reference's ``4 + 8 * (budget // 8)`` rule. In a ViT block or at the connector: :func:`dart_vit_keep_indices`
-    on the unprotected tokens (pivots by key L1 norm, similarity on the hidden states).
+    reference's ``4 + 8 * (budget // 8)`` rule and, by default, its pivot visit order computed on the tokens'
+    position ids (so the kept set is the reference's and does not change with left padding). In a ViT block or
+    at the connector: :func:`dart_vit_keep_indices` on the unprotected tokens (pivots by key L1 norm, similarity
+    on the hidden states).
     """
 
     keep_ratio: float = 0.7
@@ -383,7 +411,7 @@ class Dart(Reducer):
     num_pivots: int = 8
     num_image_pivots: int = 4
     num_text_pivots: int = 4
-    pivot_order: str = "ascending"
+    pivot_order: str = "cpython_set"
     needs: ClassVar[frozenset] = frozenset({KEYS, HIDDEN})
     spans: ClassVar[bool] = True
 
@@ -402,8 +430,8 @@ class Dart(Reducer):
         if info.in_spans:
             idx = dart_keep_indices(feats, info.require(KEYS, "dart"), image_starts=info.image_starts,
                                     image_len=info.image_len, budget=self._budget(info.image_len), valid=state.valid,
-                                    num_image_pivots=self.num_image_pivots, num_text_pivots=self.num_text_pivots,
-                                    pivot_order=self.pivot_order)
+                                    positions=state.positions, num_image_pivots=self.num_image_pivots,
+                                    num_text_pivots=self.num_text_pivots, pivot_order=self.pivot_order)
         else:
             idx = dart_vit_keep_indices(feats, keep=self.num_out(state.num_tokens, info),
                                         num_protected=info.num_protected, num_pivots=self.num_pivots, keys=info.keys)
@@ -415,10 +443,11 @@ class Dart(Reducer):
 
 @register("dart", points=("vit", "vision", "connector", "llm"))
 def _dart_layers(num_layers: int, keep_ratio: float = 0.7, keep: Optional[int] = None, num_pivots: int = 8,
-                 num_image_pivots: int = 4, num_text_pivots: int = 4, pivot_order: str = "ascending",
+                 num_image_pivots: int = 4, num_text_pivots: int = 4, pivot_order: str = "cpython_set",
                  layers=None) -> list[Optional[Reducer]]:
     """DART: prune to ``keep_ratio`` (or ``keep``) of the candidates at each of ``layers``. ``num_pivots`` is the
-    ViT variant's; ``num_image_pivots`` / ``num_text_pivots`` / ``pivot_order`` the LLM's."""
+    ViT variant's; ``num_image_pivots`` / ``num_text_pivots`` / ``pivot_order`` the LLM's (default
+    ``"cpython_set"``: the reference's kept set, invariant to left padding; see :mod:`reduction.dart`)."""
     check_ratio(keep_ratio, "keep_ratio")
     if keep is not None:
         check_count(keep, "keep", allow_zero=False)

@@ -30,13 +30,65 @@ def top_desc(values, k, allowed=None):
 # -- DART -----------------------------------------------------------------------------------------------
 
 
-def dart_ref(h, k, starts, image_len, budget, valid=None, nip=4, ntp=4, source="keys", order="ascending"):
-    """Kept positions (sorted) of one sequence with images at ``starts`` (reference algorithm)."""
+def dart_official_ref(h, k, start, image_len, max_num_trunction, nip=4, ntp=4):
+    """The official DART selection (LLaVA path, ``get_retained_image_token``; batch 1, no padding) as plain loops.
+
+    ``h: [T, C]`` final-norm hidden states, ``k: [T, Ck]`` keys of layer ``K - 1``; one image span at
+    ``start``. Returns every kept position, sorted. Steps as in the official code:
+
+    * ``TOKEN_TOPK = ceil(max_num_trunction // (nip + ntp))`` picks per pivot;
+    * image pivots: the ``nip`` largest key L1 norms in the span, text pivots: the ``ntp`` largest after
+      it, each list in descending order (ties: lower position, a choice: torch leaves them unspecified);
+    * ``pivots = set(image_pivots + text_pivots)``, ``cands = set(span) - set(image_pivots)``;
+    * for each pivot of ``list(pivots)`` (the set's iteration order, taken once before the loop): the
+      ``TOKEN_TOPK`` candidates with the lowest cosine to the pivot join ``pivots`` and leave ``cands``
+      (ties: lower position);
+    * the kept image tokens are ``pivots`` minus the text pivots; every other token is kept.
+    """
+    h = np.asarray(h, np.float64)
+    k = np.asarray(k, np.float64)
+    t = h.shape[0]
+    end = start + image_len
+    topk = math.ceil(max_num_trunction // (nip + ntp))
+    l1 = [float(np.sum(np.abs(k[i]))) for i in range(t)]
+    image_piv = [start + j for j in top_desc(l1[start:end], nip)]
+    text_piv = [end + j for j in top_desc(l1[end:], ntp)]
+    pivots = set(image_piv + text_piv)
+    cands = set(range(start, end)) - set(image_piv)
+    for p in list(pivots):
+        order = list(cands)
+        sims = [cos_torch(h[p], h[c]) for c in order]
+        ranked = sorted(range(len(order)), key=lambda j: (sims[j], order[j]))
+        pick = [order[j] for j in ranked[:topk]]
+        pivots.update(pick)
+        cands.difference_update(pick)
+    pivots.difference_update(text_piv)
+    return sorted(set(range(start)) | pivots | set(range(end, t)))
+
+
+def dart_ref(h, k, starts, image_len, budget, valid=None, positions=None, nip=4, ntp=4, source="keys",
+             order="cpython_set"):
+    """Kept slots (sorted) of one possibly padded sequence with images at slots ``starts``.
+
+    The official selection of :func:`dart_official_ref` per image, generalised as the port documents:
+    several images (text pivots among valid non-image slots after each image), invalid slots never pivots,
+    per-pivot picks clamped to the candidates left, a missing text pivot scored as a zero vector, and
+    the visit order taken on ``positions`` (position ids; default ``cumsum(valid) - 1``): ``"cpython_set"``
+    iterates ``set(pivot position ids)`` like the official code, ``"ascending"`` sorts them. A missing
+    pivot counts as position ``max valid position + 1 + its slot``.
+    """
     h = np.asarray(h, np.float64)
     t = h.shape[0]
     src = np.asarray(k if source == "keys" else h, np.float64)
     l1 = [float(np.sum(np.abs(src[i]))) for i in range(t)]
     valid = [True] * t if valid is None else [bool(v) for v in valid]
+    if positions is None:
+        positions, seen = [], 0
+        for i in range(t):
+            seen += valid[i]
+            positions.append(max(seen - 1, 0))
+    positions = [max(int(p), 0) for p in positions]
+    next_pos = max([positions[i] for i in range(t) if valid[i]], default=-1) + 1
     in_img = [any(s <= i < s + image_len for s in starts) for i in range(t)]
     npiv = nip + ntp
     topk = budget // npiv
@@ -49,13 +101,17 @@ def dart_ref(h, k, starts, image_len, budget, valid=None, nip=4, ntp=4, source="
         img_piv = [span[j] for j in top_desc([l1[p] for p in span], nip)]
         txt_ok = [valid[i] and not in_img[i] and i >= s + image_len for i in range(t)]
         txt_piv = top_desc(l1, ntp, txt_ok)
+        slots = img_piv + txt_piv + [None] * (ntp - len(txt_piv))
+        key_of = {}                                   # position id -> pivot slot (None: missing pivot)
+        for j, p in enumerate(slots):
+            key_of[next_pos + j if p is None else positions[p]] = p
         if order == "ascending":
-            pivots = sorted(img_piv + txt_piv) + [None] * (ntp - len(txt_piv))
+            visit = [key_of[q] for q in sorted(key_of)]
         else:
-            pivots = list(set(img_piv + txt_piv).copy())
+            visit = [key_of[q] for q in list(set(list(key_of)))]   # set(list), as the official code
         cands = [p for p in span if p not in img_piv]
         keep = set(img_piv)
-        for p in pivots:
+        for p in visit:
             hp = np.zeros(h.shape[1]) if p is None else h[p]
             sims = {c: cos_torch(hp, h[c]) for c in cands}
             n = min(topk, len(cands))

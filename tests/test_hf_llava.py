@@ -127,3 +127,11 @@ def test_strict_load_reports_a_missing_key(hf_llama, tmp_path):
         load_hf_llama(tmp_path)
     _, report = load_hf_llama(tmp_path, strict=False)
     assert "norm.scale" in report.missing
+
+
+def test_return_assets_is_opt_in_and_empty_without_tokenizer_files(hf_llava):
+    _, path = hf_llava
+    vlm, report, assets = load_hf_llava(path, return_assets=True)
+    assert report.ok and vlm.num_image_tokens() == 16
+    assert assets.tokenizer is None and assets.image_processor is None and assets.chat_template is None
+    assert len(load_hf_llava(path)) == 2
