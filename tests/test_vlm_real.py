@@ -97,7 +97,7 @@ def test_analytic_vlm_flops_agree_with_xla(images, spec):
 
 def test_cache_and_decode_counts_follow_the_plan():
     vlm = _vlm(False)
-    full = vlm.flops(None and vlm.build_plan(None) or vlm.build_plan(None), text_tokens=8)
+    full = vlm.flops(vlm.build_plan(None), text_tokens=8)
     red = vlm.flops(vlm.build_plan({"point": "llm", "method": "fastv", "keep": 4, "layers": [1]}), text_tokens=8)
     assert full["cache_lengths"] == [24, 24, 24] and red["cache_lengths"] == [24, 12, 12]
     assert red["decode"] < full["decode"] and red["prefill"] < full["prefill"]
