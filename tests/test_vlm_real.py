@@ -192,3 +192,23 @@ def test_chat_vqa_trains_only_the_projector_and_eval_sweeps_it(tmp_path):
     assert all(r["kv_cache_bytes"] > 0 and r["decode_ms_per_token"] > 0 for r in result["points"])
     for name in ("table.md", "points.csv", "pareto.png", "config.json", "train_config.json"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.assets
+@needs_smollm2
+def test_bf16_reaches_every_part_of_the_vlm_and_the_loss_is_finite():
+    from configs import load_config
+    from data import make_source
+    from training import build_vlm
+    from training.tasks import make_task
+
+    cfg = load_config("configs/vlm_smol.py", _tiny_chat_overrides() + ["train.compute_dtype=bfloat16"])
+    model = build_vlm(cfg)
+    assert model.vision_tower.vit.config.dtype == jnp.bfloat16
+    assert model.language_model.cfg.dtype == jnp.bfloat16
+    assert model.multi_modal_projector.linear_1.dtype == jnp.bfloat16
+    task = make_task(cfg, model)
+    src = make_source(cfg.data, "train")
+    batch = {k: jnp.stack([jnp.asarray(src[i][k]) for i in range(2)]) for k in src[0]}
+    logits, _ = task.forward(model, batch, cfg)
+    assert logits.shape == (2, len(task.answer_ids)) and bool(jnp.all(jnp.isfinite(logits)))
