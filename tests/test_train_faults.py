@@ -192,8 +192,11 @@ def test_values_that_cannot_work_are_refused_before_the_model_is_built(override,
     assert not (tmp_path / "config.json").exists() and not (tmp_path / "checkpoints").exists()
 
 
-def test_zero_every_means_only_at_the_end():
+def test_zero_every_means_only_at_the_end_and_presets_pass():
     configs.check_train_config(tiny_cfg("train.log_every=0", "checkpoint.every=0", "train.eval_every=0"))
+    for name in configs.available_configs():
+        if not name.startswith("eval"):
+            configs.check_train_config(configs.load_config(name))
 
 
 # -- pieces ------------------------------------------------------------------------------------------------------
