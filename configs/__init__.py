@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import pathlib
 from typing import Any, Iterable
 
@@ -244,7 +245,7 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
             note = f" ({zero})" if zero else ""
             raise ConfigError(f"{path}={node} is out of range: it must be an integer >= {low}{note}")
     lr = _node(cfg, "optim.lr")
-    if lr is not None and not (isinstance(lr, (int, float)) and lr >= 0 and lr == lr and lr != float("inf")):
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ConfigError(f"optim.lr={lr!r} is out of range: it must be a finite number >= 0")
 
 
