@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import math
 import pathlib
 from typing import Any, Iterable
 
@@ -214,6 +215,38 @@ def save_config(cfg: ml_collections.ConfigDict, directory: str | pathlib.Path, n
     path = directory / name
     path.write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str))
     return path
+
+
+# (field, lowest allowed value, what 0 means when 0 is allowed) of the training config, checked before anything
+# is built or compiled. ``every`` fields: 0 = only at the end of the run (like ``train.eval_every``).
+TRAIN_INT_FIELDS = (
+    ("train.steps", 1, None),
+    ("train.batch_size", 1, None),
+    ("train.eval_batch_size", 1, None),
+    ("train.log_every", 0, "0 = log only the last step"),
+    ("train.eval_every", 0, "0 = evaluate only at the end"),
+    ("checkpoint.every", 0, "0 = save only at the end"),
+    ("checkpoint.keep", 1, None),
+    ("optim.warmup_steps", 0, None),
+)
+
+
+def check_train_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raise :class:`ConfigError` naming the field and its allowed range when a training field cannot work
+    (``train.steps=-5``, ``checkpoint.keep=0``, a negative ``log_every``, ...). ``train.py`` calls it before the
+    model is built."""
+    for path, low, zero in TRAIN_INT_FIELDS:
+        node = _node(cfg, path)
+        if node is None:
+            continue
+        if isinstance(node, bool) or not isinstance(node, int):
+            raise ConfigError(f"{path} must be an integer >= {low}, got {node!r}")
+        if node < low:
+            note = f" ({zero})" if zero else ""
+            raise ConfigError(f"{path}={node} is out of range: it must be an integer >= {low}{note}")
+    lr = _node(cfg, "optim.lr")
+    if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+        raise ConfigError(f"optim.lr={lr!r} is out of range: it must be a finite number >= 0")
 
 
 def available_configs() -> list[str]:

@@ -51,7 +51,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.steps = 1000
     c.train.batch_size = 256       # global batch (split over hosts and devices)
     c.train.eval_batch_size = 500
-    c.train.log_every = 50
+    c.train.log_every = 50         # 0 = only the last step
     c.train.eval_every = 0         # 0 = only at the end
     c.train.eval_at_end = True
     c.train.compute_dtype = "float32"   # or "bfloat16" (parameters stay float32)
@@ -62,6 +62,7 @@ def base() -> ml_collections.ConfigDict:
     c.train.debug_nans = False     # jax_debug_nans for the run: raise at the first op producing a NaN (slow)
     c.train.transfer_guard = "allow"  # jax.transfer_guard around the step loop: "allow" | "log" | "disallow"
     c.train.tensorboard = True     # also write the metrics to <workdir>/tensorboard/ (tensorboardX or torch)
+    c.train.allow_config_change = False  # resume even when fields outside training.resume.RESUME_MAY_CHANGE differ
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-3
@@ -76,7 +77,7 @@ def base() -> ml_collections.ConfigDict:
     c.optim.lr_scales = ()         # (regex, scale) pairs scaling matching updates, e.g. (("^learned/", 10.0),)
 
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 500
+    c.checkpoint.every = 500       # 0 = only at the end
     c.checkpoint.keep = 3
     c.checkpoint.use_async = True
     c.checkpoint.resume = True

@@ -6,6 +6,7 @@
 * :mod:`training.steps`: the jitted, donated train and eval steps;
 * :mod:`training.mesh`: multi-host start-up, the ``"data"`` mesh, replicated or FSDP shardings;
 * :mod:`training.checkpoints`: Orbax checkpoints with an integrity fingerprint and fallback;
+* :mod:`training.resume`: the config check on resume, ``config.json`` kept, ``metrics.jsonl`` cut back;
 * :mod:`training.trainer`: the :class:`Trainer` loop (metrics, evaluation, progress, TensorBoard).
 """
 
@@ -13,7 +14,7 @@ from training.builders import (attach_atp_from_config, build_model, build_vlm, c
                                layer_reducers, load_params_from_run, param_paths, reduction_spec,
                                reduction_spec_vlm, resolve_learned_trainable)
 from training.checkpoints import Checkpoints
-from training.errors import CheckpointError, NonFiniteLossError
+from training.errors import CheckpointError, ConfigMismatchError, NonFiniteLossError, TrainingInterrupted
 from training.mesh import make_mesh, maybe_initialize_distributed, state_shardings
 from training.optim import build_optimizer, learning_rate_schedule, lr_scale_pairs, trainable_labels
 from training.steps import make_eval_step, make_train_step

@@ -56,6 +56,18 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
+    def peek_meta(self) -> Optional[tuple[int, dict]]:
+        """``(step, meta)`` of the newest checkpoint (the small JSON item only), or ``None`` when there is no
+        checkpoint or its meta cannot be read (:meth:`restore` then reports or falls back)."""
+        steps = self.steps()
+        if not steps:
+            return None
+        try:
+            out = self.manager.restore(steps[-1], args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))
+            return steps[-1], dict(out["meta"])
+        except Exception:  # damaged: left to restore()
+            return None
+
     def restore(self, abstract_state, *, fallback: bool) -> Optional[tuple[int, Any, dict, dict]]:
         """Newest readable checkpoint -> ``(step, state, data_state, meta)``, or ``None`` if there is none.
 

@@ -36,6 +36,7 @@ def main(argv=None) -> dict:
     if args.print_config:
         print(cfg)
         return {}
+    configs.check_train_config(cfg)   # values that cannot work fail here, before devices or data are touched
     maybe_initialize_distributed(cfg.mesh.distributed)
     workdir = args.workdir or os.path.join("runs", cfg.config_name)
     summary = Trainer(cfg, workdir).train()

@@ -4,11 +4,14 @@ optional ``jax_debug_nans`` and ``jax.transfer_guard``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import pathlib
+import signal
+import threading
 import time
 from typing import Callable, Optional
 
@@ -24,9 +27,10 @@ import data as data_lib
 
 from training.builders import _get, build_model, layer_reducers, reduction_spec, resolve_learned_trainable
 from training.checkpoints import Checkpoints
-from training.errors import NonFiniteLossError
+from training.errors import NonFiniteLossError, TrainingInterrupted
 from training.mesh import make_mesh, state_shardings
 from training.optim import build_optimizer, learning_rate_schedule
+from training.resume import check_resume_config, prepare_metrics, write_run_config
 from training.steps import make_eval_step, make_train_step
 from training.tasks import make_task
 
@@ -36,6 +40,28 @@ log = logging.getLogger("tokenreduce.train")
 # -- the trainer --------------------------------------------------------------------------------------------
 
 TRANSFER_GUARDS = ("allow", "log", "disallow")
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block, SIGTERM raises :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) in the main thread,
+    so the run's ``finally`` finishes its checkpoint saves; a second SIGTERM acts as before. A no-op outside the
+    main thread (signal handlers can only be installed there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if previous is None else previous
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, previous)
+        raise TrainingInterrupted("SIGTERM: training stopped; pending checkpoint saves are being finished")
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class TensorBoardWriter:
@@ -111,6 +137,7 @@ class Trainer:
         the run (restored afterwards); ``train.transfer_guard`` wraps the step loop in :func:`jax.transfer_guard`;
         ``train.tensorboard`` mirrors the metrics to ``<workdir>/tensorboard/``."""
         cfg = self.cfg
+        configs.check_train_config(cfg)  # before anything is built or compiled
         guard = str(_get(cfg.train, "transfer_guard", "allow"))
         if guard not in TRANSFER_GUARDS:
             raise ValueError(f"train.transfer_guard must be one of {TRANSFER_GUARDS}, got {guard!r}")
@@ -123,7 +150,8 @@ class Trainer:
         if bool(_get(cfg.train, "tensorboard", False)) and self.is_main:
             self._tb = open_tensorboard(self.workdir / "tensorboard")
         try:
-            return self._train(guard)
+            with sigterm_raises():
+                return self._train(guard)
         finally:
             if debug_nans:
                 jax.config.update("jax_debug_nans", previous)
@@ -132,11 +160,35 @@ class Trainer:
                 self._tb = None
 
     def _train(self, guard: str) -> dict:
+        """Every exit (return, exception, NonFiniteLossError, KeyboardInterrupt, SIGTERM) waits for the pending
+        asynchronous checkpoint saves, so the last saved step is complete on disk."""
         cfg = self.cfg
         t_setup = time.time()
         with cfg.unlocked():
             resolve_learned_trainable(cfg)
-        configs.save_config(cfg, self.workdir)
+        ckpt = Checkpoints(self.workdir / "checkpoints", keep=int(cfg.checkpoint.keep),
+                           use_async=bool(cfg.checkpoint.use_async))
+        ok = False
+        try:
+            out = self._run(ckpt, guard, t_setup)
+            ok = True
+            return out
+        finally:
+            try:
+                ckpt.close()
+            except Exception:
+                if ok:
+                    raise
+                log.exception("finishing the pending checkpoint saves after an error failed")
+
+    def _run(self, ckpt: Checkpoints, guard: str, t_setup: float) -> dict:
+        cfg = self.cfg
+        allow_change = bool(_get(cfg.train, "allow_config_change", False))
+        if cfg.checkpoint.resume:   # refuse a changed config before the model is built
+            newest = ckpt.peek_meta()
+            if newest is not None:
+                check_resume_config(newest[1].get("config"), cfg.to_dict(), step=newest[0], workdir=self.workdir,
+                                    allow=allow_change)
         model = self.model_fn(cfg)
         reducers = layer_reducers(cfg, model)
         task = make_task(cfg, model)
@@ -148,17 +200,27 @@ class Trainer:
         state = jax.device_put(state, shardings)
         n_params = sum(x.size for x in jax.tree.leaves(params))
 
-        ckpt = Checkpoints(self.workdir / "checkpoints", keep=int(cfg.checkpoint.keep),
-                           use_async=bool(cfg.checkpoint.use_async))
         data_state = None
         start = 0
+        diff: dict = {}
         if cfg.checkpoint.resume:
             abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
             found = ckpt.restore(abstract, fallback=bool(cfg.checkpoint.fallback))
             if found is not None:
-                start, state, data_state, _ = found
+                start, state, data_state, saved_meta = found
+                # the restored step may be an older one (fallback): check against its own config
+                diff = check_resume_config(saved_meta.get("config"), cfg.to_dict(), step=start,
+                                           workdir=self.workdir, allow=allow_change)
                 log.info("resumed from step %d (%s)", start, ckpt.directory / str(start))
         self.resumed_from = start
+        total = int(cfg.train.steps)
+        if start > total:
+            raise configs.ConfigError(f"train.steps={total} is below the restored checkpoint step {start} in "
+                                      f"{self.workdir}; pass train.steps >= {start} (or a new --workdir)")
+        metrics_path = self.workdir / "metrics.jsonl"
+        if self.is_main:
+            write_run_config(cfg.to_dict(), self.workdir, start, diff)
+            prepare_metrics(metrics_path, start)
 
         source = self.source_fn(cfg.data, cfg.data.train_split)
         self.skip_stats = getattr(source, "stats", None)
@@ -185,12 +247,10 @@ class Trainer:
         eval_fn = jax.jit(make_eval_step(graphdef, task, cfg, reducers))
         self._eval = lambda st, src: self.evaluate(eval_fn, st, src)
 
-        total = int(cfg.train.steps)
         tpl = None
         if reducers is not None and hasattr(model, "tokens_per_layer"):
             tpl = model.tokens_per_layer(int(cfg.model.vit.image_size), reducers)
         self._log_start(model, n_params, tpl, start, total)
-        metrics_path = self.workdir / "metrics.jsonl"
         base_rng = jax.device_put(jax.random.key(int(cfg.seed)), repl)
         meta = {"config": cfg.to_dict(), "config_name": cfg.get("config_name", "")}
 
@@ -207,46 +267,50 @@ class Trainer:
         if guard != "allow":
             log.info("train.transfer_guard=%s: implicit host<->device transfers in the step loop are %s", guard,
                      "logged" if guard == "log" else "refused")
-        with open(metrics_path, "a") as mfile, jax.transfer_guard(guard):
-            for step in range(start, total):
-                batch = self._put_batch(next(it))
-                state, metrics = step_fn(state, batch, base_rng)
+        log_every, ckpt_every = int(cfg.train.log_every), int(cfg.checkpoint.every)   # 0: only at the end
+        try:
+            with open(metrics_path, "a") as mfile, jax.transfer_guard(guard):
+                for step in range(start, total):
+                    batch = self._put_batch(next(it))
+                    state, metrics = step_fn(state, batch, base_rng)
+                    if pending is not None:
+                        self._check_finite(*pending)
+                    pending = (step, metrics)
+                    done = step + 1
+                    if (log_every > 0 and done % log_every == 0) or done == total:
+                        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                        self._check_finite(step, metrics)
+                        now = time.time()
+                        m.update(step=done, images_per_s=(done - n_last) * bs / max(now - t_last, 1e-9),
+                                 step_time_s=(now - t_last) / max(done - n_last, 1))
+                        if self.skip_stats is not None:
+                            m["skipped_records"] = self.skip_stats.skipped
+                        t_last, n_last = now, done
+                        self._write(mfile, m)
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('accuracy', 0):.3f}",
+                                            img_s=f"{m['images_per_s']:.0f}")
+                    if bar is not None:
+                        bar.update(1)
+                    if cfg.train.eval_every > 0 and done % int(cfg.train.eval_every) == 0 and done != total:
+                        self._write(mfile, self._eval(state, eval_source) | {"step": done})
+                    if (ckpt_every > 0 and done % ckpt_every == 0) or done == total:
+                        self._check_finite(step, metrics)   # never save a step whose loss is not finite
+                        ckpt.save(done, state, it.get_state(), meta)
+                    if done == int(cfg.train.crash_after_step):
+                        ckpt.wait()  # simulate a kill right after the checkpoint landed
+                        mfile.flush()
+                        os._exit(3)
                 if pending is not None:
                     self._check_finite(*pending)
-                pending = (step, metrics)
-                done = step + 1
-                if done % int(cfg.train.log_every) == 0 or done == total:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    self._check_finite(step, metrics)
-                    now = time.time()
-                    m.update(step=done, images_per_s=(done - n_last) * bs / max(now - t_last, 1e-9),
-                             step_time_s=(now - t_last) / max(done - n_last, 1))
-                    if self.skip_stats is not None:
-                        m["skipped_records"] = self.skip_stats.skipped
-                    t_last, n_last = now, done
-                    self._write(mfile, m)
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('accuracy', 0):.3f}",
-                                        img_s=f"{m['images_per_s']:.0f}")
-                if bar is not None:
-                    bar.update(1)
-                if cfg.train.eval_every > 0 and done % int(cfg.train.eval_every) == 0 and done != total:
-                    self._write(mfile, self._eval(state, eval_source) | {"step": done})
-                if done % int(cfg.checkpoint.every) == 0 or done == total:
-                    ckpt.save(done, state, it.get_state(), meta)
-                if done == int(cfg.train.crash_after_step):
-                    ckpt.wait()  # simulate a kill right after the checkpoint landed
-                    mfile.flush()
-                    os._exit(3)
-            if pending is not None:
-                self._check_finite(*pending)
-            if eval_source is not None and (cfg.train.eval_at_end or cfg.train.eval_every > 0):
-                ev = self._eval(state, eval_source) | {"step": total}
-                self._write(mfile, ev)
-                summary.update(ev)
-        if bar is not None:
-            bar.close()
-        ckpt.close()
+                if eval_source is not None and (cfg.train.eval_at_end or cfg.train.eval_every > 0):
+                    ev = self._eval(state, eval_source) | {"step": total}
+                    self._write(mfile, ev)
+                    summary.update(ev)
+        finally:
+            if bar is not None:
+                bar.close()
+        ckpt.wait()   # the final checkpoint is complete before the summary says the run is done
         self.state = state
         self.graphdef = graphdef
         summary.update(steps=total, resumed_from=start, workdir=str(self.workdir))
