@@ -2,6 +2,7 @@
 invariants (class token, counts, mass), jit/batch/gradients/retrace, the registry, and runs in the ViT and the
 VLM tower. Small shapes only."""
 
+import functools
 import math
 
 import jax
@@ -77,6 +78,12 @@ def _run(red, attn, metric, hidden, sizes=None, p=1):
     return red(R.init_state(hidden, sizes=sizes, track_source=True), info)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _plan_and_run(red, attn, metric, hidden, sizes, p):
+    step = red.plan(R.init_state(hidden), R.LayerInfo(num_protected=p, attention=attn, metric=metric))
+    return step, _run(red, attn, metric, hidden, sizes, p)
+
+
 CASES = [  # (T, P, keep, contextual)
     (21, 1, 9, None),      # default contextual: round(9 * 10 / 64) = 1
     (21, 1, 12, 4),
@@ -87,16 +94,15 @@ CASES = [  # (T, P, keep, contextual)
 ]
 
 
-@pytest.mark.parametrize("t,p,keep,ctx", CASES)
-@pytest.mark.parametrize("merge", ["official", "mean"])
+@pytest.mark.parametrize("t,p,keep,ctx,merge", [c + ("official",) for c in CASES] + [(21, 1, 12, 4, "mean"),
+                                                                                   (21, 2, 10, 7, "mean")])
 def test_matches_loop_reference(t, p, keep, ctx, merge):
     attn, metric, hidden, sizes = _inputs(t * 7 + keep, t=t)
     red = VisionZip(keep=keep, contextual=ctx, merge=merge)
     dom, m = visionzip_counts(t - p, keep, ctx)
     info = R.LayerInfo(num_protected=p)
     assert red.num_out(t, info) == p + keep
-    step = red.plan(R.init_state(hidden), R.LayerInfo(num_protected=p, attention=attn, metric=metric))
-    out = _run(red, attn, metric, hidden, sizes, p)
+    step, out = _plan_and_run(red, attn, metric, hidden, sizes, p)
     assert out.x.shape == (3, p + keep, 6)
     for i in range(3):
         anchors, assign, feats, osz = ref_visionzip(attn[i, :, 0], metric[i], hidden[i], sizes[i], p, dom, m, merge)
@@ -112,7 +118,7 @@ def test_official_counts_and_stride():
     assert visionzip_counts(576, 63, None) == (53, 10)      # + the class token: 54 dominant / 10 contextual
     # the README's 64-token case: L_f = 576 - 53 = 523 candidates left, stride 52
     attn, metric, hidden, _ = _inputs(0, b=1, t=577, h=2, dh=4, c=4)
-    step = visionzip_step(attn[:, :, 0], metric, dominant=53, contextual=10)
+    step = jax.jit(lambda a, m: visionzip_step(a, m, dominant=53, contextual=10))(attn[:, :, 0], metric)
     is_dom = np.zeros(576, bool)
     is_dom[np.asarray(step.anchor[0, 1:54]) - 1] = True
     rest = np.nonzero(~is_dom)[0] + 1
@@ -123,7 +129,7 @@ def test_invariants_class_token_mass_and_order():
     attn, metric, hidden, _ = _inputs(3)
     # make a patch attend-to-all so that CLS would lose under an unprotected top-k
     attn = attn.at[:, :, 0, 0].set(0.0)
-    out = _run(VisionZip(keep=8, contextual=3), attn, metric, hidden)
+    out = jax.jit(lambda a, m, x: _run(VisionZip(keep=8, contextual=3), a, m, x))(attn, metric, hidden)
     np.testing.assert_array_equal(np.asarray(out.positions[:, 0]), 0)
     np.testing.assert_allclose(np.asarray(out.x[:, 0]), np.asarray(hidden[:, 0]))
     np.testing.assert_allclose(np.asarray(out.sizes.sum(1)), 21.0)              # mass conserved
@@ -133,8 +139,8 @@ def test_invariants_class_token_mass_and_order():
 
 
 def test_jit_batch_vmap_gradients_no_retrace():
-    attn, metric, hidden, _ = _inputs(5)
-    red = VisionZip(keep=10, contextual=3)
+    attn, metric, hidden, _ = _inputs(5, b=2, t=13)
+    red = VisionZip(keep=6, contextual=2)
     traces = []
 
     def f(a, m, x):
@@ -144,15 +150,15 @@ def test_jit_batch_vmap_gradients_no_retrace():
     fj = jax.jit(f)
     eager = f(attn, metric, hidden)
     np.testing.assert_allclose(np.asarray(fj(attn, metric, hidden)), np.asarray(eager), rtol=1e-6, atol=1e-6)
-    one = [f(attn[i:i + 1], metric[i:i + 1], hidden[i:i + 1])[0] for i in range(3)]
+    one = [fj(attn[i:i + 1], metric[i:i + 1], hidden[i:i + 1])[0] for i in range(2)]
     np.testing.assert_allclose(np.asarray(eager), np.stack(one), rtol=1e-6, atol=1e-6)
-    vm = jax.vmap(lambda a, m, x: f(a[None], m[None], x[None])[0])(attn, metric, hidden)
+    vm = jax.jit(jax.vmap(lambda a, m, x: f(a[None], m[None], x[None])[0]))(attn, metric, hidden)
     np.testing.assert_allclose(np.asarray(vm), np.asarray(eager), rtol=1e-6, atol=1e-6)
     n = len(traces)
-    a2, m2, x2, _ = _inputs(6)
+    a2, m2, x2, _ = _inputs(6, b=2, t=13)
     fj(a2, m2, x2)
     assert len(traces) == n                                                    # new data, no retrace
-    g = jax.grad(lambda x: jnp.sum(f(attn, metric, x) ** 2))(hidden)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(f(attn, metric, x) ** 2)))(hidden)
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
 
 
@@ -194,5 +200,6 @@ def test_runs_in_the_vlm_tower():
     vlm = VLM(cfg, rngs=nnx.Rngs(0))
     plan = vlm.build_plan({"point": "vision", "method": "visionzip", "keep": 6, "contextual": 2})
     assert vlm.num_image_tokens(plan) == 6            # the tower drops the class token (LLaVA's default)
-    feats = vlm.encode_images(jax.random.normal(jax.random.key(1), (2, 16, 16, 3)), plan)
+    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
+    feats = nnx.jit(lambda m, im: m.encode_images(im, plan))(vlm, images)
     assert feats.shape[:2] == (2, 6) and bool(jnp.all(jnp.isfinite(feats)))
