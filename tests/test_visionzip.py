@@ -89,7 +89,7 @@ CASES = [  # (T, P, keep, contextual)
     (21, 1, 12, 4),
     (21, 2, 10, 7),        # a distillation-like second protected token
     (21, 1, 5, 0),         # pure pruning
-    (33, 1, 20, 6),        # every candidate kept: L_f == contextual, no members
+    (21, 1, 20, 6),        # every candidate kept: L_f == contextual, no members
 ]
 
 
