@@ -23,9 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.fractions = (1 / 3, 2 / 9, 1 / 9)
     c.llm_layer = 2                      # in-LLM reducers act before this layer
     # the default set fits the 15-minute CPU budget; any registered method of a point can be added, e.g.
-    # methods.vision="('random','tome','pitome','topk_cls','divprune')"
+    # methods.vision="('random','tome','pitome','topk_cls','vispruner','divprune')"
     c.methods = ml_collections.ConfigDict(dict(
-        vision=("tome", "topk_cls"),
+        vision=("tome", "visionzip"),
         connector=("random", "pool", "divprune"),
         llm=("dart", "fastv"),
     ))
