@@ -198,7 +198,7 @@ def _check_batched_equals_single(vlm, images, plan, *, equal=True):
     return n, ids, valid, info
 
 
-GENERATION_LONG = ("fastv", "atp", "divprune", "random")   # "staged" covers FastV; the rest run with -m long
+GENERATION_LONG = ("fastv", "atp", "divprune", "random", "staged")   # none and dart run by default; the rest with -m long
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=(pytest.mark.long,) if n in GENERATION_LONG else ())
@@ -222,12 +222,14 @@ def test_batched_generation_equals_one_by_one(vlm, images, name):
 
 
 def _points_and_methods():
-    """Every (point, method) pair; beyond DivPrune at each point they run in the long suite (``pytest -m long``)."""
+    """Every (point, method) pair; beyond DivPrune at the tower and connector they run in the long suite
+    (``pytest -m long``)."""
     out = []
     for point in ("vision", "connector", "llm"):
         for method in R.available_methods(point):
             if method != "none" and not method.startswith("_"):   # _: test-only methods of other test files
-                marks = () if method == "divprune" else (pytest.mark.long,)
+                # DivPrune at the tower and connector by default (in the LLM it trains in test_methods_train)
+                marks = () if method == "divprune" and point != "llm" else (pytest.mark.long,)
                 out.append(pytest.param(point, method, marks=marks))
     return out
 

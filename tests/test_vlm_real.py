@@ -194,6 +194,7 @@ def test_chat_vqa_trains_only_the_projector_and_eval_sweeps_it(tmp_path):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.long
 @pytest.mark.assets
 @needs_smollm2
 def test_bf16_reaches_every_part_of_the_vlm_and_the_loss_is_finite():
