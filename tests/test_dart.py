@@ -226,6 +226,7 @@ def _kept_positions(positions, valid):
     return np.asarray(positions)[np.asarray(valid)].tolist()
 
 
+@pytest.mark.long   # the VLM-level test below runs the same prefill path by default
 def test_llm_prefill_alone_equals_batched_with_a_longer_left_padded_prompt():
     """``Llama.prefill_embeds`` with DART before layer 2: the kept positions and outputs of a prompt alone equal
     those of the same prompt left-padded next to a longer one; one trace for new data of the same shapes."""

@@ -51,7 +51,8 @@ VLM = [
 ]
 
 
-@pytest.mark.parametrize("point", ["vision", "connector", "llm"])
+@pytest.mark.parametrize("point", [pytest.param("vision", marks=pytest.mark.long),
+                                   pytest.param("connector", marks=pytest.mark.long), "llm"])
 def test_divprune_trains_in_the_vlm_at_every_point(tmp_path, point):
     overrides = VLM + [f"model.plan.point={point}", "model.plan.method=divprune", "model.plan.keep_ratio=0.5"]
     train.main(["--config", "vlm_connector", "--workdir", str(tmp_path), *overrides])

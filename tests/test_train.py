@@ -253,6 +253,7 @@ def test_eight_fake_devices_match_one_device(tmp_path):
     assert out["eight_sharded_leaves"] == 0 and out["eight_fsdp_sharded_leaves"] > 0
 
 
+@pytest.mark.long   # the same property on the chat-template path runs by default (tests/test_vlm_real.py)
 def test_vlm_connector_training_only_moves_the_projector(tmp_path):
     cfg = configs.load_config("vlm_connector", [
         "train.steps=2", "train.batch_size=8", "train.progress=False", "train.eval_at_end=False",
