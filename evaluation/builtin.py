@@ -31,15 +31,61 @@ def cls_and_mean(tokens: jax.Array, sizes: jax.Array, valid, num_protected: int)
     return jnp.concatenate([tokens[:, 0].astype(jnp.float32), mean], axis=-1)
 
 
-def vit_dims(config, image_size: int) -> budget.ViTDims:
-    """:class:`evaluation.budget.ViTDims` of a ``models.vit.ViTConfig`` at ``image_size`` pixels."""
-    g = image_size // config.patch_size
-    return budget.ViTDims(
-        depth=config.depth, dim=config.width, heads=config.heads, mlp_dim=config.mlp_dim,
-        patch_size=config.patch_size, num_patches=g * g, num_protected=config.num_protected,
-        num_distill=int(config.distill_token), num_classes=0, gelu="exact",
-        layer_scale=config.layer_scale is not None,
-    )
+# XLA's cost analysis counts one FLOP per element for adds and multiplies, and more for composite ops.
+# Per-element counts measured with ``cost_analysis()`` on jax 0.10 CPU: LayerNorm 6 (+2 for the affine
+# scale and shift), softmax 4, exact (erf) GELU 64, tanh GELU 8.
+ELEMENTWISE_PER_ELEMENT = {"layer_norm": 8, "softmax": 4, "gelu_exact": 64, "gelu_tanh": 8}
+
+
+def vit_elementwise_flops(config, num_tokens: int, token_counts: list, *, gelu: str = "exact") -> int:
+    """A stated estimate of the elementwise FLOPs that the matmul convention leaves out, in XLA's counting, for a
+    ``models.vit.ViTConfig`` with ``num_tokens`` entering the first block and ``token_counts`` ``[(attention, mlp)]``
+    per block: per block two LayerNorms, the q scaling, softmax over ``H x T x T`` logits, bias adds, GELU,
+    residual adds (and layer-scale multiplies), plus the final LayerNorm and the position-embedding add. Used only
+    to cross-check against XLA; the budget solver and the reported GFLOPs use the matmul convention."""
+    per = ELEMENTWISE_PER_ELEMENT
+    g = per["gelu_exact"] if gelu == "exact" else per["gelu_tanh"]
+    c, m, h = config.width, config.mlp_dim, config.heads
+    residual = (2 if config.layer_scale is not None else 1) * c
+    total = num_tokens * c  # position embedding add
+    t_last = num_tokens
+    for a, t_mlp in token_counts:
+        total += a * (per["layer_norm"] * c + 3 * c + c + c + residual)   # LN1, qkv bias, q scale, proj bias, residual
+        total += h * a * a * per["softmax"]
+        total += t_mlp * (per["layer_norm"] * c + m + g * m + c + residual)  # LN2, fc1 bias, GELU, fc2 bias, residual
+        t_last = t_mlp
+    total += t_last * per["layer_norm"] * c
+    return int(total)
+
+
+def vit_cost(model, image_size: int = None, *, head: bool = True, gelu: str = "exact") -> budget.CostModel:
+    """The budget solver's :class:`~evaluation.budget.CostModel` of a ``models.vit.ViT`` (or of a ``ViTConfig``,
+    through an abstract model: no weights are made) at ``image_size`` pixels (default: the config's): its own
+    ``ViT.flops`` and ``ViT.tokens_per_layer``. ``head=False`` leaves out the classifier head (pooled features); ``gelu`` (``"exact"`` or ``"tanh"``)
+    only sets the elementwise estimate."""
+    from flax import nnx
+
+    from models.vit import ViT, ViTConfig
+
+    if isinstance(model, ViTConfig):
+        config = model
+        model = nnx.eval_shape(lambda: ViT(config, rngs=nnx.Rngs(0)))
+    cfg = model.config
+    size = int(cfg.image_size if image_size is None else image_size)
+    feat = 2 * cfg.width if cfg.pool == "cls+avg" else cfg.width
+    head_flops = 0 if head else 2 * cfg.num_classes * feat
+    num_tokens = model.num_tokens(size)
+
+    def flops(reducers):
+        return int(model.flops(size, reducers)) - head_flops
+
+    def tokens(reducers):
+        return [(int(a), int(m)) for a, m in model.tokens_per_layer(size, reducers)]
+
+    return budget.CostModel(
+        depth=cfg.depth, num_tokens=num_tokens, num_protected=cfg.num_protected, flops=flops,
+        tokens_per_layer=tokens,
+        elementwise=lambda reducers: vit_elementwise_flops(cfg, num_tokens, tokens(reducers), gelu=gelu))
 
 
 def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
@@ -56,7 +102,6 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
         _, aux = m(images, reducers=reducers, rng=rng)
         return cls_and_mean(aux["tokens"], aux["sizes"], aux["valid"], num_protected)
 
-    dims = vit_dims(model.config, image_size)
 
     @functools.partial(jax.jit, static_argnums=3)
     def _source(p, images, rng, reducers):
@@ -67,15 +112,9 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
     def source_map(p, images, reducers, rng):
         return _source(p, images, rng, reducers)
 
-    def analytic(reducers):
-        # the pooled features skip the head, so count the model without it
-        return model.flops(image_size, reducers) - 2 * model.config.num_classes * (
-            2 * model.config.width if model.config.pool == "cls+avg" else model.config.width)
-
-    return Backbone(name=name, dims=dims, image_size=image_size, features=features, params=params,
-                    analytic_flops=analytic,
-                    tokens_per_layer=lambda reducers: model.tokens_per_layer(image_size, reducers),
-                    source_map=source_map)
+    # the pooled features skip the head, so count the model without it
+    return Backbone(name=name, cost=vit_cost(model, image_size, head=False), image_size=image_size,
+                    features=features, params=params, source_map=source_map)
 
 
 @register_backbone("dinov2_small")
@@ -136,8 +175,7 @@ def train_checkpoint(cfg) -> Backbone:
     mean = tuple(float(v) for v in (tcfg.data.mean if isinstance(tcfg.data.mean, (list, tuple)) else [tcfg.data.mean]))
     std = tuple(float(v) for v in (tcfg.data.std if isinstance(tcfg.data.std, (list, tuple)) else [tcfg.data.std]))
     bb.features, bb.classifier, bb.mean, bb.std = logits, True, mean, std
-    bb.analytic_flops = lambda reducers: model.flops(size, reducers)
-    bb.dims = budget.ViTDims(**{**bb.dims.__dict__, "num_classes": model.config.num_classes})
+    bb.cost = vit_cost(model, size, head=True)
     return bb
 
 

@@ -71,7 +71,7 @@ def markdown_table(result: dict) -> str:
         f"from the model's static token schedule. XLA = "
         f"`jax.jit(f).lower(x).compile().cost_analysis()['flops']` / batch, compared with GFLOPs plus a stated "
         f"elementwise estimate (LayerNorm, softmax, GELU, bias and residual adds in XLA's counting; "
-        f"`evaluation.budget.elementwise_flops`); diff = XLA / (GFLOPs + elementwise) - 1, flagged beyond "
+        f"`evaluation.builtin.vit_elementwise_flops`); diff = XLA / (GFLOPs + elementwise) - 1, flagged beyond "
         f"{meta['flop_tolerance']:.0%}. Throughput: median of {meta['repeats']} timed runs after warm-up, "
         f"batch {meta['throughput_batch']}, device {meta['device']}.",
         "",

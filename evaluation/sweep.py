@@ -1,7 +1,7 @@
 """Methods x FLOP budgets on one backbone: the points of a trade-off sweep.
 
-A :class:`Backbone` bundles what the sweep needs from a model: its static dims (for the budget solver
-and the analytic count), the input size, and a pure feature function
+A :class:`Backbone` bundles what the sweep needs from a model: its cost model (the model's own analytic
+FLOPs and token counts, which the budget solver prices and the report shows), the input size, and a pure feature function
 ``features(images [B, S, S, 3], reducers: tuple, rng) -> [B, F]`` that runs the model with one reducer
 (or ``None``) per layer. The probe is fitted once, on unreduced features of the training subset; every
 reduced setting is then evaluated at inference only, with that same probe.
@@ -29,13 +29,11 @@ class Backbone:
 
     Attributes:
       name: shown in reports.
-      dims: static ViT shape (depth, width, heads, patches at ``image_size``).
+      cost: the model's :class:`evaluation.budget.CostModel` at ``image_size`` (depth, tokens, its own analytic
+        ``flops`` and ``tokens_per_layer`` of a reducer tuple, the elementwise estimate for the XLA check).
       image_size: input side S in pixels.
       features: ``(params, images [B, S, S, 3] f32, reducers tuple, rng) -> [B, F]``, pure and jit-able.
       params: the pytree passed as ``features``' first argument (weights stay arguments, not constants).
-      analytic_flops: the model's own analytic count ``reducers -> FLOPs per image``; defaults to
-        :func:`evaluation.budget.reducers_flops` on ``dims``.
-      tokens_per_layer: the model's own static count ``reducers -> [(attention, mlp) tokens per layer]``.
       classifier: ``features`` returns class logits (a trained classifier): accuracy is its arg-max and
         no probe is fitted.
       mean, std: input normalisation (ImageNet by default).
@@ -44,30 +42,24 @@ class Backbone:
     """
 
     name: str
-    dims: budget.ViTDims
+    cost: budget.CostModel
     image_size: int
     features: measure.FeatureFn
     params: Any = None
-    analytic_flops: Optional[Callable[[tuple], int]] = None
-    tokens_per_layer: Optional[Callable[[tuple], list]] = None
     source_map: Optional[Callable] = None
     classifier: bool = False
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
 
     def flops(self, reducers: tuple) -> int:
-        if self.analytic_flops is not None:
-            return int(self.analytic_flops(reducers))
-        return budget.reducers_flops(self.dims, reducers)
+        return int(self.cost.flops(reducers))
 
     def elementwise_flops(self, reducers: tuple) -> int:
         """The stated elementwise estimate (XLA counting) added to the analytic count for the cross-check."""
-        return budget.elementwise_flops(self.dims, reducers)
+        return 0 if self.cost.elementwise is None else int(self.cost.elementwise(reducers))
 
     def token_counts(self, reducers: tuple) -> list:
-        if self.tokens_per_layer is not None:
-            return [tuple(int(v) for v in pair) for pair in self.tokens_per_layer(reducers)]
-        return [(a, m) for _, a, m in budget.layer_token_counts(self.dims, reducers)]
+        return [tuple(int(v) for v in pair) for pair in self.cost.tokens_per_layer(reducers)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +96,7 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
            images: np.ndarray, labels: np.ndarray, base_flops: int, base_acc: Optional[float],
            settings: SweepSettings) -> dict:
     """Evaluate one setting; every number in the returned row is measured, none is copied."""
-    reducers = tuple(build_layer_reducers(backbone.dims.depth, spec))
+    reducers = tuple(build_layer_reducers(backbone.cost.depth, spec))
     row = {"method": method, "target": target, "spec": json.dumps(spec, sort_keys=True) if spec else ""}
     analytic = backbone.flops(reducers)
     counts = backbone.token_counts(reducers)
@@ -112,7 +104,7 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
         analytic_gflops=analytic / 1e9,
         flops_fraction=analytic / base_flops,
         tokens_per_layer=[a for a, _ in counts],
-        final_tokens=counts[-1][1] if counts else backbone.dims.num_tokens,
+        final_tokens=counts[-1][1] if counts else backbone.cost.num_tokens,
     )
     comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.batch_size,
                                    image_size=backbone.image_size, params=backbone.params,
@@ -165,7 +157,7 @@ def fit_probe(backbone: Backbone, train_images: np.ndarray, train_labels: np.nda
     start = time.perf_counter()
     if backbone.classifier:
         return ArgmaxProbe(), 0.0
-    comp = measure.compile_setting(backbone.features, (None,) * backbone.dims.depth,
+    comp = measure.compile_setting(backbone.features, (None,) * backbone.cost.depth,
                                    batch_size=settings.batch_size, image_size=backbone.image_size, params=backbone.params,
                                    mean=backbone.mean, std=backbone.std)
     feats = measure.extract(comp, train_images, seed=settings.seed)
@@ -178,7 +170,7 @@ def plan(backbone: Backbone, settings: SweepSettings) -> list[tuple[str, Optiona
     target as chosen by the budget solver (closest from below). Unreachable targets carry the error."""
     methods = resolve_methods(settings.methods)
     out: list = [("none", 1.0, None, "")]
-    solved = budget.solve_all(list(settings.targets), backbone.dims, methods, dict(settings.options))
+    solved = budget.solve_all(list(settings.targets), backbone.cost, methods, dict(settings.options))
     for method in methods:
         for t in settings.targets:
             choice = solved[(method, float(t))]
@@ -201,7 +193,7 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
     if progress and not backbone.classifier:
         print(f"[eval] unreduced features of {len(train[0])} training images -> ridge probe ...", flush=True)
     probe, probe_s = fit_probe(backbone, *train, num_classes=num_classes, settings=settings)
-    base_flops = backbone.flops((None,) * backbone.dims.depth)
+    base_flops = backbone.flops((None,) * backbone.cost.depth)
     points = []
     base_acc = None
     todo = plan(backbone, settings)
@@ -223,7 +215,7 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
     meta = {
         "backbone": backbone.name,
         "image_size": backbone.image_size,
-        "dims": dataclasses.asdict(backbone.dims),
+        "cost_model": backbone.cost.describe(),
         "base_gflops": base_flops / 1e9,
         "base_accuracy": base_acc,
         "metric": "classifier accuracy (own head)" if backbone.classifier else "linear-probe accuracy (ridge)",

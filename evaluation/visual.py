@@ -44,11 +44,11 @@ def render_groups(image: np.ndarray, groups: np.ndarray, *, seed: int = 0) -> np
 
 def token_groups(backbone, spec, images: np.ndarray, *, seed: int = 0) -> np.ndarray:
     """``uint8 [B, h, w]`` images -> ``[B, g, g]`` final-token id of every patch (``-1`` = pruned)."""
-    reducers = tuple(build_layer_reducers(backbone.dims.depth, spec))
+    reducers = tuple(build_layer_reducers(backbone.cost.depth, spec))
     x = to_rgb(images, backbone.image_size, backbone.mean, backbone.std)
     source = np.asarray(backbone.source_map(backbone.params, x, reducers, jax.random.PRNGKey(seed)))
-    g = int(round(np.sqrt(backbone.dims.num_patches)))
-    return source[:, backbone.dims.num_protected:].reshape(len(images), g, g)
+    g = int(round(np.sqrt(backbone.cost.num_candidates)))
+    return source[:, backbone.cost.num_protected:].reshape(len(images), g, g)
 
 
 def save_visualisations(backbone, result: dict, test: tuple, out_dir: pathlib.Path, cfg, *,

@@ -6,6 +6,8 @@ from typing import ClassVar
 import pytest
 
 from evaluation import budget
+from evaluation.builtin import vit_cost
+from models.vit import ViTConfig, vit_config
 from reduction.reducers import Reducer, register
 
 
@@ -32,12 +34,12 @@ def _drop_layers(num_layers, k=0, at=0, cost=0, layers=None):
 
 
 @budget.register_search_space("_test_drop")
-def _drop_space(dims):
-    return [{"method": "_test_drop", "k": k, "at": at} for at in range(dims.depth) for k in range(dims.num_patches)]
+def _drop_space(cost):
+    return [{"method": "_test_drop", "k": k, "at": at} for at in range(cost.depth) for k in range(cost.num_candidates)]
 
 
 # depth 2, C=4, MLP 8, patch 2, 4 patches + cls -> T = 5.
-TINY = budget.ViTDims(depth=2, dim=4, heads=2, mlp_dim=8, patch_size=2, num_patches=4)
+TINY = vit_cost(ViTConfig(width=4, depth=2, mlp_dim=8, heads=2, patch_size=2, image_size=4))
 
 
 def _block(t_attn, t_mlp, c=4, m=8):
@@ -57,7 +59,7 @@ def test_base_flops_by_hand():
 def test_prune_counts_and_own_cost_by_hand():
     spec = {"method": "_test_drop", "k": 2, "at": 1, "cost": 7}
     reds = budget.build_layer_reducers(2, spec)
-    assert budget.layer_token_counts(TINY, reds) == [(5, 5, 5), (5, 3, 3)]
+    assert TINY.tokens_per_layer(reds) == [(5, 5), (3, 3)]
     assert budget.spec_flops(TINY, spec) == PATCH + _block(5, 5) + _block(3, 3) + 7
 
 
@@ -123,7 +125,7 @@ def test_solve_all_holds_errors_for_unreachable_pairs():
 
 
 def test_tome_space_on_dinov2_small_at_112px():
-    dims = budget.ViTDims(depth=12, dim=384, heads=6, mlp_dim=1536, patch_size=14, num_patches=64)
+    dims = vit_cost(vit_config("S/14", image_size=112))
     base = budget.base_flops(dims)
     for target in (0.5, 0.7, 0.9):
         choice = budget.solve(target, dims, "tome")

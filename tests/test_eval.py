@@ -20,19 +20,22 @@ from evaluation.data import FASHION_MNIST_DIR, to_rgb
 from evaluation.probe import fit_ridge_probe
 from evaluation.sweep import Backbone, SweepSettings, plan, resolve_methods, run_sweep
 from evaluation import budget
+from evaluation.builtin import vit_cost
+from models.vit import ViTConfig
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz").exists()
 
 # -- a tiny stand-in ViT ----------------------------------------------------------------------------------
 
 DEPTH, DIM, HEADS, MLP, PATCH, SIZE = 3, 32, 2, 64, 7, 28
-DIMS = budget.ViTDims(depth=DEPTH, dim=DIM, heads=HEADS, mlp_dim=MLP, patch_size=PATCH,
-                      num_patches=(SIZE // PATCH) ** 2, gelu="tanh")
+# the toy's cost model: the repo ViT's own count at the same shape (tanh GELU in the elementwise estimate)
+COST = vit_cost(ViTConfig(width=DIM, depth=DEPTH, heads=HEADS, mlp_dim=MLP, patch_size=PATCH, image_size=SIZE),
+                gelu="tanh")
 
 
 def _toy_params(seed=0):
     rng = np.random.default_rng(seed)
-    n = DIMS.num_tokens
+    n = COST.num_tokens
 
     def w(*shape):
         return jnp.asarray(rng.normal(size=shape) / np.sqrt(shape[0]), jnp.float32)
@@ -84,7 +87,7 @@ def toy_features():
 
 
 def toy_backbone(seed=0):
-    return Backbone(name="toy", dims=DIMS, image_size=SIZE, features=toy_features(), params=_toy_params(seed))
+    return Backbone(name="toy", cost=COST, image_size=SIZE, features=toy_features(), params=_toy_params(seed))
 
 
 @backbones.register_backbone("_toy")
@@ -200,7 +203,7 @@ def test_plan_uses_budget_solver_closest_from_below():
     assert rows[0] == ("none", 1.0, None, "")
     for method, target, spec, err in rows[1:]:
         assert not err
-        assert budget.spec_flops(DIMS, spec) == budget.solve(target, DIMS, "tome").flops
+        assert budget.spec_flops(COST, spec) == budget.solve(target, COST, "tome").flops
     assert "none" not in resolve_methods(("all",)) and "tome" in resolve_methods(("all",))
 
 
@@ -214,8 +217,8 @@ def test_sweep_rows_are_measured_and_deterministic():
     pts = {(p["method"], p["target"]): p for p in first["points"]}
     base, tome = pts[("none", 1.0)], pts[("tome", 0.7)]
     assert base["acc_retained"] == 1.0 and base["flops_fraction"] == 1.0 and not base["flops_flag"]
-    assert tome["flops_fraction"] <= 0.7 and tome["final_tokens"] < DIMS.num_tokens
-    assert tome["tokens_per_layer"][0] == DIMS.num_tokens and tome["tokens_per_layer"] == sorted(
+    assert tome["flops_fraction"] <= 0.7 and tome["final_tokens"] < COST.num_tokens
+    assert tome["tokens_per_layer"][0] == COST.num_tokens and tome["tokens_per_layer"] == sorted(
         tome["tokens_per_layer"], reverse=True)
     assert abs(tome["xla_rel_diff"]) < 0.05 and tome["images_per_s"] > 0
     assert tome["acc_retained"] == pytest.approx(tome["accuracy"] / base["accuracy"])
@@ -282,23 +285,26 @@ def test_eval_config_typo_names_field():
 # -- the repo's ViT as a backbone -------------------------------------------------------------------------
 
 
+_TINY_CONFIG = ViTConfig(width=32, depth=3, heads=2, mlp_dim=64, patch_size=7, image_size=28, layer_scale=0.1)
+
+
 def _tiny_repo_vit():
     from evaluation.builtin import vit_backbone
     from models.vit import ViT
 
-    model = ViT.from_config(None, seed=0, width=32, depth=3, heads=2, mlp_dim=64, patch_size=7, image_size=28,
-                            layer_scale=0.1)
+    model = ViT.from_config(_TINY_CONFIG, seed=0)
     return vit_backbone(model, image_size=28, name="tiny")
 
 
 @pytest.mark.parametrize("method", ["tome", "topk_cls", "pool"])
 def test_repo_vit_counts_agree_with_budget_and_xla(method):
     bb = _tiny_repo_vit()
-    choice = budget.solve(0.7, bb.dims, method)
-    reds = tuple(R.build_layer_reducers(bb.dims.depth, choice.spec))
-    # the solver's count is the model's own count
-    assert bb.flops(reds) == choice.flops == budget.reducers_flops(bb.dims, reds)
-    assert bb.token_counts(reds) == [(a, m) for _, a, m in budget.layer_token_counts(bb.dims, reds)]
+    choice = budget.solve(0.7, bb.cost, method)
+    reds = tuple(R.build_layer_reducers(bb.cost.depth, choice.spec))
+    # the solver prices with the model's own count, and a config's abstract model counts the same
+    model_cost = vit_cost(_TINY_CONFIG, 28, head=False)
+    assert bb.flops(reds) == choice.flops == model_cost.flops(reds)
+    assert bb.token_counts(reds) == model_cost.tokens_per_layer(reds)
     comp = measure.compile_setting(bb.features, reds, batch_size=4, image_size=28, params=bb.params)
     total = bb.flops(reds) + bb.elementwise_flops(reds)
     assert abs(comp.xla_flops_per_image / total - 1) < 0.05
