@@ -58,6 +58,20 @@ def connector_num_out(reducers: Optional[Sequence[Optional[Reducer]]], num_token
     return t
 
 
+def connector_flops(reducers: Optional[Sequence[Optional[Reducer]]], num_tokens: int, num_protected: int = 0, *,
+                    dim: int) -> int:
+    """The connector reducers' own analytic FLOPs per image on ``num_tokens`` vision features of width ``dim``
+    (every application at the count it sees; a ``keep`` target repeats the method until it is reached)."""
+    total, t = 0, num_tokens
+    info = LayerInfo(num_protected=num_protected)
+    for red in reducers or ():
+        if red is not None:
+            for t_in in _passes(red, t, num_protected):
+                total += int(red.flops(t_in, dim=dim, heads=1))
+                t = red.num_out(t_in, info)
+    return total
+
+
 def connector_reduce(reducers: Optional[Sequence[Optional[Reducer]]], feats: jax.Array,
                      rng: Optional[jax.Array] = None, num_protected: int = 0) -> TokenState:
     """``feats: [B, N, C] -> TokenState`` with ``x: [B, K, C]`` (sizes; positions = patch indices)."""

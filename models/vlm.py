@@ -31,11 +31,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.clip_vision import CLIPVision, CLIPVisionConfig
-from models.connector import Projector, connector_num_out, connector_reduce, image_starts_from_mask, place_image_tokens
+from models.connector import Projector, connector_flops, connector_num_out, connector_reduce, image_starts_from_mask, place_image_tokens
 from models.generate import Sampling, generate_from_embeds
 from models.llama import Llama, LlamaConfig, positions_from_valid
 from models.vision_tower import ViTTower, ViTTowerConfig
-from reduction.reducers import LayerInfo, SpecError, build_layer_reducers
+from reduction.reducers import SpecError, build_layer_reducers
 from reduction.validate import check_count, check_rank
 
 PLAN_POINTS = ("vision", "connector", "llm")
@@ -161,15 +161,7 @@ class VLM(nnx.Module):
         tower = int(self.vision_tower.flops(plan.vision))
         n_feat = self.vision_tower.num_features(plan.vision)
         k = self.num_image_tokens(plan)
-        conn = 0
-        t = n_feat
-        for red in plan.connector or ():
-            if red is not None:
-                from models.connector import _passes
-
-                for t_in in _passes(red, t, self._num_protected):
-                    conn += int(red.flops(t_in, dim=self.cfg.vision.dim, heads=1))
-                    t = red.num_out(t_in, LayerInfo(num_protected=self._num_protected))
+        conn = connector_flops(plan.connector, n_feat, self._num_protected, dim=self.cfg.vision.dim)
         proj = self.multi_modal_projector
         c_in, c_out = proj.linear_1.in_features, proj.linear_1.out_features
         conn += 2 * k * (c_in * c_out + c_out * proj.linear_2.out_features)
