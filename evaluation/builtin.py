@@ -61,8 +61,8 @@ def vit_elementwise_flops(config, num_tokens: int, token_counts: list, *, gelu: 
 def vit_cost(model, image_size: int = None, *, head: bool = True, gelu: str = "exact") -> budget.CostModel:
     """The budget solver's :class:`~evaluation.budget.CostModel` of a ``models.vit.ViT`` (or of a ``ViTConfig``,
     through an abstract model: no weights are made) at ``image_size`` pixels (default: the config's): its own
-    ``ViT.flops`` and ``ViT.tokens_per_layer``. ``head=False`` leaves out the classifier head (pooled features); ``gelu`` (``"exact"`` or ``"tanh"``)
-    only sets the elementwise estimate."""
+    ``ViT.flops`` and ``ViT.tokens_per_layer``. ``head=False`` leaves out the classifier head (pooled
+    features); ``gelu`` (``"exact"`` or ``"tanh"``) only sets the elementwise estimate."""
     from flax import nnx
 
     from models.vit import ViT, ViTConfig

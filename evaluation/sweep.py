@@ -1,7 +1,8 @@
 """Methods x FLOP budgets on one backbone: the points of a trade-off sweep.
 
 A :class:`Backbone` bundles what the sweep needs from a model: its cost model (the model's own analytic
-FLOPs and token counts, which the budget solver prices and the report shows), the input size, and a pure feature function
+FLOPs and token counts, which the budget solver prices and the report shows), the input size, and a pure
+feature function
 ``features(images [B, S, S, 3], reducers: tuple, rng) -> [B, F]`` that runs the model with one reducer
 (or ``None``) per layer. The probe is fitted once, on unreduced features of the training subset; every
 reduced setting is then evaluated at inference only, with that same probe.

@@ -82,13 +82,13 @@ def _task_for(task, model, plan):
 
 def _score_fn(task, tcfg, graphdef):
     """``(params, batch) -> correct [B] bool``, jitted; the task (with its plan) is static."""
-    from training.tasks import _images
+    from training.tasks import batch_images
 
     @jax.jit
     def fn(params, batch):
         model = nnx.merge(graphdef, params)
         ids, valid = task.prompt(batch)
-        logits, _ = model(ids, _images(batch, tcfg), valid=valid, plan=task.plan, last_logits=True)
+        logits, _ = model(ids, batch_images(batch, tcfg), valid=valid, plan=task.plan, last_logits=True)
         answer_logits = logits[:, -1, jnp.asarray(task.answer_ids)].astype(jnp.float32)
         return jnp.argmax(answer_logits, -1) == batch["answer"]
 
@@ -118,29 +118,20 @@ def _timed(fn, *args, repeats: int) -> float:
 
 def _decode_ms(model, task, tcfg, params_batch, repeats: int, steps: int) -> float:
     """Median ms of one decode step after a prefill under ``task.plan`` (cache sized for ``steps`` new tokens)."""
-    from models.generate import Sampling, _decode, _prefill
-    from models.llama import positions_from_valid
-    from models.vlm import _embed_jit
-    from training.tasks import _images
+    from models.generate import decode_next, start_decoding
+    from training.tasks import batch_images
 
     ids, valid = task.prompt(params_batch)
-    x, starts = _embed_jit(*nnx.split(model), ids, _images(params_batch, tcfg), plan=task.plan)
-    lm = model.language_model
-    graphdef, params = nnx.split(lm)
-    sampling = Sampling()
-    tok, cache, rng, _ = _prefill(graphdef, params, x, positions_from_valid(valid), valid, starts, jax.random.key(0),
-                                  extra=steps + 1, reducers=task.plan.llm, image_len=task.image_tokens,
-                                  sampling=sampling)
-    done = jnp.zeros(tok.shape, bool)
-    stops = jnp.full((tok.shape[0], 1), -1, jnp.int32)
-    pad = jnp.asarray(0, jnp.int32)
-    tok, cache, done, rng = _decode(graphdef, params, cache, tok, done, stops, rng, pad, sampling=sampling)
-    jax.block_until_ready(tok)
+    x, starts = model.prompt_embeddings(ids, batch_images(params_batch, tcfg), task.plan)
+    state = start_decoding(model.language_model, x, valid, max_new_tokens=steps + 1, reducers=task.plan.llm,
+                           image_starts=starts, image_len=task.image_tokens)
+    state = decode_next(state)            # the first call compiles
+    jax.block_until_ready(state.tokens)
     times = []
     for _ in range(min(repeats, steps)):
         t0 = time.perf_counter()
-        tok, cache, done, rng = _decode(graphdef, params, cache, tok, done, stops, rng, pad, sampling=sampling)
-        jax.block_until_ready(tok)
+        state = decode_next(state)
+        jax.block_until_ready(state.tokens)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
 

@@ -1,6 +1,8 @@
 """Batched generation with a KV cache: jitted prefill, a decode step compiled once, greedy or sampling.
 
-``generate_from_embeds`` is the core (the VLM calls it with image-and-text embeddings);
+``generate_from_embeds`` is the core (the VLM calls it with image-and-text embeddings), built from the two
+steps a caller can also drive itself (to time decoding, stream tokens): ``start_decoding`` (prefill + first
+token) and ``decode_next`` (one compiled step);
 ``generate`` is the text-only convenience around it. Batches are left-padded: ``valid [B, N]`` marks
 real tokens and positions count from each example's first real token, so a batched run equals running
 each example alone. Every example stops at its own stop tokens; after stopping it emits ``pad_id``.
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -109,6 +111,56 @@ def _decode(graphdef, params, cache: KVCache, tokens, done, stops, rng, pad_id, 
     return nxt, cache, done, rng
 
 
+@dataclasses.dataclass
+class DecodeState:
+    """The running state of batched decoding: the last sampled ``tokens [B]``, the KV ``cache``, per-example
+    ``done [B]``, the sampling ``rng``, the stop table, and the compiled functions' static arguments."""
+
+    graphdef: Any
+    params: Any
+    tokens: jax.Array
+    cache: KVCache
+    done: jax.Array
+    rng: jax.Array
+    stops: jax.Array
+    pad: jax.Array
+    sampling: Sampling
+    kept_tokens: jax.Array
+
+
+def start_decoding(lm: Llama, x: jax.Array, valid: jax.Array, *, max_new_tokens: int,
+                   positions: Optional[jax.Array] = None, stop_tokens=None, sampling: Sampling = Sampling(),
+                   rng: Optional[jax.Array] = None, pad_id: int = 0, reducers: Optional[tuple] = None,
+                   image_starts: Optional[jax.Array] = None, image_len: int = 0) -> DecodeState:
+    """Prefill the prompt embeddings ``x: [B, N, C]`` (left-padded, ``valid: [B, N]``) into a cache with room for
+    ``max_new_tokens`` and sample the first new token. ``reducers``: one :class:`reduction.Reducer` (or ``None``)
+    per LLM layer, applied during prefill with the image spans ``image_starts [B]`` and ``image_len``."""
+    check_rank(x, 3, "x")
+    max_new_tokens = check_count(max_new_tokens, "max_new_tokens", allow_zero=False)
+    b = x.shape[0]
+    valid = jnp.asarray(valid, bool)
+    positions = positions_from_valid(valid) if positions is None else jnp.asarray(positions, jnp.int32)
+    rng = jax.random.key(0) if rng is None else rng
+    stops = stop_table(stop_tokens, b)
+    if image_starts is None:
+        image_starts = jnp.zeros((b,), jnp.int32)
+    graphdef, params = nnx.split(lm)
+    tok, cache, rng, kept = _prefill(graphdef, params, x, positions, valid, jnp.asarray(image_starts, jnp.int32),
+                                     rng, extra=max_new_tokens, reducers=reducers, image_len=image_len,
+                                     sampling=sampling)
+    done = jnp.any(tok[:, None] == stops, axis=1)
+    return DecodeState(graphdef, params, tok, cache, done, rng, stops, jnp.asarray(pad_id, jnp.int32), sampling,
+                       kept)
+
+
+def decode_next(state: DecodeState) -> DecodeState:
+    """One compiled decode step: every example gets its next token (``pad_id`` once it is done). The cache is
+    donated: ``state`` must not be used again."""
+    tok, cache, done, rng = _decode(state.graphdef, state.params, state.cache, state.tokens, state.done, state.stops,
+                                    state.rng, state.pad, sampling=state.sampling)
+    return dataclasses.replace(state, tokens=tok, cache=cache, done=done, rng=rng)
+
+
 def generate_from_embeds(
     lm: Llama,
     x: jax.Array,
@@ -132,28 +184,18 @@ def generate_from_embeds(
     applied during prefill (see :meth:`models.llama.Llama.prefill_embeds`) with the image spans ``image_starts``
     and ``image_len``.
     """
-    check_rank(x, 3, "x")
-    max_new_tokens = check_count(max_new_tokens, "max_new_tokens", allow_zero=False)
-    b = x.shape[0]
-    valid = jnp.asarray(valid, bool)
-    positions = positions_from_valid(valid) if positions is None else jnp.asarray(positions, jnp.int32)
-    rng = jax.random.key(0) if rng is None else rng
-    stops = stop_table(stop_tokens, b)
-    if image_starts is None:
-        image_starts = jnp.zeros((b,), jnp.int32)
-    graphdef, params = nnx.split(lm)
-    tok, cache, rng, kept = _prefill(graphdef, params, x, positions, valid, jnp.asarray(image_starts, jnp.int32),
-                                     rng, extra=max_new_tokens, reducers=reducers, image_len=image_len,
-                                     sampling=sampling)
-    info = dict(cache_capacity=cache.capacities, prefill_lengths=np.asarray(cache.lengths()), kept_tokens=kept)
-    done = jnp.any(tok[:, None] == stops, axis=1)
-    out = [tok]
-    pad = jnp.asarray(pad_id, jnp.int32)
+    state = start_decoding(lm, x, valid, max_new_tokens=max_new_tokens, positions=positions, stop_tokens=stop_tokens,
+                           sampling=sampling, rng=rng, pad_id=pad_id, reducers=reducers, image_starts=image_starts,
+                           image_len=image_len)
+    cache = state.cache
+    info = dict(cache_capacity=cache.capacities, prefill_lengths=np.asarray(cache.lengths()),
+                kept_tokens=state.kept_tokens)
+    out = [state.tokens]
     for _ in range(max_new_tokens - 1):
-        if bool(jnp.all(done)):
+        if bool(jnp.all(state.done)):
             break
-        tok, cache, done, rng = _decode(graphdef, params, cache, tok, done, stops, rng, pad, sampling=sampling)
-        out.append(tok)
+        state = decode_next(state)
+        out.append(state.tokens)
     tokens = jnp.stack(out, axis=1)
     if tokens.shape[1] < max_new_tokens:
         tokens = jnp.pad(tokens, ((0, 0), (0, max_new_tokens - tokens.shape[1])), constant_values=pad_id)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.clip_vision import CLIPVision, CLIPVisionConfig
-from models.connector import Projector, connector_flops, connector_num_out, connector_reduce, image_starts_from_mask, place_image_tokens
+from models.connector import (Projector, connector_flops, connector_num_out, connector_reduce, image_starts_from_mask,
+                              place_image_tokens)
 from models.generate import Sampling, generate_from_embeds
 from models.llama import Llama, LlamaConfig, positions_from_valid
 from models.vision_tower import ViTTower, ViTTowerConfig
@@ -153,6 +154,12 @@ class VLM(nnx.Module):
         text = self.language_model.embed(jnp.where(is_image, 0, ids))
         return place_image_tokens(text, self.encode_images(images, plan), is_image), is_image
 
+    def prompt_embeddings(self, ids: jax.Array, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
+        """Compiled :meth:`embed` for generation: ``ids [B, T]``, ``images [B, H, W, 3]`` -> ``(x [B, T, C],
+        image_starts [B])``, the inputs of :func:`models.generate.start_decoding` (with ``plan.llm`` and
+        :meth:`num_image_tokens` as its reducers and ``image_len``)."""
+        return _embed_jit(*nnx.split(self), jnp.asarray(ids, jnp.int32), images, plan=plan)
+
     def flops(self, plan: ReductionPlan = ReductionPlan(), *, text_tokens: int, logits_tokens: int = 1) -> dict:
         """Analytic FLOPs per example (2 x MACs): ``tower``, ``connector`` (its reducers and the projector),
         ``prefill`` (``text_tokens`` + the image tokens through the LLM, the head on ``logits_tokens`` positions),
@@ -192,7 +199,7 @@ class VLM(nnx.Module):
         ``tokens [B, R]`` (see :func:`models.generate.generate_from_embeds`)."""
         valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid, bool)
         n_img = self.num_image_tokens(plan)
-        x, starts = _embed_jit(*nnx.split(self), jnp.asarray(ids, jnp.int32), images, plan=plan)
+        x, starts = self.prompt_embeddings(ids, images, plan)
         return generate_from_embeds(self.language_model, x, valid, max_new_tokens=max_new_tokens,
                                     stop_tokens=stop_tokens, sampling=sampling, rng=rng, pad_id=pad_id,
                                     reducers=plan.llm, image_starts=starts, image_len=n_img,

@@ -26,7 +26,7 @@ log = logging.getLogger("tokenreduce.train")
 # -- tasks --------------------------------------------------------------------------------------------------
 
 
-def _images(batch, cfg) -> jax.Array:
+def batch_images(batch, cfg) -> jax.Array:
     """uint8 ``[B, H, W, C]`` -> normalised float32 ``[B, H, W, 3]`` (grey images are repeated to 3 channels)."""
     x = batch["image"].astype(jnp.float32) / 255.0
     mean = jnp.asarray(cfg.data.mean, jnp.float32)
@@ -64,7 +64,7 @@ class ClassificationTask:
     label_smoothing: float = 0.0
 
     def forward(self, model, batch, cfg, reducers, rng, train: bool):
-        logits, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train)
+        logits, aux = model(batch_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train)
         return logits.astype(jnp.float32), aux
 
     def per_example(self, logits, batch, smoothing):
@@ -129,7 +129,7 @@ class VQATask:
 
     def forward(self, model, batch, cfg):
         ids, valid = self.prompt(batch)
-        logits, aux = model(ids, _images(batch, cfg), valid=valid, plan=self.plan, last_logits=True)
+        logits, aux = model(ids, batch_images(batch, cfg), valid=valid, plan=self.plan, last_logits=True)
         answer_logits = logits[:, -1, jnp.asarray(self.answer_ids)]
         return answer_logits.astype(jnp.float32), aux
 
