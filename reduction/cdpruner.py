@@ -56,6 +56,8 @@ Where this port differs from the official code (besides the relevance above):
   exhausted tokens are picked only after every token with a positive gain, lowest index first. Tokens of
   relevance below about ``3e-3`` (``r**2 < 1e-5``) are therefore exhausted from the start.
 * Ties go to the lowest index (``jnp.argmax``); a selected token's score is ``-inf`` (as in the official code).
+  The diagonal of ``S`` is set to exactly 1 (0 for a zero vector): with ``r = 1`` every first gain is then an
+  exact tie and the first pick is token 0, where rounding would otherwise choose it.
 * Optional validity (``valid: [N]``, not in the official code): invalid tokens are picked only after every
   valid token, lowest index first.
 * Kept tokens keep their original position ids; the kept count is the shared rule
@@ -103,11 +105,16 @@ def check_theta(theta: Optional[float]) -> Optional[float]:
 
 
 def cosine_similarity(x: jax.Array) -> jax.Array:
-    """``x: [N, C]`` -> ``S: [N, N]`` float32 cosine similarity (norms clamped at ``1e-8``)."""
+    """``x: [N, C]`` -> ``S: [N, N]`` float32 cosine similarity (norms clamped at ``1e-8``; the diagonal is
+    exactly 1, or 0 for a zero vector)."""
     check_rank(x, 2, "x")
     v = x.astype(jnp.float32)
-    u = v / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True)), COS_EPS)
-    return jnp.einsum("ic,jc->ij", u, u, precision=_HI)
+    norm = jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True))
+    u = v / jnp.maximum(norm, COS_EPS)
+    s = jnp.einsum("ic,jc->ij", u, u, precision=_HI)
+    # the diagonal is exactly 1 (0 for a zero vector), so equal diagonals tie exactly instead of by rounding
+    eye = jnp.eye(x.shape[0], dtype=bool)
+    return jnp.where(eye, (norm[:, 0] > COS_EPS).astype(jnp.float32)[None, :], s)
 
 
 def dpp_kernel(x: jax.Array, relevance: Optional[jax.Array] = None) -> jax.Array:
