@@ -120,11 +120,12 @@ def cosine_similarity(x: jax.Array) -> jax.Array:
 def dpp_kernel(x: jax.Array, relevance: Optional[jax.Array] = None) -> jax.Array:
     """The conditional DPP kernel ``L = diag(r) S diag(r)``: ``x: [N, C]``, ``relevance: [N]`` or ``None``
     (``r = 1``) -> ``[N, N]`` float32."""
-    s = cosine_similarity(x)
+    check_rank(x, 2, "x")
     if relevance is None:
-        return s
+        return cosine_similarity(x)
     check_rank(relevance, 1, "relevance")
     check_leading(relevance, (x.shape[0],), "relevance", "x")
+    s = cosine_similarity(x)
     r = relevance.astype(jnp.float32)
     return r[:, None] * s * r[None, :]
 
@@ -240,6 +241,9 @@ def cdpruner_keep_indices(hidden: jax.Array, image_starts: jax.Array, *, image_l
     """CDPruner in an LLM sequence: ``kept`` tokens of each image span by the conditional DPP, every text token.
 
     ``hidden: [B, T, C]`` -> ``keep_idx: [B, T - M (image_len - kept)]`` int32 ascending."""
+    check_rank(hidden, 3, "hidden")
+    if check_count(kept, "kept", allow_zero=False) > check_count(image_len, "image_len", allow_zero=False):
+        raise ValueError(f"kept={kept} exceeds image_len={image_len}")
     r = query_relevance(hidden, image_starts, image_len, valid, relevance=relevance, theta=theta)
     values = jnp.concatenate([hidden.astype(jnp.float32), r[..., None]], axis=-1)
     return span_keep_indices(lambda span: dpp_select(span[:, :-1], kept, span[:, -1]), values, image_starts,

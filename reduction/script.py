@@ -201,6 +201,9 @@ def script_span_keep_indices(hidden: jax.Array, image_starts: jax.Array, *, imag
                              theta: Optional[float] = None, **options) -> jax.Array:
     """Script in an LLM sequence: ``kept`` tokens of each image span, every text token ->
     ``[B, T - M (image_len - kept)]`` int32 ascending."""
+    check_rank(hidden, 3, "hidden")
+    if check_count(kept, "kept", allow_zero=False) > check_count(image_len, "image_len", allow_zero=False):
+        raise ValueError(f"kept={kept} exceeds image_len={image_len}")
     r = query_relevance(hidden, image_starts, image_len, valid, relevance=relevance, theta=theta)
     values = jnp.concatenate([hidden.astype(jnp.float32), r[..., None]], axis=-1)
     return span_keep_indices(lambda span: script_select(span[:, :-1], kept, span[:, -1], **options), values,
