@@ -464,7 +464,7 @@ def script_code_ref(kernel, k, valid=None):
         cand = [j for j in free if ok[j]] or free
         ranked = sorted(cand, key=lambda j: (-d[j], j))
         j = ranked[0]
-        if len(ranked) > 1 and d[ranked[0]] > -math.inf:
+        if len(ranked) > 1 and d[ranked[0]] > -math.inf and d[ranked[0]] != d[ranked[1]]:   # exact ties: well posed
             gaps.append(d[ranked[0]] - d[ranked[1]])
         order.append(j)
         if ok[j] and d[j] > 0:
