@@ -69,7 +69,6 @@ Dimension vocabulary: B batch, T tokens, C channels, N candidates of one image, 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar, Optional
 
 import jax
