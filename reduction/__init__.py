@@ -74,6 +74,8 @@ from reduction.baselines import (  # noqa: E402
 )
 from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select  # noqa: E402
 from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
+from reduction.cdpruner import CDPruner, cdpruner_keep_indices, dpp_select  # noqa: E402
+from reduction.script import Script, script_select  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,

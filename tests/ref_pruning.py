@@ -347,3 +347,132 @@ def check_pruned_state(state_in, state_out, keep_idx, num_protected=0):
                     assert keep_idx[e][slot] == np.asarray(state_in.source)[e][n]
                 else:
                     assert np.asarray(state_in.source)[e][n] not in set(keep_idx[e].tolist())
+
+
+# -- CDPruner / Script (conditional DPP) ----------------------------------------------------------------
+
+
+def cos_matrix_ref(x):
+    """Cosine similarity of every pair of rows, float64, explicit loops (norms clamped at 1e-8); a row's
+    similarity with itself is 1 (0 for a zero row)."""
+    x = np.asarray(x, np.float64)
+    n = x.shape[0]
+    norms = [math.sqrt(float(np.dot(v, v))) for v in x]
+    return np.array([[(1.0 if norms[i] > 1e-8 else 0.0) if i == j else cos_torch(x[i], x[j]) for j in range(n)]
+                     for i in range(n)])
+
+
+def dpp_kernel_ref(x, relevance=None):
+    """``L[i, j] = r_i S_ij r_j`` with loops."""
+    s = cos_matrix_ref(x)
+    n = s.shape[0]
+    r = [1.0] * n if relevance is None else [float(v) for v in relevance]
+    return np.array([[r[i] * s[i, j] * r[j] for j in range(n)] for i in range(n)])
+
+
+def _det(m):
+    return float(np.linalg.det(m)) if len(m) else 1.0
+
+
+def dpp_greedy_ref(kernel, k, valid=None, tol_rel=1e-5):
+    """The naive greedy log-det maximisation: each step adds the token that maximises
+    ``det L[S+j] / det L[S]`` over the live picks ``S`` (a determinant per candidate). A gain at most
+    ``tol_rel * max(diag L)`` is exhausted: exhausted valid tokens come after every live one, invalid tokens after
+    every valid one, lowest index first. Returns ``(order, smallest margin between the best and the second live
+    gain, smallest distance of any gain from the threshold)``."""
+    lk = np.asarray(kernel, np.float64)
+    n = lk.shape[0]
+    ok = [True] * n if valid is None else [bool(v) for v in valid]
+    tol = tol_rel * max([lk[i, i] for i in range(n) if ok[i]] + [1e-30])
+    live, order, gaps, near = [], [], [], []
+    base = _det(lk[np.ix_(live, live)])
+    for _ in range(k):
+        gains = {}
+        for j in range(n):
+            if j in order or not ok[j]:
+                continue
+            sub = live + [j]
+            gains[j] = _det(lk[np.ix_(sub, sub)]) / base
+            near.append(abs(gains[j] - tol))
+        alive = [j for j in sorted(gains) if gains[j] > tol]
+        if alive:
+            ranked = sorted(alive, key=lambda j: (-gains[j], j))
+            j = ranked[0]
+            if len(ranked) > 1 and gains[ranked[0]] != gains[ranked[1]]:   # exact ties are well posed
+                gaps.append(gains[ranked[0]] - gains[ranked[1]])
+            live.append(j)
+            base = _det(lk[np.ix_(live, live)])
+        elif gains:
+            j = min(gains)
+        else:
+            j = min(i for i in range(n) if i not in order)
+        order.append(j)
+    return order, min(gaps or [math.inf]), min(near or [math.inf])
+
+
+def query_relevance_ref(h, starts, image_len, valid=None, relevance="similarity", theta=None):
+    """One example's relevance (the port's GUESS): the mean unit direction of the valid text tokens after the
+    first image start, cosine with every token, min-max over the image tokens. ``h: [T, C]``."""
+    h = np.asarray(h, np.float64)
+    t = h.shape[0]
+    ok = [True] * t if valid is None else [bool(v) for v in valid]
+    img = [any(s <= i < s + image_len for s in starts) for i in range(t)]
+    if relevance == "none":
+        return np.ones(t)
+    unit = [h[i] / max(math.sqrt(float(np.dot(h[i], h[i]))), 1e-8) for i in range(t)]
+    query = [i for i in range(t) if ok[i] and not img[i] and i >= min(starts)]
+    if not query:
+        return np.ones(t)
+    q = sum(unit[i] for i in query)
+    cos = [cos_torch(unit[i], q) for i in range(t)]
+    s = [c if relevance == "similarity" else -c for c in cos]
+    lo = min(s[i] for i in range(t) if img[i])
+    hi = max(s[i] for i in range(t) if img[i])
+    r = np.array([(v - lo + 1e-6) / max(hi - lo, 1e-6) for v in s])
+    if theta is not None:
+        r = np.exp(theta / (2 * (1 - theta)) * r)
+    return r
+
+
+def gsp_removed_ref(x, num_removed, tau=0.2, gamma=1.0, valid=None):
+    """Script's bipartite GSP: sources = even positions; a source's edges go to valid odd positions with
+    cosine >= tau; redundancy = degree * exp(gamma * (mean edge similarity - tau)); the ``num_removed`` most
+    redundant valid sources with a positive score are removed (ties: lower index). Returns the removed set."""
+    s = cos_matrix_ref(x)
+    n = s.shape[0]
+    ok = [True] * n if valid is None else [bool(v) for v in valid]
+    score = {}
+    for i in range(0, n, 2):
+        if not ok[i]:
+            continue
+        edges = [s[i, j] for j in range(1, n, 2) if ok[j] and s[i, j] >= tau]
+        score[i] = len(edges) * math.exp(gamma * (sum(edges) / len(edges) - tau)) if edges else 0.0
+    ranked = sorted(score, key=lambda i: (-score[i], i))[:num_removed]
+    return {i for i in ranked if score[i] > 0}
+
+
+def script_code_ref(kernel, k, valid=None):
+    """The official Script loop (7e5e2f3) as written, per sample: argmax of d over unselected tokens; if
+    d_j > 0 subtract the projection term, whose correction divides by d[prev] = -inf and so vanishes."""
+    lk = np.asarray(kernel, np.float64)
+    n = lk.shape[0]
+    ok = [True] * n if valid is None else [bool(v) for v in valid]
+    d = [lk[i, i] for i in range(n)]
+    order, gaps = [], []
+    for _ in range(k):
+        free = [j for j in range(n) if j not in order]
+        cand = [j for j in free if ok[j]] or free
+        ranked = sorted(cand, key=lambda j: (-d[j], j))
+        j = ranked[0]
+        if len(ranked) > 1 and d[ranked[0]] > -math.inf and d[ranked[0]] != d[ranked[1]]:   # exact ties: well posed
+            gaps.append(d[ranked[0]] - d[ranked[1]])
+        order.append(j)
+        if ok[j] and d[j] > 0:
+            proj = [lk[m, j] for m in range(n)]
+            for prev in order[:-1]:
+                coeff = lk[j, prev] / (d[prev] + 1e-6)      # d[prev] = -inf: coeff = -0.0
+                proj = [p - coeff * lk[m, prev] for m, p in enumerate(proj)]
+            proj = [p / (math.sqrt(d[j]) + 1e-6) for p in proj]
+            d = [v - p * p for v, p in zip(d, proj)]
+            d[j] = -math.inf
+    return order, min(gaps or [math.inf])
