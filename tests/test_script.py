@@ -83,6 +83,7 @@ def test_gsp_paper_and_code_modes_match_loop_references():
 _span = jax.jit(script_span_keep_indices, static_argnames=("image_len", "kept", "relevance", "theta", "mode"))
 
 
+@pytest.mark.long   # the span path is covered by test_cdpruner by default; one compile fewer here
 def test_llm_span_path_left_padding_and_reducer():
     """Script in an LLM sequence through the reducer: two prompts with two images each, the second left-padded
     (loud pads); each equals the reference on its own unpadded tokens (so padded == alone), text survives, and
