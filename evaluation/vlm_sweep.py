@@ -56,7 +56,8 @@ class Setting:
 
 def settings_for(cfg, num_image_tokens: int) -> list[Setting]:
     """The sweep's settings from ``cfg.methods`` (a mapping point -> method names), ``cfg.fractions``,
-    ``cfg.llm_layer`` and ``cfg.options`` (``options.<method>.<option>``)."""
+    ``cfg.llm_layer`` and ``cfg.options`` (``options.<method>.<option>``; ``options.<method>.layers`` replaces
+    ``[llm_layer]`` for a method that acts at several LLM layers)."""
     from configs import spec_from_node
 
     options = {m: spec_from_node(node) for m, node in (cfg.get("options") or {}).items()}
@@ -70,7 +71,7 @@ def settings_for(cfg, num_image_tokens: int) -> list[Setting]:
                     spec["k"] = max(2, int(round((1.0 / float(frac)) ** 0.5)))
                 else:
                     spec["keep"] = keep
-                if point == "llm":
+                if point == "llm" and "layers" not in spec:   # options.<method>.layers wins (staged methods)
                     spec["layers"] = [int(cfg.llm_layer)]
                 out.append(Setting(point, method, float(frac), spec))
     return out
