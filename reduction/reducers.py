@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import re
 from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import jax
@@ -418,7 +419,7 @@ def describe_methods(point: Optional[str] = None) -> str:
         info = _REGISTRY[name]
         opts = ", ".join(f"{k}={v!r}" for k, v in info.options().items() if k != "layers")
         para = " ".join(info.doc.split("\n\n")[0].split())
-        first = para.split(". ")[0].rstrip(".") + "."
+        first = re.split(r"(?<!\bal)(?<!\be\.g)(?<!\bi\.e)\. ", para)[0].rstrip(".") + "."   # not at "et al."
         lines.append(f"  {name:12s} [{', '.join(info.points)}] {first}")
         if opts:
             lines.append(f"  {'':12s}   options: {opts}")
