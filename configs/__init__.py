@@ -244,6 +244,13 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
         if node < low:
             note = f" ({zero})" if zero else ""
             raise ConfigError(f"{path}={node} is out of range: it must be an integer >= {low}{note}")
+    prof = _node(cfg, "train.profile_steps")
+    if prof is not None and tuple(prof) != ():
+        ok = (len(tuple(prof)) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in prof)
+              and 0 <= prof[0] < prof[1])
+        if not ok:
+            raise ConfigError(f"train.profile_steps={tuple(prof)!r} is out of range: it must be () or (start, stop) "
+                              f"with 0 <= start < stop (steps, counted from 0)")
     lr = _node(cfg, "optim.lr")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ConfigError(f"optim.lr={lr!r} is out of range: it must be a finite number >= 0")

@@ -57,7 +57,8 @@ def base() -> ml_collections.ConfigDict:
     c.train.compute_dtype = "float32"   # or "bfloat16" (parameters stay float32)
     c.train.label_smoothing = 0.0
     c.train.check_finite = True
-    c.train.progress = True
+    c.train.progress = True        # tqdm bar: loss, accuracy, tokens after the last reducer, images per second
+    c.train.profile_steps = ()     # (start, stop): a jax.profiler trace of steps [start, stop) in <workdir>/profile
     c.train.crash_after_step = -1  # testing aid: os._exit right after this step's checkpoint
     c.train.debug_nans = False     # jax_debug_nans for the run: raise at the first op producing a NaN (slow)
     c.train.transfer_guard = "allow"  # jax.transfer_guard around the step loop: "allow" | "log" | "disallow"

@@ -5,6 +5,7 @@ Runs use a tiny ViT (width 32, 2 blocks, 16x16 synthetic images, ToMe r=2 in the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -102,11 +103,19 @@ def reference_run(tmp_path_factory):
     return work, tr
 
 
-def test_training_learns_and_logs(tmp_path):
+def test_training_learns_and_logs(tmp_path, caplog):
     cfg = tiny_cfg("train.steps=30", "train.eval_every=15", "checkpoint.every=30", "optim.lr=5e-3",
-                   "data.augment.crop_padding=0", "data.augment.flip=False", "train.label_smoothing=0.0")
+                   "data.augment.crop_padding=0", "data.augment.flip=False", "train.label_smoothing=0.0",
+                   "train.profile_steps=(3, 5)")
     tr = train.Trainer(cfg, tmp_path)
-    summary = tr.train()
+    with caplog.at_level(logging.INFO):
+        summary = tr.train()
+    log_text = caplog.text
+    # the start of the log: the resolved config block by block and the tokens-per-layer table (ToMe r=2: 17 -> 15 -> 13)
+    assert '  train: {' in log_text and '"profile_steps": [3, 5]' in log_text
+    assert "layer  attention  mlp" in log_text and "      1         15   13  <- reduced" in log_text
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     losses = [x["loss"] for x in lines if "loss" in x]
     assert len(losses) == 30 and all(np.isfinite(losses))

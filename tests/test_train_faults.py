@@ -183,6 +183,7 @@ def test_config_diff_allows_only_the_listed_fields():
     ("checkpoint.every=-1", "checkpoint.every"), ("checkpoint.keep=0", "checkpoint.keep"),
     ("train.batch_size=0", "train.batch_size"), ("train.eval_batch_size=0", "train.eval_batch_size"),
     ("train.eval_every=-2", "train.eval_every"), ("optim.lr=-1.0", "optim.lr"),
+    ("train.profile_steps=(5, 2)", "train.profile_steps"),
 ])
 def test_values_that_cannot_work_are_refused_before_the_model_is_built(override, field, tmp_path):
     t0 = time.time()

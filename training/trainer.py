@@ -105,6 +105,23 @@ def open_tensorboard(logdir: pathlib.Path) -> Optional[TensorBoardWriter]:
     return TensorBoardWriter(SummaryWriter(str(logdir)), backend)  # logdir is positional in both
 
 
+def token_table(tokens_per_layer) -> str:
+    """``[(attention, mlp), ...]`` per layer -> an aligned text table (layers where the count changes are marked)."""
+    rows = ["  layer  attention  mlp"]
+    prev = None
+    for i, (a, m) in enumerate(tokens_per_layer):
+        mark = "  <- reduced" if (prev is not None and a != prev) or a != m else ""
+        rows.append(f"  {i:5d}  {int(a):9d}  {int(m):3d}{mark}")
+        prev = m
+    return "\n".join(rows)
+
+
+def config_lines(cfg) -> str:
+    """The resolved config, one line per top-level block (as saved in ``config.json``)."""
+    d = cfg.to_dict()
+    return "\n".join(f"  {k}: {json.dumps(v, default=str, sort_keys=True)}" for k, v in d.items())
+
+
 class Trainer:
     """Runs ``cfg.train.steps`` steps in ``workdir`` (resuming from its checkpoints when present).
 
@@ -259,6 +276,9 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, desc="train")
+        tokens_kept = None if not tpl else int(tpl[-1][1])
+        profile = tuple(int(v) for v in (cfg.train.get("profile_steps") or ()))
+        profiling = False
         bs = int(cfg.train.batch_size)
         pending = None  # (step, metrics) of the previous step, checked one step late to keep dispatch async
         t_last, n_last = time.time(), start
@@ -271,12 +291,21 @@ class Trainer:
         try:
             with open(metrics_path, "a") as mfile, jax.transfer_guard(guard):
                 for step in range(start, total):
+                    if profile and step == profile[0]:
+                        jax.profiler.start_trace(str(self.workdir / "profile"))
+                        profiling = True
                     batch = self._put_batch(next(it))
                     state, metrics = step_fn(state, batch, base_rng)
                     if pending is not None:
                         self._check_finite(*pending)
                     pending = (step, metrics)
                     done = step + 1
+                    if profiling and done == min(profile[1], total):
+                        jax.block_until_ready(state)
+                        jax.profiler.stop_trace()
+                        profiling = False
+                        log.info("profiler trace of steps %d-%d in %s (TensorBoard's profile plugin or Perfetto "
+                                 "reads it)", profile[0], done - 1, self.workdir / "profile")
                     if (log_every > 0 and done % log_every == 0) or done == total:
                         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                         self._check_finite(step, metrics)
@@ -288,8 +317,15 @@ class Trainer:
                         t_last, n_last = now, done
                         self._write(mfile, m)
                         if bar is not None:
-                            bar.set_postfix(loss=f"{m['loss']:.4f}", acc=f"{m.get('accuracy', 0):.3f}",
-                                            img_s=f"{m['images_per_s']:.0f}")
+                            post = dict(loss=f"{m['loss']:.4f}", acc=f"{m.get('accuracy', 0):.3f}")
+                            learned = sorted((k for k in m if k.startswith("kept_tokens_L")),
+                                             key=lambda k: int(k[len("kept_tokens_L"):]))
+                            if learned:                     # a learned reducer's mean valid tokens per image
+                                post["tok"] = f"{m[learned[-1]]:.1f}"
+                            elif tokens_kept is not None:
+                                post["tok"] = str(tokens_kept)
+                            post["img_s"] = f"{m['images_per_s']:.0f}"
+                            bar.set_postfix(**post)
                     if bar is not None:
                         bar.update(1)
                     if cfg.train.eval_every > 0 and done % int(cfg.train.eval_every) == 0 and done != total:
@@ -308,6 +344,8 @@ class Trainer:
                     self._write(mfile, ev)
                     summary.update(ev)
         finally:
+            if profiling:
+                jax.profiler.stop_trace()
             if bar is not None:
                 bar.close()
         ckpt.wait()   # the final checkpoint is complete before the summary says the run is done
@@ -372,9 +410,10 @@ class Trainer:
                  cfg.model.kind, n_params / 1e6, cfg.data.name, len(devs), devs[0].platform, jax.process_count(),
                  bool(cfg.mesh.fsdp), int(cfg.train.batch_size))
         if tpl is not None:
-            log.info("reduction %s: tokens per layer (attention, mlp) %s", reduction_spec(cfg), tpl)
+            log.info("reduction %s: tokens per layer\n%s", reduction_spec(cfg), token_table(tpl))
         if getattr(model, "learned_layers", ()):
             log.info("learned reducers at layers %s: training mode in training, inference mode (tokens per layer above) "
                      "in evaluation; optim.trainable=%s", model.learned_layers,
                      tuple(cfg.optim.trainable) or "everything")
+        log.info("resolved config (saved as %s):\n%s", self.workdir / "config.json", config_lines(cfg))
         log.info("steps %d -> %d", start, total)
