@@ -17,6 +17,7 @@ from reduction.reducers import (
     ATTENTION,
     HIDDEN,
     KEYS,
+    LAYER_ATTENTION,
     METRIC,
     POINTS,
     TEXT_ATTENTION,
@@ -75,6 +76,7 @@ from reduction.baselines import (  # noqa: E402
 from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select  # noqa: E402
 from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
+from reduction.pyramiddrop import PyramidDrop, pyramiddrop_official_counts  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
     compact_keep,
