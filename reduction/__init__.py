@@ -77,6 +77,8 @@ from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select 
 from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
 from reduction.pyramiddrop import PyramidDrop, pyramiddrop_official_counts  # noqa: E402
+from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_step  # noqa: E402
+from reduction.todre import ToDRELLM, todre_scores  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
     compact_keep,
