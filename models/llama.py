@@ -14,7 +14,8 @@ layer (and its KV cache) holds only the kept tokens. Several layers may reduce (
 
 Attention uses ``jax.nn.dot_product_attention`` everywhere except in a layer whose outputs a reducer reads as
 probabilities; there they are computed explicitly, for the last ``reducer.text_rows`` queries only when the
-reducer reads text attention (FastV reads one row).
+reducer reads text attention (FastV reads one row). A reducer that reads ``LAYER_ATTENTION`` gets the rows of the layer
+it runs before, computed on that layer's input (PyramidDrop's next-layer score).
 
 Dimension vocabulary: B batch, T current tokens, N original tokens, C channels (``dim``), H query heads,
 G key/value heads, D head dim, V vocabulary, K kept tokens, S cache slots.
@@ -30,7 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.kv_cache import KVCache, LayerCache, append, layer_cache_from_prefill
-from reduction.reducers import ATTENTION, HIDDEN, KEYS, TEXT_ATTENTION, LayerInfo, Reducer, tokens_per_layer
+from reduction.reducers import (ATTENTION, HIDDEN, KEYS, LAYER_ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer,
+                                tokens_per_layer)
 from reduction.state import init_state
 from reduction.validate import check_count, check_rank
 
@@ -184,6 +186,22 @@ class Block(nnx.Module):
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v, p
 
+    def attention_rows(self, x: jax.Array, positions: jax.Array, mask: jax.Array, rows: int) -> jax.Array:
+        """This block's attention probabilities of the last ``rows`` queries on its input ``x: [B, T, C]``,
+        without running the block: ``-> [B, H, rows, T]`` float32 (``mask: [B, 1, T, T]`` as in :meth:`prefill`).
+        Only the keys of every token and the queries of the last ``rows`` are projected."""
+        attn, cfg = self.self_attn, self.self_attn.cfg
+        b, t, _ = x.shape
+        xn = self.input_layernorm(x)
+        q = attn.q_proj(xn[:, -rows:]).reshape(b, rows, cfg.num_heads, cfg.dh)
+        k = attn.k_proj(xn).reshape(b, t, cfg.num_kv_heads, cfg.dh)
+        cos, sin = rope_cos_sin(positions, cfg.dh, cfg.rope_theta)
+        q = apply_rope(q, cos[:, -rows:], sin[:, -rows:])
+        k = jnp.repeat(apply_rope(k, cos, sin), cfg.num_heads // cfg.num_kv_heads, axis=2)
+        logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k.astype(jnp.float32)) * (cfg.dh ** -0.5)
+        logits = jnp.where(mask[:, :, -rows:], logits, jnp.finfo(jnp.float32).min)
+        return jax.nn.softmax(logits, axis=-1)
+
     def decode(self, x: jax.Array, positions: jax.Array, cache: LayerCache):
         """One token per example: ``x: [B, 1, C]``, ``positions: [B, 1]`` -> ``(y [B, 1, C], cache)``."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
@@ -295,7 +313,8 @@ class Llama(nnx.Module):
         (``K >= 1``) runs before layer ``K`` and sees layer ``K - 1``'s outputs: the hidden states through the final
         norm (``HIDDEN``), its post-RoPE keys with the KV heads repeated (``KEYS``), its attention probabilities
         (``ATTENTION``: all rows, explicit attention in that layer) or the rows of the last ``reducer.text_rows``
-        queries (``TEXT_ATTENTION``), and the image spans (``image_starts [B]`` or ``[B, M]``, static
+        queries (``TEXT_ATTENTION``); or layer ``K``'s own attention rows of those queries on its input, computed
+        before any token moves (``LAYER_ATTENTION``, PyramidDrop's score; :meth:`Block.attention_rows`); and the image spans (``image_starts [B]`` or ``[B, M]``, static
         ``image_len``). Kept tokens keep their original position ids.
 
         Returns ``(h [B, K, C], kv, aux)``: the final hidden states (before the final norm) of the ``K``
@@ -323,6 +342,9 @@ class Llama(nnx.Module):
                     keys=prev_keys if KEYS in red.needs else None,
                     attention=prev_probs if ATTENTION in red.needs else None,
                     text_attention=prev_probs if TEXT_ATTENTION in red.needs else None,
+                    layer_attention=(block.attention_rows(state.x, state.positions, prefill_mask(state.valid),
+                                                          min(red.text_rows, state.num_tokens))
+                                     if LAYER_ATTENTION in red.needs else None),
                     image_starts=image_starts, image_len=image_len, num_images=num_images,
                     rng=None if rng is None else jax.random.fold_in(rng, layer))
                 t_in = state.num_tokens

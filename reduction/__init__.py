@@ -17,6 +17,7 @@ from reduction.reducers import (
     ATTENTION,
     HIDDEN,
     KEYS,
+    LAYER_ATTENTION,
     METRIC,
     POINTS,
     TEXT_ATTENTION,
@@ -77,6 +78,9 @@ from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
 from reduction.cdpruner import CDPruner, cdpruner_keep_indices, dpp_select  # noqa: E402
 from reduction.script import Script, script_select  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
+from reduction.pyramiddrop import PyramidDrop, pyramiddrop_official_counts  # noqa: E402
+from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_step  # noqa: E402
+from reduction.todre import ToDRELLM, todre_scores  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
     compact_keep,

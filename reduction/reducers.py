@@ -50,13 +50,14 @@ ATTENTION = "attention"            # [B, H, T, T] softmax probabilities of this 
 KEYS = "keys"                      # [B, T, H * Dh] keys with heads concatenated (after RoPE in LLMs)
 HIDDEN = "hidden"                  # [B, T, C] hidden states at the reduction point
 TEXT_ATTENTION = "text_attention"  # [B, H, Tq, T] attention of the last Tq prompt queries (LLM)
+LAYER_ATTENTION = "layer_attention"  # [B, H, Tq, T] the same rows, of the layer the reducer runs before (LLM)
 
 # The insertion points and what each can give a reducer.
 POINTS: dict[str, frozenset] = {
     "vit": frozenset({METRIC, ATTENTION, KEYS, HIDDEN}),
     "vision": frozenset({METRIC, ATTENTION, KEYS, HIDDEN}),
     "connector": frozenset({METRIC, KEYS, HIDDEN}),   # all three are the features themselves
-    "llm": frozenset({ATTENTION, KEYS, HIDDEN, TEXT_ATTENTION}),
+    "llm": frozenset({ATTENTION, KEYS, HIDDEN, TEXT_ATTENTION, LAYER_ATTENTION}),
 }
 
 
@@ -72,7 +73,7 @@ class LayerInfo:
       layer: index of the layer (0-based); num_layers: layers at this point.
       num_protected: leading tokens that must survive (class token, distillation token, registers).
       num_distill: how many of them are distillation tokens.
-      metric / attention / keys / hidden / text_attention: see the module constants.
+      metric / attention / keys / hidden / text_attention / layer_attention: see the module constants.
       image_starts: ``[B]`` or ``[B, M]`` int32 first position of each image span (LLM point, traced); ``None``
         elsewhere, where every unprotected token is a candidate.
       image_len: static tokens per image span (LLM point), 0 elsewhere.
@@ -88,6 +89,7 @@ class LayerInfo:
     keys: Optional[jax.Array] = None
     hidden: Optional[jax.Array] = None
     text_attention: Optional[jax.Array] = None
+    layer_attention: Optional[jax.Array] = None
     image_starts: Optional[jax.Array] = None
     image_len: int = 0
     num_images: int = 1
@@ -115,7 +117,8 @@ class Reducer:
     the LLM a reducer at layer ``K`` runs before layer ``K`` on the outputs of layer ``K - 1`` (FastV's and DART's
     convention). ``prop_attn``: later attention adds ``log(sizes)`` to its logits once sizes are non-uniform.
     ``spans``: the method can select inside image spans of a longer sequence (needed at the LLM point).
-    ``text_rows``: with ``TEXT_ATTENTION``, how many of the last prompt queries' attention rows it reads.
+    ``text_rows``: with ``TEXT_ATTENTION`` or ``LAYER_ATTENTION``, how many of the last prompt queries' attention
+    rows it reads.
     """
 
     needs: ClassVar[frozenset] = frozenset()
