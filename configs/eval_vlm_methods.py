@@ -1,0 +1,31 @@
+"""Every method that fits each insertion point of the real VLM at 1/9 of the image tokens (the methods table).
+
+The model, data and projector of ``eval_vlm_smol`` (DINOv2-small 112 px -> trained projector -> SmolLM2-135M,
+65 image tokens incl. the class token, 100 generated VQA validation scenes); one budget: ``keep = round(65 / 9) = 7``
+image tokens (pooling: a 3 x 3 window). Staged LLM methods act at their own layers (``options.<method>.layers``)
+and reach the budget after their last stage, so their FLOPs sit above the single-stage methods'; the table reports
+the FLOPs of every row.
+
+    python eval.py --config eval_vlm_methods              # writes results/eval/eval_vlm_methods/
+"""
+
+import ml_collections
+
+from configs.eval_vlm_smol import get_config as _default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = _default()
+    c.config_name = "eval_vlm_methods"
+    c.fractions = (1 / 9,)
+    c.methods = ml_collections.ConfigDict(dict(
+        vision=("random", "tome", "visionzip", "vispruner", "divprune", "todre", "kmeans", "tokencorr", "cdpruner"),
+        connector=("random", "pool", "divprune", "todre", "kmeans", "cdpruner", "script"),
+        llm=("random", "dart", "fastv", "divprune", "cdpruner", "script", "pyramiddrop", "sparsevlm", "todre_llm"),
+    ))
+    # staged LLM methods at their papers' relative layers of SmolLM2's 30 (see docs/pruning.md); the budget
+    # (keep) is what is left after the last stage
+    c.options.pyramiddrop = ml_collections.ConfigDict(dict(layers=[8, 15, 22]))
+    c.options.sparsevlm = ml_collections.ConfigDict(dict(layers=[3, 7, 15]))
+    c.options.todre_llm = ml_collections.ConfigDict(dict(layers=[19]))
+    return c
