@@ -75,6 +75,7 @@ from reduction.baselines import (  # noqa: E402
 from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select  # noqa: E402
 from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
+from reduction.hot import HoTPrune, dpc_knn, hot_prune_step, sincos_2d  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
     compact_keep,
