@@ -10,7 +10,7 @@ Reduction: HoT's token pruning cluster (``"hot"``, DPC-kNN centres) after the at
 (``model.recover``): ``"hot"`` attaches the learned cross-attention :class:`reduction.nnx.HoTRecovery` after the
 attention of the last block (64 learned queries + sine-cosine positions over the 22 remaining tokens); ``"unmerge"``
 keeps the 22 tokens and each patch copies the output of its DPC-kNN centre (``reduction.unmerge`` on the source
-map). Everything trains from scratch, 600 steps at batch 64 (about 3 minutes on the 2-core CPU box).
+map). Everything trains from scratch, 400 steps at batch 32 (a few minutes on the 2-core CPU box).
 
     python train.py --config hot_dense                                   # HoT recovery
     python train.py --config hot_dense model.recover.method=unmerge      # training-free recovery, same pruning
@@ -46,12 +46,12 @@ def get_config():
     c.data.eval_split = "test"
     c.data.mean = (0.5,)
     c.data.std = (0.5,)
-    c.train.steps = 600
-    c.train.batch_size = 64
+    c.train.steps = 400
+    c.train.batch_size = 32
     c.train.eval_batch_size = 250
     c.train.eval_every = 0
     c.train.log_every = 100
     c.optim.lr = 2e-3
-    c.optim.warmup_steps = 50
+    c.optim.warmup_steps = 40
     c.checkpoint.every = 0
     return c

@@ -31,6 +31,8 @@ Where this port differs from the official code:
 * Images instead of pose videos: the tokens are patches (the official code pools each frame over the 17 joints
   and clusters frames). The clustering runs on the block's hidden states after its attention (``info.hidden``,
   the ``after_attention`` point); the official code clusters the block input.
+* Distances come from the Gram matrix of the centred features in float32 (``Precision.HIGHEST``), so a
+  near-duplicate pair's distance carries an absolute error of about ``1e-6`` relative to the feature scale.
 * Ties are broken by index, not by noise: ``j`` is denser than ``i`` iff ``rho_j > rho_i`` or ``rho_j == rho_i`` and
   ``j < i``; top-k ties go to the lower index. The official code adds ``1e-6 * U(0, 1)`` to the densities, so its
   choice at exact ties is random (on tie-free inputs both agree).
@@ -83,6 +85,7 @@ def dpc_knn_scores(x: jax.Array, *, knn: int = 2, valid: Optional[jax.Array] = N
         raise ValueError(f"knn={knn} exceeds the token count N={n}")
     ok = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
     v = jax.lax.stop_gradient(x).astype(jnp.float32)
+    v = v - jnp.mean(v, axis=0, keepdims=True)          # distances are shift-invariant; centring limits cancellation
     sq = jnp.sum(v * v, axis=-1)
     gram = jnp.einsum("ic,jc->ij", v, v, precision=jax.lax.Precision.HIGHEST)
     d = jnp.sqrt(jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)) / math.sqrt(c)
