@@ -35,6 +35,7 @@ def get_config():
         layer=-1,          # block whose after-attention point recovers (negative: from the end)
         heads=4,           # recovery heads
         pos="sincos",      # "sincos" (fixed 2-D codes on queries and kept tokens; GUESS) | "none" (official TRA)
+        norm=False,        # LayerNorm on the tokens before keys/values (GUESS; the official TRA has none)
     ))
     c.data.name = "synth_seg"
     c.data.image_size = 48

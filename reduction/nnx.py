@@ -252,7 +252,8 @@ class HoTRecovery(LearnedReducer):
         kv   = x + E(positions - P)                # [B, T, C] every current token (prefix: zero code)
         out  = q_in + proj(MHA(q=W_q q_in, k=W_k kv, v=W_v kv))        # H heads, scale Dh^-0.5, keys masked by valid
 
-    ``pos="none"`` drops both codes (the official TRA: the queries alone carry position). Linear layers with bias
+    ``pos="none"`` drops both codes (the official TRA: the queries alone carry position). ``norm=True`` (**GUESS**,
+    off by default as in the official code) applies a LayerNorm to the tokens before the keys and values. Linear layers with bias
     (the official ``qkv_bias=True``), no norm or MLP around it. The new state is a fresh full-length state (sizes 1,
     positions ``0..P+N-1``, no validity mask, an identity ``source`` when tracked): no token moves, so it is not an
     :func:`apply_step`; ``reduction.unmerge`` with that source is the identity. Training and inference are the same
@@ -269,7 +270,7 @@ class HoTRecovery(LearnedReducer):
     prop_attn: ClassVar[bool] = False
 
     def __init__(self, *, num_patches: int, dim: int, grid: Optional[tuple] = None, heads: int = 4,
-                 pos: str = "sincos", rngs: nnx.Rngs):
+                 pos: str = "sincos", norm: bool = False, rngs: nnx.Rngs):
         self.num_patches = check_count(num_patches, "num_patches", allow_zero=False)
         self.dim = check_count(dim, "dim", allow_zero=False)
         self.heads = check_count(heads, "heads", allow_zero=False)
@@ -286,6 +287,7 @@ class HoTRecovery(LearnedReducer):
         if pos == "sincos" and self.dim % 4:
             raise ValueError(f"pos='sincos' needs dim divisible by 4, got {self.dim}")
         self.pos = pos
+        self.kv_norm = nnx.LayerNorm(self.dim, epsilon=1e-6, rngs=rngs) if norm else None   # GUESS option, off
         self.queries = nnx.Param(jnp.zeros((1, self.num_patches, self.dim), jnp.float32))
         self.q = nnx.Linear(self.dim, self.dim, rngs=rngs)
         self.k = nnx.Linear(self.dim, self.dim, rngs=rngs)
@@ -309,7 +311,7 @@ class HoTRecovery(LearnedReducer):
             raise ValueError(f"HoTRecovery was built for dim={self.dim}, tokens have C={c}")
         dtype = x.dtype
         q_in = jnp.broadcast_to(self.queries[...], (b, self.num_patches, c)).astype(jnp.float32)
-        kv = x.astype(jnp.float32)
+        kv = x.astype(jnp.float32) if self.kv_norm is None else self.kv_norm(x.astype(jnp.float32))
         if self.pos == "sincos":
             q_in = q_in + sincos_2d(jnp.arange(self.num_patches), self.grid, c)[None]
             kv = kv + sincos_2d(positions - num_protected, self.grid, c)

@@ -144,7 +144,8 @@ def attach_recovery_from_config(model, cfg):
         raise ValueError(f"model.recover.layer={_get(block, 'layer', -1)} out of range for depth={depth}")
     grid = c.grid
     module = HoTRecovery(num_patches=grid * grid, grid=(grid, grid), dim=c.width, heads=int(_get(block, "heads", 4)),
-                         pos=str(_get(block, "pos", "sincos")), rngs=nnx.Rngs(int(cfg.seed) + 2))
+                         pos=str(_get(block, "pos", "sincos")), norm=bool(_get(block, "norm", False)),
+                         rngs=nnx.Rngs(int(cfg.seed) + 2))
     model.attach_reducer(layer, module)
     log.info("attached HoT token recovery at layer %d (%d queries, %d heads, pos=%s)", layer, grid * grid,
              module.heads, module.pos)
