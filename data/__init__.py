@@ -19,10 +19,11 @@ from data.image_folder import image_folder
 from data.pipeline import Augment, eval_batches, num_eval_batches, shard_options, train_dataset
 from data.sources import ArraySource, DataError, FileImageSource, SkipStats, load_image
 from data.synth_vqa import SynthVQA
+from data.synth_seg import num_seg_classes, synth_seg
 from data.synthetic import synthetic_classification
 from data.text import WordVocab
 
-DATASETS = ("fashion_mnist", "animal_mnist", "image_folder", "easy_vqa", "synth_vqa", "synthetic")
+DATASETS = ("fashion_mnist", "animal_mnist", "image_folder", "easy_vqa", "synth_vqa", "synth_seg", "synthetic")
 
 
 def chat_prompt(data: Mapping[str, Any]):
@@ -47,7 +48,7 @@ def make_source(data: Mapping[str, Any], split: str):
 
     Keys used (missing ones take defaults): ``path``, ``image_size``, ``on_error`` ("raise" | "skip"),
     ``size`` / ``seed`` (generated sets), ``grid``, ``min_objects``, ``max_objects``, ``style``, ``tokenizer`` /
-    ``prompt_tokens`` (synth_vqa; with a tokenizer records carry chat-template ``prompt`` ids, :func:`chat_prompt`),
+    ``prompt_tokens`` (synth_vqa; ``patch`` / ``classes`` for synth_seg; with a tokenizer records carry chat-template ``prompt`` ids, :func:`chat_prompt`),
     ``num_classes`` (synthetic), ``limit`` (easy_vqa).
     """
     get = (lambda k, d=None: data[k] if k in data else d)
@@ -68,6 +69,12 @@ def make_source(data: Mapping[str, Any], split: str):
         return SynthVQA(split, size=sizes[split], seed=get("seed", 0), image_size=get("image_size", 64),
                         grid=get("grid", 4), min_objects=get("min_objects", 3), max_objects=get("max_objects", 10),
                         style=get("style", "auto"), encode_question=None if chat is None else chat.question_ids)
+    if name == "synth_seg":
+        sizes = {"train": get("size", 2000), "val": get("eval_size", 500), "test": get("eval_size", 500)}
+        return synth_seg(split, size=sizes[split], seed=get("seed", 0), image_size=get("image_size", 48),
+                         grid=get("grid", 3), patch=get("patch", 6), min_objects=get("min_objects", 2),
+                         max_objects=get("max_objects", 7), style=get("style", "shapes"),
+                         classes=get("classes", "colour"))
     if name == "synthetic":
         size = get("size", 512) if split == "train" else get("eval_size", 128)
         return synthetic_classification(size, image_size=get("image_size", 16), channels=get("channels", 3),

@@ -151,26 +151,33 @@ class SynthVQA:
     def __len__(self) -> int:
         return self.size
 
-    def scene(self, index: int) -> tuple[np.ndarray, list[tuple[str, str, int, int]], np.random.Generator]:
-        """The image, its objects ``(colour, shape, row, col)`` and the generator for the question."""
+    def placements(self, index: int) -> tuple[list[tuple[str, str, int, int, int, int]], np.random.Generator]:
+        """The objects of scene ``index`` as ``(colour, shape, row, col, top, left)`` (``top``/``left``: the sprite's
+        pixel offset) and the generator, advanced to where the question is drawn."""
         if not 0 <= index < self.size:
             raise IndexError(f"index {index} out of range for {self.size} scenes")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         cells = rng.choice(self.grid * self.grid, size=n, replace=False)
         kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
-        canvas = np.empty((self.image_size, self.image_size, 3), np.uint8)
-        canvas[:] = _BACKGROUND
-        table = sprites(self.style, self.obj)
-        objects = []
         slack = self.cell - self.obj
+        out = []
         for cell, kind in zip(cells, kinds):
             row, col = divmod(int(cell), self.grid)
             colour, shape = COLOURS[kind // len(SHAPES)], SHAPES[kind % len(SHAPES)]
             dy, dx = rng.integers(0, slack + 1, size=2)
-            _paste(canvas, table[(colour, shape)], row * self.cell + int(dy), col * self.cell + int(dx))
-            objects.append((colour, shape, row, col))
-        return canvas, objects, rng
+            out.append((colour, shape, row, col, row * self.cell + int(dy), col * self.cell + int(dx)))
+        return out, rng
+
+    def scene(self, index: int) -> tuple[np.ndarray, list[tuple[str, str, int, int]], np.random.Generator]:
+        """The image, its objects ``(colour, shape, row, col)`` and the generator for the question."""
+        placed, rng = self.placements(index)
+        canvas = np.empty((self.image_size, self.image_size, 3), np.uint8)
+        canvas[:] = _BACKGROUND
+        table = sprites(self.style, self.obj)
+        for colour, shape, _, _, top, left in placed:
+            _paste(canvas, table[(colour, shape)], top, left)
+        return canvas, [o[:4] for o in placed], rng
 
     def question(self, objects, rng) -> tuple[str, str, int]:
         qtype = int(rng.integers(len(QTYPES)))

@@ -49,7 +49,7 @@ VARIANTS: dict[str, dict[str, int]] = {
     "g": dict(width=1408, depth=40, mlp_dim=6144, heads=16),
 }
 
-POOLS = ("token", "avg", "gap", "cls+avg")
+POOLS = ("token", "avg", "gap", "cls+avg", "dense")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +69,9 @@ class ViTConfig:
       layer_scale: initial LayerScale value (DINOv2), ``None`` for none.
       ln_eps: LayerNorm epsilon (timm/big_vision 1e-6, HF ViT 1e-12, DINOv2 1e-6).
       pool: ``"token"`` (class token), ``"avg"``/``"gap"`` (size-weighted mean of non-protected tokens) or
-        ``"cls+avg"`` (concatenation, ``[B, 2C]``).
+        ``"cls+avg"`` (concatenation, ``[B, 2C]``) or ``"dense"`` (no pooling: the head runs on every final token,
+        ``out: [B, T, num_classes]``, for per-patch tasks; ``reduction.unmerge`` with ``aux["source"]`` maps the
+        ``T`` outputs back to the original tokens).
       qkv_bias: biases on the qkv projection.
       dtype: compute dtype (parameters stay float32); ``None`` = float32.
     """
@@ -390,8 +392,11 @@ class ViT(nnx.Module):
         return x
 
     def pool(self, tokens: jax.Array, state: R.TokenState) -> jax.Array:
-        """``tokens [B, T, C] -> [B, C]`` (``[B, 2C]`` for ``"cls+avg"``) following ``config.pool``."""
+        """``tokens [B, T, C] -> [B, C]`` (``[B, 2C]`` for ``"cls+avg"``, the tokens themselves for ``"dense"``)
+        following ``config.pool``."""
         cfg = self.config
+        if cfg.pool == "dense":
+            return tokens
         if cfg.pool == "token":
             return tokens[:, 0]
         w = state.sizes.astype(jnp.float32)

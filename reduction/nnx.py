@@ -1,6 +1,7 @@
 """Learned reducers as thin Flax NNX modules (the only Flax import under ``reduction/``).
 
-``import reduction`` does not import this module; use ``from reduction.nnx import LearnedATP``.
+``import reduction`` does not import this module; use ``from reduction.nnx import LearnedATP`` (or
+:class:`HoTRecovery`, HoT's learned token recovery, which restores the full token count instead of reducing it).
 
 The protocol of a trainable reducer (:class:`LearnedReducer`): an ``nnx.Module`` that a model holds in its list of
 reducers (:meth:`models.vit.ViT.attach_reducer`) and calls at its layer like any static
@@ -239,4 +240,106 @@ class LearnedATP(LearnedReducer):
                        "kept_ratio": kept_cand / jnp.maximum(n_ex, 1.0), "kept_tokens": kept}
 
 
-__all__ = ["ATPModule", "LearnedReducer", "LearnedATP"]
+class HoTRecovery(LearnedReducer):
+    """HoT's token recovering attention (TRA; Li et al., CVPR 2024): restore one token per original patch from the
+    pruned tokens with a learned cross-attention, so a dense head gets ``N`` outputs (see :mod:`reduction.hot`).
+
+    ``state.x: [B, T, C] -> [B, P + N, C]`` (``P = info.num_protected`` prefix tokens pass through unchanged,
+    ``N = num_patches``). With learned queries ``Q0: [N, C]`` (one per original position; zeros at init as in the
+    official code) and, with ``pos="sincos"``, the fixed code ``E = reduction.hot.sincos_2d`` of the patch grid::
+
+        q_in = Q0 + E(0..N-1)                      # [N, C] queries, the same for every example
+        kv   = x + E(positions - P)                # [B, T, C] every current token (prefix: zero code)
+        out  = q_in + proj(MHA(q=W_q q_in, k=W_k kv, v=W_v kv))        # H heads, scale Dh^-0.5, keys masked by valid
+
+    ``pos="none"`` drops both codes (the official TRA: the queries alone carry position). ``norm=True`` (**GUESS**,
+    off by default as in the official code) applies a LayerNorm to the tokens before the keys and values. Linear layers with bias
+    (the official ``qkv_bias=True``), no norm or MLP around it. The new state is a fresh full-length state (sizes 1,
+    positions ``0..P+N-1``, no validity mask, an identity ``source`` when tracked): no token moves, so it is not an
+    :func:`apply_step`; ``reduction.unmerge`` with that source is the identity. Training and inference are the same
+    computation (``aux["loss"] = 0``: the dense task's loss trains it).
+
+    **GUESS** (not in the official code): the sine-cosine codes on the queries and on the kept tokens' original
+    positions (the official code adds a learned per-slot embedding right after pruning instead, and no position code
+    at recovery), and running at a block's ``after_attention`` point, so that block's MLP (with its residual) still
+    refines the recovered tokens (the official TRA comes after the last block, right before the head's LayerNorm).
+    """
+
+    needs: ClassVar[frozenset] = frozenset()
+    position: ClassVar[str] = "after_attention"
+    prop_attn: ClassVar[bool] = False
+
+    def __init__(self, *, num_patches: int, dim: int, grid: Optional[tuple] = None, heads: int = 4,
+                 pos: str = "sincos", norm: bool = False, rngs: nnx.Rngs):
+        self.num_patches = check_count(num_patches, "num_patches", allow_zero=False)
+        self.dim = check_count(dim, "dim", allow_zero=False)
+        self.heads = check_count(heads, "heads", allow_zero=False)
+        if self.dim % self.heads:
+            raise ValueError(f"dim={self.dim} is not divisible by heads={self.heads}")
+        if pos not in ("sincos", "none"):
+            raise ValueError(f"pos must be 'sincos' or 'none', got {pos!r}")
+        if grid is None:
+            side = int(round(self.num_patches ** 0.5))
+            grid = (side, side)
+        self.grid = (int(grid[0]), int(grid[1]))
+        if self.grid[0] * self.grid[1] != self.num_patches:
+            raise ValueError(f"grid {self.grid} does not hold num_patches={self.num_patches}")
+        if pos == "sincos" and self.dim % 4:
+            raise ValueError(f"pos='sincos' needs dim divisible by 4, got {self.dim}")
+        self.pos = pos
+        self.kv_norm = nnx.LayerNorm(self.dim, epsilon=1e-6, rngs=rngs) if norm else None   # GUESS option, off
+        self.queries = nnx.Param(jnp.zeros((1, self.num_patches, self.dim), jnp.float32))
+        self.q = nnx.Linear(self.dim, self.dim, rngs=rngs)
+        self.k = nnx.Linear(self.dim, self.dim, rngs=rngs)
+        self.v = nnx.Linear(self.dim, self.dim, rngs=rngs)
+        self.proj = nnx.Linear(self.dim, self.dim, rngs=rngs)
+
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return info.num_protected + self.num_patches
+
+    def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
+        n, t, c = self.num_patches, num_tokens, self.dim
+        return 2 * (n * c * c + 2 * t * c * c + 2 * n * t * c + n * c * c)
+
+    def recover(self, x: jax.Array, positions: jax.Array, valid: Optional[jax.Array], num_protected: int):
+        """``x: [B, T, C]`` (positions ``[B, T]``, ``valid [B, T]`` or ``None``) -> ``[B, N, C]`` recovered patches."""
+        from reduction.hot import sincos_2d
+
+        check_rank(x, 3, "x")
+        b, t, c = x.shape
+        if c != self.dim:
+            raise ValueError(f"HoTRecovery was built for dim={self.dim}, tokens have C={c}")
+        dtype = x.dtype
+        q_in = jnp.broadcast_to(self.queries[...], (b, self.num_patches, c)).astype(jnp.float32)
+        kv = x.astype(jnp.float32) if self.kv_norm is None else self.kv_norm(x.astype(jnp.float32))
+        if self.pos == "sincos":
+            q_in = q_in + sincos_2d(jnp.arange(self.num_patches), self.grid, c)[None]
+            kv = kv + sincos_2d(positions - num_protected, self.grid, c)
+        h, dh = self.heads, c // self.heads
+        q = self.q(q_in.astype(dtype)).reshape(b, self.num_patches, h, dh).astype(jnp.float32)
+        k = self.k(kv.astype(dtype)).reshape(b, t, h, dh).astype(jnp.float32)
+        v = self.v(kv.astype(dtype)).reshape(b, t, h, dh).astype(jnp.float32)
+        logits = jnp.einsum("bnhd,bthd->bhnt", q, k) * (dh ** -0.5)
+        if valid is not None:
+            logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+        probs = jax.nn.softmax(logits, axis=-1)
+        y = jnp.einsum("bhnt,bthd->bnhd", probs, v).reshape(b, self.num_patches, c)
+        return (q_in + self.proj(y.astype(dtype)).astype(jnp.float32)).astype(dtype)
+
+    def __call__(self, state: TokenState, info: LayerInfo, *, train: bool) -> tuple[TokenState, dict]:
+        del train                                    # the same computation in both modes
+        p = info.num_protected
+        b = state.x.shape[0]
+        rec = self.recover(state.x, state.positions, state.valid, p)
+        x = jnp.concatenate([state.x[:, :p], rec], axis=1)
+        n = p + self.num_patches
+        if state.source is not None and state.source.shape[1] != n:
+            raise ValueError(f"HoTRecovery restores {n} tokens (prefix {p} + {self.num_patches} patches) but the "
+                             f"state tracks {state.source.shape[1]} original tokens")
+        ids = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+        out = TokenState(x=x, sizes=jnp.ones((b, n), jnp.float32), positions=ids, valid=None,
+                         source=None if state.source is None else ids)
+        return out, {"loss": jnp.zeros((), jnp.float32)}
+
+
+__all__ = ["ATPModule", "LearnedReducer", "LearnedATP", "HoTRecovery"]

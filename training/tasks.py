@@ -1,5 +1,5 @@
-"""The loss and metrics of a batch: :class:`ClassificationTask` and :class:`VQATask` (the VLM), and
-:func:`make_task` to pick one from a config.
+"""The loss and metrics of a batch: :class:`ClassificationTask`, :class:`DenseTask` (one label per patch) and
+:class:`VQATask` (the VLM), and :func:`make_task` to pick one from a config.
 
 Learned reducers (:class:`reduction.nnx.LearnedReducer`) need nothing here beyond :func:`reducer_terms`: the model
 reports ``aux["reducer_loss"]`` (added to the loss) and ``aux["reducer_aux"]`` (``{layer: {name: value}}``, each value
@@ -83,6 +83,73 @@ class ClassificationTask:
         logits, aux = self.forward(model, batch, cfg, reducers, None, False)
         loss, correct = self.per_example(logits, batch, 0.0)
         return _eval_with_reducers(loss, correct, aux)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseTask:
+    """Per-patch classification (``batch["patch_labels"]: [B, N]`` int, raster order) with a ViT whose head runs on
+    every token (``model.vit.pool="dense"``, ``out: [B, T, num_classes]``).
+
+    The model runs with ``return_source=True`` and the ``T`` outputs go back to the ``N`` original patches with
+    ``reduction.unmerge`` (each patch takes the output of the token that holds it; a pruned patch without one gets
+    zero logits, a uniform guess). So any reduction works: merges and pruning read through their source map, a learned
+    recovery that restores every patch (:class:`reduction.nnx.HoTRecovery`) has the identity map. Loss: softmax
+    cross-entropy averaged over the patches (plus the model's ``aux["reducer_loss"]``). Metrics: ``accuracy``, the
+    fraction of correct patches (per example); in evaluation the extras ``covered`` (fraction of patches with a
+    holding token), ``inter_<c>`` and ``union_<c>`` (per class ``c``, patch counts per example), so that
+    ``eval_inter_<c> / eval_union_<c>`` is the dataset IoU of class ``c`` (:func:`dense_miou`)."""
+
+    num_classes: int
+    num_protected: int = 1
+    label_smoothing: float = 0.0
+
+    def forward(self, model, batch, cfg, reducers, rng, train: bool):
+        import reduction as R
+
+        out, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train,
+                         return_source=True)
+        if out.ndim != 3:
+            raise ValueError(f"task='dense' needs per-token outputs [B, T, classes] (model.vit.pool='dense'), got "
+                             f"shape {tuple(out.shape)}")
+        source = aux["source"][:, self.num_protected:]
+        dense = R.unmerge(out.astype(jnp.float32), source)             # [B, N, classes]
+        return dense, dict(aux, covered=jnp.mean((source >= 0).astype(jnp.float32), axis=-1))
+
+    def per_example(self, logits, batch, smoothing):
+        labels = batch["patch_labels"].astype(jnp.int32)
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"patch_labels has shape {tuple(labels.shape)} but the model gives {logits.shape[1]} "
+                             f"patches per image (data.patch must equal model.vit.patch_size)")
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, self.num_classes), smoothing)
+        loss = jnp.mean(optax.softmax_cross_entropy(logits, targets), axis=-1)
+        pred = jnp.argmax(logits, -1)
+        correct = jnp.mean((pred == labels).astype(jnp.float32), axis=-1)
+        return loss, correct, pred, labels
+
+    def loss(self, model, batch, cfg, reducers, rng):
+        logits, aux = self.forward(model, batch, cfg, reducers, rng, True)
+        loss, correct, _, _ = self.per_example(logits, batch, self.label_smoothing)
+        return _with_reducers(jnp.mean(loss), {"accuracy": jnp.mean(correct)}, aux)
+
+    def eval(self, model, batch, cfg, reducers):
+        logits, aux = self.forward(model, batch, cfg, reducers, None, False)
+        loss, correct, pred, labels = self.per_example(logits, batch, 0.0)
+        loss, correct, *more = _eval_with_reducers(loss, correct, aux)
+        extras = dict(more[0]) if more else {}
+        extras["covered"] = aux["covered"]
+        for c in range(self.num_classes):
+            p, t = pred == c, labels == c
+            extras[f"inter_{c}"] = jnp.sum(p & t, axis=-1).astype(jnp.float32)
+            extras[f"union_{c}"] = jnp.sum(p | t, axis=-1).astype(jnp.float32)
+        return loss, correct, extras
+
+
+def dense_miou(record: Mapping[str, Any], num_classes: int, prefix: str = "eval_") -> float:
+    """Dataset mIoU from an evaluation record of :class:`DenseTask`: the mean over the classes that occur (in the
+    labels or the predictions) of ``inter_<c> / union_<c>``."""
+    ious = [record[f"{prefix}inter_{c}"] / record[f"{prefix}union_{c}"] for c in range(num_classes)
+            if record.get(f"{prefix}union_{c}", 0.0) > 0]
+    return float(sum(ious) / len(ious)) if ious else float("nan")
 
 
 def _with_reducers(task_loss, metrics: dict, aux):
@@ -181,6 +248,12 @@ def make_task(cfg, model) -> Any:
     if cfg.task == "classification":
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
                                   label_smoothing=float(cfg.train.label_smoothing))
+    if cfg.task == "dense":
+        if _get(cfg.model.vit, "pool", "token") != "dense":
+            raise ValueError(f"task='dense' needs model.vit.pool='dense' (a head on every token), got "
+                             f"{_get(cfg.model.vit, 'pool', 'token')!r}")
+        return DenseTask(num_classes=int(cfg.model.vit.num_classes), num_protected=int(model.config.num_protected),
+                         label_smoothing=float(cfg.train.label_smoothing))
     if cfg.task == "vqa" and _get(cfg.data, "tokenizer", ""):
         chat = data_lib.chat_prompt(cfg.data)
         src = data_lib.make_source(cfg.data, "train")
@@ -201,4 +274,4 @@ def make_task(cfg, model) -> Any:
                        if hasattr(src, "max_len") else 12, image_tokens=model.num_image_tokens(plan),
                        image_token_id=model.cfg.image_token_id, plan=plan,
                        label_smoothing=float(cfg.train.label_smoothing))
-    raise ValueError(f"task must be 'classification' or 'vqa', got {cfg.task!r}")
+    raise ValueError(f"task must be 'classification', 'dense' or 'vqa', got {cfg.task!r}")
