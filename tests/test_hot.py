@@ -211,6 +211,7 @@ def test_recovery_matches_the_loop_reference_and_restores_the_full_count():
     np.testing.assert_allclose(np.asarray(run(params, moved)[0].x[1]), np.asarray(out.x[1]), atol=1e-6)
 
 
+@pytest.mark.long   # a value_and_grad compile of the recovery; the forward is checked by default
 def test_gradients_reach_the_queries_and_the_kept_tokens():
     m = _recovery(pos="none")
     x = jax.random.normal(jax.random.key(4), (2, 5, 8))
@@ -227,6 +228,7 @@ def test_gradients_reach_the_queries_and_the_kept_tokens():
     assert np.all(np.isfinite(np.asarray(g_x))) and float(jnp.abs(g_x[:, 1:]).sum()) > 0
 
 
+@pytest.mark.long   # a full ViT compile (twice)
 def test_vit_with_pruning_and_recovery_gives_one_output_per_patch_without_retrace():
     from models.vit import ViT, make_forward
 
@@ -248,6 +250,7 @@ def test_vit_with_pruning_and_recovery_gives_one_output_per_patch_without_retrac
 # -- the dense task and the preset -------------------------------------------------------------------------
 
 
+@pytest.mark.long   # the dense task through a ViT forward
 def test_dense_task_unmerges_pruned_outputs_and_counts_iou():
     import ml_collections
     from models.vit import ViT
