@@ -75,6 +75,7 @@ from reduction.baselines import (  # noqa: E402
 from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select  # noqa: E402
 from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
 from reduction.kmeans_merge import KMeansMerge, kmeans_step  # noqa: E402
+from reduction.tokencorr import TokenCorr, tokencorr_keep  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
