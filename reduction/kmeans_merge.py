@@ -22,8 +22,10 @@ The clustering of one example (:func:`kmeans_assign`), on ``u = metric / |metric
    is an invalid token is never chosen; **each anchor is pinned to its own cluster**;
    (b) centroid ``c_k = normalise(sum_{t in k} w_t u_t)`` with ``w = sizes`` (0 for invalid tokens), i.e. the
    size-weighted spherical mean; a cluster whose weighted sum is 0 keeps its previous centroid;
-   (c) the new anchor of cluster ``k`` is its positive-weight member closest to ``c_k`` (lowest index on ties;
-   the old anchor stays if there is none).
+   (c) the new anchor of cluster ``k`` is its positive-weight member closest to ``c_k``; scores within ``1e-4``
+   of the best count as tied and the lowest index wins (the two members of a 2-member cluster are *exactly*
+   equally close to their spherical mean, so an exact comparison would be decided by rounding); the old anchor
+   stays if there is no positive-weight member.
 3. A final assignment (a) against the last centroids.
 
 Empty clusters: **cannot occur**. The pinned anchor keeps every cluster non-empty (anchors are members of
@@ -64,6 +66,7 @@ from reduction.validate import check_count, check_leading, check_rank, check_rat
 
 COS_EPS = 1e-12
 DEFAULT_ITERATIONS = 10
+ANCHOR_TIE = 1e-4   # anchor scores this close to the best count as tied (a 2-member cluster ties exactly)
 
 
 def stride_seeds(valid: jax.Array, clusters: int) -> jax.Array:
@@ -112,7 +115,7 @@ def kmeans_assign(metric: jax.Array, weights: jax.Array, clusters: int, *, itera
         c = jnp.where(norm > 0, total / jnp.maximum(norm, COS_EPS), c)  # weightless cluster: old centroid
         score = jnp.where(w > 0, jnp.sum(u * c[a], axis=-1), -jnp.inf)
         best = jnp.full((k,), -jnp.inf).at[a].max(score)
-        is_best = (w > 0) & (score == best[a])
+        is_best = (w > 0) & (score >= best[a] - ANCHOR_TIE)          # near ties: the lowest index
         cand = jnp.full((k,), n, jnp.int32).at[a].min(jnp.where(is_best, idx, n))
         return c, jnp.where(cand < n, cand, anchor)
 

@@ -61,11 +61,10 @@ def ref_kmeans(metric, weights, valid, k, iterations):
                 cent[c] = [v / norm for v in total]
             scored = [(dot(u[i], cent[c]), i) for i in members if w[i] > 0]
             if scored:
-                best = max(scored, key=lambda s: (s[0], -s[1]))
-                rest = [s for s, i in scored if i != best[1]]
-                if rest:
-                    margins.append(best[0] - max(rest))
-                anchor[c] = best[1]
+                top = max(s for s, _ in scored)
+                tied = [i for s, i in scored if s >= top - 1e-4]          # near ties: the lowest index
+                margins += [abs(s - (top - 1e-4)) for s, _ in scored]
+                anchor[c] = min(tied)
     return assign(), anchor, min(margins) if margins else math.inf
 
 
@@ -170,6 +169,7 @@ def test_separated_blobs_are_recovered():
 
 
 def test_jit_vmap_gradients_no_retrace():
+    """One compile: the batch, per example under vmap, the gradient; then new data without a retrace."""
     metric, x, sizes = _inputs(5, b=2, t=9)
     red = KMeansMerge(keep=3, iterations=2)
     traces = []
@@ -184,9 +184,12 @@ def test_jit_vmap_gradients_no_retrace():
         return f(m, v), vm, jax.grad(lambda u: jnp.sum(f(m, u) ** 2))(v)
 
     jitted, vm, g = all_three(metric, x)
-    eager = f(metric, x)
-    np.testing.assert_allclose(np.asarray(jitted), np.asarray(eager), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(vm), np.asarray(eager), rtol=1e-6, atol=1e-6)
+    # jit vs the loop reference (stronger than jit vs eager, and without eager's op-by-op compiles: 5 s of CPU)
+    for e in range(2):
+        *_, want, _, margin = ref_merge(x[e], np.ones(9), np.ones(9, bool), 1, 3, 2, metric[e])
+        assert margin > 1e-5
+        np.testing.assert_allclose(np.asarray(jitted[e]), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(vm), np.asarray(jitted), rtol=1e-6, atol=1e-6)
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
     n = len(traces)
     m2, x2, _ = _inputs(6, b=2, t=9)
@@ -227,7 +230,8 @@ def test_runs_in_the_vit():
     assert aux["tokens_per_layer"] == [(17, 17), (17, 7), (7, 7)]
 
 
-@pytest.mark.parametrize("point", ["vision", pytest.param("connector", marks=pytest.mark.long)])
+@pytest.mark.long   # the ViT run covers the block path by default; the tower and connector runs are long
+@pytest.mark.parametrize("point", ["vision", "connector"])
 def test_runs_in_the_vlm(point):
     from models.clip_vision import CLIPVisionConfig
     from models.llama import LlamaConfig

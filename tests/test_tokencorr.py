@@ -187,6 +187,7 @@ def test_runs_in_the_vit_with_validity():
     assert aux["tokens_per_layer"] == [(17, 17), (17, 7), (7, 7)]
 
 
+@pytest.mark.long   # the same reducing block as the ViT run (default)
 def test_runs_in_the_vlm_tower():
     from models.clip_vision import CLIPVisionConfig
     from models.llama import LlamaConfig
