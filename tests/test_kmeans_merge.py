@@ -108,11 +108,11 @@ def _merge(red, x, metric, sizes, valid, p):
 
 _merge_jit = jax.jit(_merge, static_argnums=(0, 5))
 
-CASES = [  # (T, P, keep, iterations, with a validity mask)
-    (21, 1, 6, 10, False),
+CASES = [  # (T, P, keep, iterations, with a validity mask); two by default, the rest in the long suite
     (21, 2, 5, 3, True),
     (19, 0, 7, 0, False),     # the init's assignment only
-    (21, 1, 20, 10, False),   # every candidate its own cluster
+    pytest.param(21, 1, 6, 10, False, marks=pytest.mark.long),
+    pytest.param(21, 1, 20, 10, False, marks=pytest.mark.long),   # every candidate its own cluster
 ]
 
 
@@ -222,12 +222,12 @@ def test_registry_errors_and_cost():
 def test_runs_in_the_vit():
     from models.vit import ViT, ViTConfig, make_forward
 
-    model = ViT(ViTConfig(width=16, depth=3, mlp_dim=32, heads=2, patch_size=8, image_size=32, num_classes=5),
+    model = ViT(ViTConfig(width=16, depth=2, mlp_dim=32, heads=2, patch_size=8, image_size=32, num_classes=5),
                 rngs=nnx.Rngs(0))
-    fwd = make_forward(model, model.build_reducers({"method": "kmeans", "keep": 6, "layers": [1]}))
+    fwd = make_forward(model, model.build_reducers({"method": "kmeans", "keep": 6, "layers": [0]}))
     logits, aux = fwd(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
     assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
-    assert aux["tokens_per_layer"] == [(17, 17), (17, 7), (7, 7)]
+    assert aux["tokens_per_layer"] == [(17, 7), (7, 7)]      # the second block runs on the cluster means
 
 
 @pytest.mark.long   # the ViT run covers the block path by default; the tower and connector runs are long

@@ -65,7 +65,7 @@ def _orders(x, valid):
             divprune_order(x, **kw, valid=valid, criterion="max_sum"), divprune_order(x, kept=x.shape[0]))
 
 
-@pytest.mark.parametrize("n,c,seed", [(16, 8, 0), (29, 16, 1)])
+@pytest.mark.parametrize("n,c,seed", [(16, 8, 0), pytest.param(29, 16, 1, marks=pytest.mark.long)])
 def test_matches_loop_reference(n, c, seed):
     x = _x(n, c, seed)
     valid = np.random.default_rng(seed + 10).random(n) > 0.3

@@ -144,9 +144,12 @@ def test_jit_vmap_gradients_no_retrace():
         return f(a, m, x), vm, jax.grad(lambda v: jnp.sum(f(a, m, v) ** 2))(x)
 
     jitted, vm, g = all_three(attn, metric, hidden)
-    eager = f(attn, metric, hidden)
-    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
-    np.testing.assert_array_equal(np.asarray(vm), np.asarray(eager))
+    # jit vs the loop reference (stronger than jit vs eager, without eager's op-by-op compiles)
+    for e in range(2):
+        idx, _, _, margin = ref_tokencorr(attn[e, :, 0], metric[e], np.ones(9, bool), 1, 4)
+        assert margin > 1e-5
+        np.testing.assert_array_equal(np.asarray(jitted[e]), hidden[e, idx])
+    np.testing.assert_array_equal(np.asarray(vm), np.asarray(jitted))
     assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
     n = len(traces)
     a2, m2, x2 = _inputs(5, b=2, t=9)
@@ -175,6 +178,7 @@ def test_registry_errors_and_cost():
     assert 0.006 < own / block < 0.007                               # 0.66%: within the 10% target
 
 
+@pytest.mark.long   # ~10 s of compile; the kmeans ViT run is the default representative of these methods
 def test_runs_in_the_vit_with_validity():
     from models.vit import ViT, ViTConfig, make_forward
 
