@@ -51,7 +51,7 @@ import jax.numpy as jnp
 
 from reduction import flops as flops_lib
 from reduction.atp import compact_keep
-from reduction.reducers import ATTENTION, METRIC, LayerInfo, Reducer, candidates_kept, pruned_count, register
+from reduction.reducers import ATTENTION, METRIC, LayerInfo, Reducer, pruned_count, register
 from reduction.state import TokenState
 from reduction.step import ReductionStep, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio

@@ -170,7 +170,7 @@ def test_separated_blobs_are_recovered():
 
 def test_jit_vmap_gradients_no_retrace():
     """One compile: the batch, per example under vmap, the gradient; then new data without a retrace."""
-    metric, x, sizes = _inputs(5, b=2, t=9)
+    metric, x, _ = _inputs(5, b=2, t=9)
     red = KMeansMerge(keep=3, iterations=2)
     traces = []
 
