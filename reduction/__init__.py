@@ -77,6 +77,8 @@ from reduction.divprune import DivPrune, divprune_keep_indices, divprune_select 
 from reduction.visionzip import VisionZip, visionzip_step  # noqa: E402
 from reduction.cdpruner import CDPruner, cdpruner_keep_indices, dpp_select  # noqa: E402
 from reduction.script import Script, script_select  # noqa: E402
+from reduction.kmeans_merge import KMeansMerge, kmeans_step  # noqa: E402
+from reduction.tokencorr import TokenCorr, tokencorr_keep  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
 from reduction.pyramiddrop import PyramidDrop, pyramiddrop_official_counts  # noqa: E402
 from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_step  # noqa: E402

@@ -43,6 +43,24 @@ Where this port differs from the official code:
   they fill the remaining slots lowest index first. The LLM span path has no mask (image tokens are real).
 * ``criterion="max_sum"`` (an option, **GUESS**, after ToDRE-style variants): the score is the running *sum* of
   distances to the selected set instead of the minimum; the seed is the same. Not part of DivPrune.
+
+ToDRE stage 1 (Li, Yang, Lu et al., arXiv 2505.18757; ``variant="todre"``). ToDRE keeps a diverse subset of the
+visual tokens after the vision encoder (then, stage 2, drops visual tokens inside the LLM; not here). No code is
+public; the abstracts disagree between versions: v1 (May 2025) names a greedy **k-center** algorithm, v2 (Nov
+2025) a greedy **max-sum diversification**. Reported (abstracts, not re-checked): 90% of the visual tokens
+pruned after the encoder, plus all visual tokens in certain LLM layers, 2.6x faster total inference at 95.0% of
+the performance (v1: 95.1%). This port, all **GUESS** beyond the abstracts:
+
+* ``variant="todre"`` follows v2: ``criterion`` defaults to ``"max_sum"`` (score ``sum_s D[s, j]``, a running
+  sum); ``variant="todre", criterion="max_min"`` is the v1 k-center reading (DivPrune's greedy with ToDRE's seed).
+* Seed (``seed="centroid"``, :func:`centroid_seed`): the valid token most cosine-similar to the mean of the valid
+  unit vectors (the most *representative* token; lowest index on ties), instead of DivPrune's most isolated one.
+  A class-attention seed would fit the paper's ViT setting too, but needs attention, which the connector and the
+  LLM points do not give.
+* Features, distance and order as DivPrune here: the point's hidden states, cosine distance, original order.
+  With cosine distances the max-sum pick is ``argmin_j u_j . sum_{s in S} u_s``: it pushes away from the
+  selected set's mean direction, so it spreads less evenly than max-min (it can pick near-duplicates that are
+  both far from the set); the report compares the two.
 """
 
 from __future__ import annotations
@@ -63,6 +81,8 @@ from reduction.validate import check_count, check_leading, check_rank, check_rat
 
 COS_EPS = 1e-8
 CRITERIA = ("max_min", "max_sum")
+SEEDS = ("isolated", "centroid")
+VARIANTS = {"divprune": ("isolated", "max_min"), "todre": ("centroid", "max_sum")}   # (seed, default criterion)
 _LOW = float(jnp.finfo(jnp.float32).min)   # score of an invalid token: below every distance, above -inf
 
 
@@ -70,6 +90,37 @@ def _check_criterion(criterion: str) -> str:
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     return criterion
+
+
+def _check_seed(seed: str) -> str:
+    if seed not in SEEDS:
+        raise ValueError(f"seed must be one of {SEEDS}, got {seed!r}")
+    return seed
+
+
+def _check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(VARIANTS)}, got {variant!r}")
+    return variant
+
+
+def resolve_variant(variant: str, criterion: Optional[str]) -> tuple[str, str]:
+    """``(seed, criterion)`` of a variant; ``criterion=None`` takes the variant's own (DivPrune: max-min, ToDRE:
+    max-sum)."""
+    seed, default = VARIANTS[_check_variant(variant)]
+    return seed, _check_criterion(default if criterion is None else criterion)
+
+
+def centroid_seed(x: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
+    """ToDRE's seed (**GUESS**): ``x: [N, C]`` -> the valid token whose unit vector is most cosine-similar to the
+    mean of the valid unit vectors (lowest index on ties; the first valid token when the mean is 0)."""
+    check_rank(x, 2, "x")
+    v = jax.lax.stop_gradient(x).astype(jnp.float32)
+    u = v / jnp.maximum(jnp.sqrt(jnp.sum(v * v, axis=-1, keepdims=True)), COS_EPS)
+    ok = jnp.ones((x.shape[0],), bool) if valid is None else valid.astype(bool)
+    mean = jnp.sum(jnp.where(ok[:, None], u, 0.0), axis=0)
+    score = jnp.einsum("nc,c->n", u, mean, precision=jax.lax.Precision.HIGHEST)
+    return jnp.argmax(jnp.where(ok, score, -jnp.inf)).astype(jnp.int32)
 
 
 def cosine_distances(x: jax.Array) -> jax.Array:
@@ -81,16 +132,18 @@ def cosine_distances(x: jax.Array) -> jax.Array:
 
 
 def divprune_order(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *,
-                   criterion: str = "max_min") -> jax.Array:
+                   criterion: str = "max_min", seed: str = "isolated") -> jax.Array:
     """The greedy picks of one example in the order they were made: ``x: [N, C]`` -> ``[kept]`` int32.
 
-    ``order[0]`` is the seed (the most isolated valid token) and ``order[:k]`` is the selection for any
-    ``k <= kept``. ``valid: [N]`` bool or ``None``. Integer output, not differentiable.
+    ``order[0]`` is the seed (``"isolated"``: the most isolated valid token, DivPrune; ``"centroid"``:
+    :func:`centroid_seed`, ToDRE) and ``order[:k]`` is the selection for any ``k <= kept``. ``valid: [N]`` bool
+    or ``None``. Integer output, not differentiable.
     """
     check_rank(x, 2, "x")
     n = x.shape[0]
     kept = check_count(kept, "kept")
     _check_criterion(criterion)
+    _check_seed(seed)
     if kept > n:
         raise ValueError(f"kept={kept} exceeds the token count N={n}")
     if valid is not None:
@@ -103,11 +156,14 @@ def divprune_order(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *
     d = cosine_distances(jax.lax.stop_gradient(x))
     ok = jnp.ones((n,), bool) if valid is None else valid.astype(bool)
 
-    # Seed: second smallest of every column (diagonal kept), invalid rows are not neighbours.
-    cols = jnp.where(ok[:, None], d, jnp.inf).T                    # row j of cols = column j of D
-    neg, _ = jax.lax.top_k(-cols, 2)
-    isolation = -neg[:, 1]
-    seed = jnp.argmax(jnp.where(ok, isolation, _LOW)).astype(jnp.int32)
+    if seed == "centroid":
+        seed = centroid_seed(x, ok)
+    else:
+        # Seed: second smallest of every column (diagonal kept), invalid rows are not neighbours.
+        cols = jnp.where(ok[:, None], d, jnp.inf).T                # row j of cols = column j of D
+        neg, _ = jax.lax.top_k(-cols, 2)
+        isolation = -neg[:, 1]
+        seed = jnp.argmax(jnp.where(ok, isolation, _LOW)).astype(jnp.int32)
 
     order = jnp.zeros((kept,), jnp.int32).at[0].set(seed)
     selected = jnp.zeros((n,), bool).at[seed].set(True)
@@ -125,14 +181,14 @@ def divprune_order(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *
 
 
 def divprune_select(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *,
-                    criterion: str = "max_min") -> jax.Array:
+                    criterion: str = "max_min", seed: str = "isolated") -> jax.Array:
     """DivPrune's kept tokens of one example: ``x: [N, C]`` (``valid: [N]`` or ``None``) -> ``[kept]`` int32
     ascending, unique."""
-    return jnp.sort(divprune_order(x, kept, valid, criterion=criterion))
+    return jnp.sort(divprune_order(x, kept, valid, criterion=criterion, seed=seed))
 
 
 def divprune_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, valid: Optional[jax.Array] = None,
-                          criterion: str = "max_min") -> jax.Array:
+                          criterion: str = "max_min", seed: str = "isolated") -> jax.Array:
     """Batched DivPrune: the first ``num_protected`` tokens always survive, ``keep`` are selected among the rest.
 
     ``x: [B, T, C]``, ``valid: [B, T]`` bool or ``None`` -> ``keep_idx: [B, num_protected + keep]`` int32
@@ -154,18 +210,21 @@ def divprune_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, va
         return prefix
     cand = x[:, p:]
     if valid is None:
-        sel = jax.vmap(lambda xb: divprune_select(xb, keep, criterion=criterion))(cand)
+        sel = jax.vmap(lambda xb: divprune_select(xb, keep, criterion=criterion, seed=seed))(cand)
     else:
-        sel = jax.vmap(lambda xb, vb: divprune_select(xb, keep, vb, criterion=criterion))(cand, valid[:, p:])
+        sel = jax.vmap(lambda xb, vb: divprune_select(xb, keep, vb, criterion=criterion, seed=seed))(
+            cand, valid[:, p:])
     return jnp.concatenate([prefix, sel + p], axis=1)
 
 
-def divprune_flops(candidates: int, kept: int, dim: int) -> int:
+def divprune_flops(candidates: int, kept: int, dim: int, seed: str = "isolated") -> int:
     """The selection's cost on ``candidates`` tokens of width ``dim``: the ``N x N`` Gram matrix
-    (``2 N^2 C``), row normalisation (``3 N C``), ``1 - cos`` (``N^2``), the seed's top-2 per column (about
-    ``2 N^2`` comparisons) and ``kept`` picks of a running-min update plus an argmax (``2 kept N``)."""
+    (``2 N^2 C``), row normalisation (``3 N C``), ``1 - cos`` (``N^2``), the seed (isolated: top-2 per column,
+    about ``2 N^2`` comparisons; centroid: the mean and ``N`` dot products, ``3 N C``) and ``kept`` picks of a
+    running-min (or sum) update plus an argmax (``2 kept N``)."""
     n = candidates
-    return (flops_lib.cosine_rows_flops(n, n, dim) + 3 * n * dim + n * n + 2 * n * n + 2 * kept * n)
+    seed_cost = 2 * n * n if _check_seed(seed) == "isolated" else 3 * n * dim
+    return flops_lib.cosine_rows_flops(n, n, dim) + 3 * n * dim + n * n + seed_cost + 2 * kept * n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,9 +234,14 @@ class DivPrune(Reducer):
 
     keep_ratio: float = 0.5
     keep: Optional[int] = None
-    criterion: str = "max_min"
+    criterion: Optional[str] = None
+    variant: str = "divprune"
     needs: ClassVar[frozenset] = frozenset({HIDDEN})
     spans: ClassVar[bool] = True
+
+    @property
+    def _rule(self) -> tuple[str, str]:
+        return resolve_variant(self.variant, self.criterion)
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
         return pruned_count(num_tokens, info, self.keep_ratio, self.keep)
@@ -185,37 +249,44 @@ class DivPrune(Reducer):
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
         feats = info.hidden if info.hidden is not None else state.x
         t = state.num_tokens
+        seed, criterion = self._rule
         if info.in_spans:
             kept = candidates_kept(info.image_len, self.keep_ratio, self.keep)
-            idx = span_keep_indices(lambda span: divprune_select(span, kept, criterion=self.criterion), feats,
+            idx = span_keep_indices(lambda span: divprune_select(span, kept, criterion=criterion, seed=seed), feats,
                                     info.image_starts, image_len=info.image_len, kept=kept)
         else:
             p = min(info.num_protected, t)
             idx = divprune_keep_indices(feats, keep=self.num_out(t, info) - p, num_protected=p, valid=state.valid,
-                                        criterion=self.criterion)
+                                        criterion=criterion, seed=seed)
         return prune_step(idx, t)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         """Counted on all ``num_tokens`` tokens (the reducer does not see the protected prefix or the spans
         here), so an upper bound where only some tokens are candidates."""
-        return divprune_flops(num_tokens, candidates_kept(num_tokens, self.keep_ratio, self.keep), dim)
+        return divprune_flops(num_tokens, candidates_kept(num_tokens, self.keep_ratio, self.keep), dim,
+                              seed=self._rule[0])
 
 
 @register("divprune", points=("vit", "vision", "connector", "llm"))
 def _divprune_layers(num_layers: int, keep_ratio: float = 0.5, keep: Optional[int] = None,
-                     criterion: str = "max_min", layers=None) -> list[Optional[Reducer]]:
+                     criterion: Optional[str] = None, variant: str = "divprune", layers=None
+                     ) -> list[Optional[Reducer]]:
     """DivPrune (Alvar et al. 2025): keep the ``keep_ratio`` (or ``keep``) most diverse candidates by greedy
-    max-min cosine distance. ``criterion="max_sum"`` is a guessed variant (running sum of distances)."""
+    max-min cosine distance. ``variant="todre"``: ToDRE stage 1 (GUESS port: centroid seed, greedy max-sum;
+    ``criterion="max_min"`` for its v1 k-center). ``criterion`` (default: the variant's) ``"max_sum"`` on DivPrune
+    is a guessed variant (running sum of distances)."""
     keep_ratio = check_ratio(keep_ratio, "keep_ratio")
     if keep is not None:
         keep = check_count(keep, "keep", allow_zero=False)
-    _check_criterion(criterion)
-    red = DivPrune(keep_ratio=keep_ratio, keep=keep, criterion=criterion)
+    resolve_variant(variant, criterion)
+    red = DivPrune(keep_ratio=keep_ratio, keep=keep, criterion=criterion, variant=variant)
     chosen = set(default_layers(num_layers) if layers is None else layers)
     return [red if i in chosen else None for i in range(num_layers)]
 
 
 __all__ = [
+    "centroid_seed",
+    "resolve_variant",
     "cosine_distances",
     "divprune_order",
     "divprune_select",
