@@ -284,6 +284,16 @@ def _divprune_layers(num_layers: int, keep_ratio: float = 0.5, keep: Optional[in
     return [red if i in chosen else None for i in range(num_layers)]
 
 
+@register("todre", points=("vit", "vision", "connector", "llm"))
+def _todre_layers(num_layers: int, keep_ratio: float = 0.5, keep: Optional[int] = None,
+                  criterion: Optional[str] = None, layers=None) -> list[Optional[Reducer]]:
+    """ToDRE stage 1 (GUESS port): DivPrune's ``variant="todre"`` (centroid seed, greedy max-sum; ``criterion=
+    "max_min"`` for its v1 k-center), registered under its own name so sweeps over every method compare it with
+    DivPrune."""
+    return _divprune_layers(num_layers, keep_ratio=keep_ratio, keep=keep, criterion=criterion, variant="todre",
+                            layers=layers)
+
+
 __all__ = [
     "centroid_seed",
     "resolve_variant",

@@ -152,3 +152,14 @@ def test_runs_in_the_vit_and_the_vlm_tower():
     feats = nnx.jit(lambda m, im: m.encode_images(im, plan))(vlm, jax.random.normal(jax.random.key(1),
                                                                                       (2, 16, 16, 3)))
     assert feats.shape[:2] == (2, 6) and bool(jnp.all(jnp.isfinite(feats)))
+
+
+def test_todre_is_registered_under_its_own_name():
+    import reduction as R
+
+    for point in ("vit", "vision", "connector", "llm"):
+        assert "todre" in R.available_methods(point)
+    assert (R.build_layer_reducers(12, {"method": "todre", "keep": 5})
+            == R.build_layer_reducers(12, {"method": "divprune", "variant": "todre", "keep": 5}))
+    with pytest.raises(R.SpecError, match="variant"):
+        R.build_layer_reducers(12, {"method": "todre", "variant": "divprune"})
