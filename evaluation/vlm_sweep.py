@@ -123,7 +123,9 @@ def _decode_ms(model, task, tcfg, params_batch, repeats: int, steps: int) -> flo
     from training.tasks import batch_images
 
     ids, valid = task.prompt(params_batch)
-    x, starts = model.prompt_embeddings(ids, batch_images(params_batch, tcfg), task.plan)
+    x, starts, token_valid = model.prompt_embeddings(ids, batch_images(params_batch, tcfg), task.plan)
+    if token_valid is not None:
+        valid = valid & token_valid
     state = start_decoding(model.language_model, x, valid, max_new_tokens=steps + 1, reducers=task.plan.llm,
                            image_starts=starts, image_len=task.image_tokens)
     state = decode_next(state)            # the first call compiles

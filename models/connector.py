@@ -73,10 +73,12 @@ def connector_flops(reducers: Optional[Sequence[Optional[Reducer]]], num_tokens:
 
 
 def connector_reduce(reducers: Optional[Sequence[Optional[Reducer]]], feats: jax.Array,
-                     rng: Optional[jax.Array] = None, num_protected: int = 0) -> TokenState:
-    """``feats: [B, N, C] -> TokenState`` with ``x: [B, K, C]`` (sizes; positions = patch indices)."""
+                     rng: Optional[jax.Array] = None, num_protected: int = 0,
+                     valid: Optional[jax.Array] = None) -> TokenState:
+    """``feats: [B, N, C] -> TokenState`` with ``x: [B, K, C]`` (sizes; positions = patch indices). ``valid [B, N]``:
+    the tower's validity (a capacity-padded reducer in the tower); invalid features stay invalid."""
     check_rank(feats, 3, "feats")
-    state = init_state(feats)
+    state = init_state(feats, valid=None if valid is None else valid.astype(bool))
     for layer, red in enumerate(reducers or ()):
         if red is None:
             continue

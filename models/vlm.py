@@ -141,23 +141,41 @@ class VLM(nnx.Module):
     def _num_protected(self) -> int:
         return getattr(self.vision_tower, "num_protected", 0)
 
-    def encode_images(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()) -> jax.Array:
-        """``images: [B, H, W, 3]`` -> projected image tokens ``[B, K, C]`` (reduction points (a) and (b))."""
-        feats, _ = self.vision_tower(images, reducers=plan.vision)
-        state = connector_reduce(plan.connector, feats, num_protected=self._num_protected)
-        return self.multi_modal_projector(state.x)
+    def image_tokens(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
+        """``images: [B, H, W, 3]`` -> ``(tokens [B, K, C], valid [B, K] bool or None)``: the projected image tokens
+        after reduction points (a) and (b), and which of them are real (``None``: all; a capacity-padded reducer
+        such as ATP or tokencorr in the tower or at the connector leaves invalid slots, which the LLM masks)."""
+        feats, aux = self.vision_tower(images, reducers=plan.vision)
+        state = connector_reduce(plan.connector, feats, num_protected=self._num_protected, valid=aux.get("valid"))
+        return self.multi_modal_projector(state.x), state.valid
 
-    def embed(self, ids: jax.Array, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
-        """``ids: [B, T]`` with ``K`` placeholders each -> ``(x [B, T, C], is_image [B, T])``."""
+    def encode_images(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()) -> jax.Array:
+        """``images: [B, H, W, 3]`` -> projected image tokens ``[B, K, C]`` (see :meth:`image_tokens`)."""
+        return self.image_tokens(images, plan)[0]
+
+    def embed(self, ids: jax.Array, images: jax.Array, plan: ReductionPlan = ReductionPlan(), *,
+              return_valid: bool = False):
+        """``ids: [B, T]`` with ``K`` placeholders each -> ``(x [B, T, C], is_image [B, T])``; with ``return_valid``
+        also ``token_valid [B, T]`` bool (``False`` at image slots a reducer left invalid) or ``None``."""
         check_rank(ids, 2, "ids")
         is_image = ids == self.cfg.image_token_id
         text = self.language_model.embed(jnp.where(is_image, 0, ids))
-        return place_image_tokens(text, self.encode_images(images, plan), is_image), is_image
+        tokens, image_valid = self.image_tokens(images, plan)
+        x = place_image_tokens(text, tokens, is_image)
+        if not return_valid:
+            return x, is_image
+        token_valid = None
+        if image_valid is not None:
+            placed = place_image_tokens(jnp.ones(ids.shape + (1,), jnp.float32),
+                                        image_valid[..., None].astype(jnp.float32), is_image)
+            token_valid = placed[..., 0] > 0.5
+        return x, is_image, token_valid
 
     def prompt_embeddings(self, ids: jax.Array, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
         """Compiled :meth:`embed` for generation: ``ids [B, T]``, ``images [B, H, W, 3]`` -> ``(x [B, T, C],
-        image_starts [B])``, the inputs of :func:`models.generate.start_decoding` (with ``plan.llm`` and
-        :meth:`num_image_tokens` as its reducers and ``image_len``)."""
+        image_starts [B], token_valid [B, T] bool or None)``, the inputs of :func:`models.generate.start_decoding`
+        (its ``valid`` is the prompt's validity ``& token_valid``; ``plan.llm`` and :meth:`num_image_tokens` are its
+        reducers and ``image_len``)."""
         return _embed_jit(*nnx.split(self), jnp.asarray(ids, jnp.int32), images, plan=plan)
 
     def flops(self, plan: ReductionPlan = ReductionPlan(), *, text_tokens: int, logits_tokens: int = 1) -> dict:
@@ -184,7 +202,9 @@ class VLM(nnx.Module):
         """Scoring forward: ``-> (logits [B, T', V] float32, aux)``; ``T' < T`` under in-LLM pruning.
         ``last_logits``: the head runs on the last position only (``[B, 1, V]``)."""
         valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
-        x, is_image = self.embed(ids, images, plan)
+        x, is_image, token_valid = self.embed(ids, images, plan, return_valid=True)
+        if token_valid is not None:
+            valid = valid & token_valid
         lm = self.language_model
         h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid, reducers=plan.llm,
                                       image_starts=image_starts_from_mask(is_image),
@@ -199,7 +219,9 @@ class VLM(nnx.Module):
         ``tokens [B, R]`` (see :func:`models.generate.generate_from_embeds`)."""
         valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid, bool)
         n_img = self.num_image_tokens(plan)
-        x, starts = self.prompt_embeddings(ids, images, plan)
+        x, starts, token_valid = self.prompt_embeddings(ids, images, plan)
+        if token_valid is not None:
+            valid = valid & token_valid
         return generate_from_embeds(self.language_model, x, valid, max_new_tokens=max_new_tokens,
                                     stop_tokens=stop_tokens, sampling=sampling, rng=rng, pad_id=pad_id,
                                     reducers=plan.llm, image_starts=starts, image_len=n_img,
@@ -209,8 +231,8 @@ class VLM(nnx.Module):
 @functools.partial(jax.jit, static_argnames=("graphdef", "plan"))
 def _embed_jit(graphdef, params, ids, images, *, plan):
     model = nnx.merge(graphdef, params)
-    x, is_image = model.embed(ids, images, plan)
-    return x, image_starts_from_mask(is_image)
+    x, is_image, token_valid = model.embed(ids, images, plan, return_valid=True)
+    return x, image_starts_from_mask(is_image), token_valid
 
 
 def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, num_image_tokens: int,

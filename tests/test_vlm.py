@@ -274,3 +274,40 @@ def test_llm_reducer_must_act_after_layer_zero(vlm, images):
     ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=16)
     with pytest.raises(ValueError, match="before layer K >= 1"):
         vlm(ids, images, valid=valid, plan=ReductionPlan(llm=_at(0, KeepAll())))
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSmallNorm(R.Reducer):
+    """Test reducer: a capacity-padded tower step (as ATP / tokencorr make): every slot stays, the patches whose
+    hidden norm is below the example's median become invalid (a data-dependent count per image)."""
+
+    needs = frozenset({R.HIDDEN})
+
+    def num_out(self, num_tokens, info):
+        return num_tokens
+
+    def plan(self, state, info):
+        b, t = state.x.shape[:2]
+        norm = jnp.linalg.norm(info.hidden, axis=-1)
+        keep = (norm >= jnp.median(norm[:, 1:], axis=1, keepdims=True)) | (jnp.arange(t) < info.num_protected)[None]
+        return R.prune_step(jnp.broadcast_to(jnp.arange(t), (b, t)), t, valid=keep)
+
+
+def test_tower_slots_left_invalid_are_masked_in_the_llm_like_removed_tokens(vlm, images):
+    """A capacity-padded reducer in the tower leaves invalid image slots; the LLM must treat them as absent: each
+    example's last logits equal the LM run on its sequence with those image tokens physically removed."""
+    plan = ReductionPlan(vision=(MaskSmallNorm(),) + (None,) * (vlm.vision_layers - 1))
+    k = vlm.num_image_tokens(plan)
+    ids, valid = build_prompts(PROMPTS, image_token_id=IMG, num_image_tokens=k)
+    logits, _ = _score(vlm, ids, images, valid, plan)
+    tokens, image_valid = nnx.jit(lambda m, x: m.image_tokens(x, plan))(vlm, images)
+    assert image_valid is not None and not bool(jnp.all(image_valid))
+    lm = vlm.language_model
+    for b, prompt in enumerate(PROMPTS):
+        at = prompt.index(IMG)
+        text = lm.embed(jnp.asarray([prompt[:at] + prompt[at + 1:]]))[0]
+        kept = tokens[b][np.asarray(image_valid[b])]
+        x = jnp.concatenate([text[:at], kept, text[at:]])[None]
+        ok = jnp.ones(x.shape[:2], bool)
+        h, _, _ = lm.prefill_embeds(x, jnp.arange(x.shape[1])[None], ok)
+        np.testing.assert_allclose(np.asarray(logits[b, -1]), np.asarray(lm.logits(h[:, -1:])[0, 0]), atol=2e-5)
