@@ -105,11 +105,18 @@ def spec_from_node(node) -> dict:
 def check_spec_node(path: str, node) -> None:
     """Raise :class:`ConfigError` when the spec at ``path`` names an unknown method or option."""
     import reduction as R
+    from reduction.reducers import method_info
 
     spec = spec_from_node(node)
     point = spec.pop("point", SPEC_NODES.get(path) or "vit")
     if path.startswith("options."):
+        # fixed options of a method, whatever point it runs at in the sweep: check them at one of its own points
         spec.setdefault("method", path.split(".", 1)[1])
+        if "point" not in node:
+            try:
+                point = method_info(spec["method"]).points[0]
+            except R.SpecError as err:
+                raise ConfigError(f"{path}: {err}") from None
     if point == "none" or spec.get("method", "none") == "none":
         return
     if point in ("vision", "connector", "llm") or point == "vit":
