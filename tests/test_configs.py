@@ -83,3 +83,11 @@ def test_spec_fields_are_overridable_one_by_one():
         spec("model.plan.point=llm", "model.plan.method=tome", name="vlm_connector")
     with pytest.raises(configs.ConfigError, match="must be a dict spec"):
         spec("model.reduction=tome")
+
+
+def test_eval_presets_check_fixed_options_at_the_methods_own_points():
+    for name in configs.available_configs():
+        if name.startswith("eval"):
+            configs.load_config(name)              # options.<llm-only method> is checked at the llm point
+    with pytest.raises(configs.ConfigError, match=r"options\.pyramiddrop: unknown option 'typo'"):
+        configs.load_config("eval_vlm_methods", ["options.pyramiddrop.typo=3"])
