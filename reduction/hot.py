@@ -74,10 +74,15 @@ def _check_represent(represent: str) -> str:
     return represent
 
 
-def dpc_knn_scores(x: jax.Array, *, knn: int = 2, valid: Optional[jax.Array] = None):
+def dpc_knn_scores(x: jax.Array, *, knn: int = 2, valid: Optional[jax.Array] = None, ties: str = "lower_index"):
     """DPC-kNN of one example: ``x: [N, C]``, ``valid: [N]`` bool or ``None`` -> ``(score [N], dist [N, N])``
     float32. ``score = delta * rho`` (steps 1-4 of the module docstring), ``-inf`` on invalid tokens;
-    ``dist = cdist / sqrt(C)``. Not differentiated (the inputs pass through ``stop_gradient``)."""
+    ``dist = cdist / sqrt(C)``. Not differentiated (the inputs pass through ``stop_gradient``). The one DPC-kNN of
+    the library (HoT's token clustering and SparseVLM's recycling both use it). ``ties``: which of two tokens of
+    equal density is "denser" for ``delta``: ``"lower_index"`` (a total order, so exactly one token has no denser
+    one) or ``"strict"`` (neither, SparseVLM's code: ``rho_j > rho_i``)."""
+    if ties not in ("lower_index", "strict"):
+        raise ValueError(f"ties must be 'lower_index' or 'strict', got {ties!r}")
     check_rank(x, 2, "x")
     n, c = x.shape
     knn = check_count(knn, "knn", allow_zero=False)
@@ -95,7 +100,9 @@ def dpc_knn_scores(x: jax.Array, *, knn: int = 2, valid: Optional[jax.Array] = N
     near = jnp.where(jnp.isfinite(near), near, 0.0)          # fewer valid tokens than knn: missing ones count as 0
     rho = jnp.exp(-jnp.mean(near * near, axis=-1))
     idx = jnp.arange(n)
-    denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
+    denser = rho[None, :] > rho[:, None]
+    if ties == "lower_index":
+        denser = denser | ((rho[None, :] == rho[:, None]) & (idx[None, :] < idx[:, None]))
     denser = denser & ok[None, :]
     d_max = jnp.max(jnp.where(pair, d, 0.0))
     delta = jnp.min(jnp.where(denser, d, d_max), axis=-1)

@@ -116,21 +116,15 @@ def dpc_knn(x: jax.Array, num_clusters: int) -> tuple[jax.Array, jax.Array]:
     cluster. ``d = ||x_i - x_j|| / sqrt(C)``; ``rho_i = exp(-mean of the c smallest d_i.^2)`` (itself included);
     ``delta_i`` = the distance to the nearest denser token, or ``max(d)`` for a token with none.
     """
+    from reduction.hot import dpc_knn_scores
+
     check_rank(x, 2, "x")
-    n, ch = x.shape
+    n = x.shape[0]
     c = check_count(num_clusters, "num_clusters", allow_zero=False)
     if c > n:
         raise ValueError(f"num_clusters={c} exceeds the {n} tokens")
-    xf = x.astype(jnp.float32)
-    sq = jnp.sum(xf * xf, axis=-1)
-    gram = jnp.einsum("ic,jc->ij", xf, xf, precision=jax.lax.Precision.HIGHEST)
-    d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-    d = jnp.where(jnp.eye(n, dtype=bool), 0.0, jnp.sqrt(d2)) / jnp.sqrt(jnp.float32(ch))
-    nearest = -jax.lax.top_k(-d, c)[0]
-    rho = jnp.exp(-jnp.mean(nearest ** 2, axis=-1))
-    denser = rho[None, :] > rho[:, None]
-    delta = jnp.min(jnp.where(denser, d, jnp.max(d)), axis=-1)
-    _, centres = jax.lax.top_k(delta * rho, c)
+    score, d = dpc_knn_scores(x, knn=c, ties="strict")          # the official k of the kNN density is c
+    _, centres = jax.lax.top_k(score, c)
     centres = centres.astype(jnp.int32)
     assign = jnp.argmin(d[centres], axis=0).astype(jnp.int32)
     assign = assign.at[centres].set(jnp.arange(c, dtype=jnp.int32))
