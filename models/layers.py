@@ -133,6 +133,8 @@ class Attention(nnx.Module):
     def project(self, x: jax.Array, positions: Optional[jax.Array] = None):
         """``x: [B, T, C]`` -> ``q [B, T, H, Dh]``, ``k, v [B, T, G, Dh]``, RoPE applied to q and k when the module
         has ``rope_theta`` (then ``positions: [B, T]`` int is required)."""
+        if self.rope_theta is not None and positions is None:
+            raise ValueError("this attention applies RoPE: positions [B, T] are required")
         b, t, _ = x.shape
         h, g, dh = self.heads, self.num_kv_heads, self.head_dim
         if self.fused_qkv:
@@ -143,8 +145,6 @@ class Attention(nnx.Module):
             k = self.k_proj(x).reshape(b, t, g, dh)
             v = self.v_proj(x).reshape(b, t, g, dh)
         if self.rope_theta is not None:
-            if positions is None:
-                raise ValueError("this attention applies RoPE: positions [B, T] are required")
             cos, sin = rope_cos_sin(positions, dh, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q, k, v
