@@ -1,4 +1,6 @@
-"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` and ``Dinov2Model`` checkpoints (no PyTorch).
+"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` and ``Dinov2Model`` checkpoints (no PyTorch), and the
+name map of ``CLIPVisionModel`` weights onto the CLIP configuration of the ViT (:func:`convert_hf_clip`, used by
+:mod:`loaders.hf_llava`).
 
 Reads ``model.safetensors`` with ``safetensors.numpy`` and ``config.json`` with ``json``; maps the HF names onto
 :class:`models.vit.ViT` (separate q/k/v linears are fused into our ``qkv``).
@@ -131,6 +133,45 @@ def convert_hf(tensors: Mapping[str, np.ndarray], cfg: ViTConfig, *, model_type:
     return out, origin, src
 
 
+def convert_hf_clip(src, cfg: ViTConfig, *, prefix: str = "", src_prefix: str = "") -> dict[str, Optional[np.ndarray]]:
+    """HF ``CLIPVisionModel`` names (``<src_prefix>embeddings.*``, ``pre_layrnorm``, ``encoder.layers.<i>.*``,
+    ``post_layernorm``) -> ``{<prefix><our ViT path>: array}`` for the CLIP configuration of :class:`ViT`
+    (:func:`models.clip_vision.clip_vit_config`). ``src``: a key tracker whose ``get`` returns ``None`` for an absent
+    key (that path then maps to ``None``, i.e. *missing*). The q/k/v linears are fused into ``qkv``; the class
+    embedding ``[C]`` becomes ``cls_token [1, 1, C]`` and the position table ``[N + 1, C]`` ``pos_embed
+    [1, N + 1, C]``; CLIP's ``post_layernorm`` is the ViT's final ``norm``."""
+    s, d = src_prefix, prefix
+
+    def opt(fn, a):
+        return None if a is None else fn(a)
+
+    out = {
+        d + "patch_embed.proj.kernel": opt(torch_conv, src.get(s + "embeddings.patch_embedding.weight")),
+        d + "cls_token": opt(lambda a: a.reshape(1, 1, -1), src.get(s + "embeddings.class_embedding")),
+        d + "pos_embed": opt(lambda a: a[None], src.get(s + "embeddings.position_embedding.weight")),
+        d + "norm_pre.scale": src.get(s + "pre_layrnorm.weight"),
+        d + "norm_pre.bias": src.get(s + "pre_layrnorm.bias"),
+        d + "norm.scale": src.get(s + "post_layernorm.weight"),
+        d + "norm.bias": src.get(s + "post_layernorm.bias"),
+    }
+    src.skip(s + "embeddings.position_ids")
+    for i in range(cfg.depth):
+        p, o = f"{s}encoder.layers.{i}.", f"{d}blocks.{i}."
+        for theirs, ours in (("layer_norm1", "norm1"), ("layer_norm2", "norm2")):
+            out[o + f"{ours}.scale"] = src.get(p + f"{theirs}.weight")
+            out[o + f"{ours}.bias"] = src.get(p + f"{theirs}.bias")
+        qkv_w = [src.get(p + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
+        qkv_b = [src.get(p + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
+        out[o + "attn.qkv.kernel"] = None if any(w is None for w in qkv_w) else torch_linear(np.concatenate(qkv_w))
+        out[o + "attn.qkv.bias"] = None if any(b is None for b in qkv_b) else np.concatenate(qkv_b)
+        out[o + "attn.proj.kernel"] = opt(torch_linear, src.get(p + "self_attn.out_proj.weight"))
+        out[o + "attn.proj.bias"] = src.get(p + "self_attn.out_proj.bias")
+        for n in ("fc1", "fc2"):
+            out[o + f"mlp.{n}.kernel"] = opt(torch_linear, src.get(p + f"mlp.{n}.weight"))
+            out[o + f"mlp.{n}.bias"] = src.get(p + f"mlp.{n}.bias")
+    return out
+
+
 def load_params_into(model: ViT, tensors: Mapping[str, np.ndarray], *, model_type: str, source: str,
                      strict: bool = True) -> LoadReport:
     """Write an HF state dict into an existing model; returns the :class:`LoadReport`."""
@@ -165,4 +206,4 @@ def load_hf_dinov2(path, *, strict: bool = True, **config_overrides) -> tuple[Vi
     return load_hf_vit(path, strict=strict, **config_overrides)
 
 
-__all__ = ["config_from_hf", "convert_hf", "load_params_into", "load_hf_vit", "load_hf_dinov2"]
+__all__ = ["config_from_hf", "convert_hf", "convert_hf_clip", "load_params_into", "load_hf_vit", "load_hf_dinov2"]

@@ -35,10 +35,12 @@ from typing import Any, Mapping, Optional
 import numpy as np
 from flax import nnx
 
-from models.clip_vision import CLIPVisionConfig
+from models.clip_vision import clip_tower_config
+from models.vision_tower import ViTTowerConfig
+from loaders.hf import convert_hf_clip
 from models.llama import Llama, LlamaConfig
 from loaders.clip_image import ClipImageProcessor
-from loaders.common import KeyTracker, LoadError, LoadReport, assign_params, torch_conv, torch_linear
+from loaders.common import KeyTracker, LoadError, LoadReport, assign_params, torch_linear
 from models.vlm import VLM, VLMConfig
 
 # Canonical prefixes: "lm." (decoder body), "lm_head.", "vision.", "projector.".
@@ -187,7 +189,8 @@ def llama_config_from_hf(hf: Mapping[str, Any], **overrides) -> LlamaConfig:
     return LlamaConfig(**kw)
 
 
-def clip_config_from_hf(hf: Mapping[str, Any], *, feature_layer: int, strategy: str, **overrides) -> CLIPVisionConfig:
+def clip_config_from_hf(hf: Mapping[str, Any], *, feature_layer: int, strategy: str, **overrides) -> ViTTowerConfig:
+    """The tower config (:func:`models.clip_vision.clip_tower_config`) of an HF ``CLIPVisionConfig`` dict."""
     if hf.get("hidden_act", "quick_gelu") != "quick_gelu":
         raise ValueError(f"vision hidden_act={hf.get('hidden_act')!r} is not supported (only 'quick_gelu')")
     if strategy not in ("default", "full"):
@@ -201,7 +204,7 @@ def clip_config_from_hf(hf: Mapping[str, Any], *, feature_layer: int, strategy: 
         norm_eps=float(hf.get("layer_norm_eps", 1e-5)), feature_layer=feature_layer, drop_cls=strategy == "default",
     )
     kw.update(overrides)
-    return CLIPVisionConfig(**kw)
+    return clip_tower_config(**kw)
 
 
 class _Source(KeyTracker):
@@ -238,39 +241,6 @@ def _convert_lm(src: KeyTracker, cfg: LlamaConfig, prefix: str) -> dict[str, np.
     else:
         out[f"{prefix}lm_head.kernel"] = _linear_or_none(src.get("lm_head.weight"))
     return out
-
-
-def _convert_clip(src: KeyTracker, cfg: CLIPVisionConfig, prefix: str) -> dict[str, np.ndarray]:
-    out = {
-        f"{prefix}patch_embed.proj.kernel": _conv_or_none(src.get("vision.embeddings.patch_embedding.weight")),
-        f"{prefix}patch_embed.proj.bias": np.zeros((cfg.dim,), np.float32),  # CLIP's patch conv has no bias
-        f"{prefix}class_embedding": src.get("vision.embeddings.class_embedding"),
-        f"{prefix}position_embedding": src.get("vision.embeddings.position_embedding.weight"),
-        f"{prefix}pre_layrnorm.scale": src.get("vision.pre_layrnorm.weight"),
-        f"{prefix}pre_layrnorm.bias": src.get("vision.pre_layrnorm.bias"),
-        f"{prefix}post_layernorm.scale": src.get("vision.post_layernorm.weight"),
-        f"{prefix}post_layernorm.bias": src.get("vision.post_layernorm.bias"),
-    }
-    src.skip("vision.embeddings.position_ids")
-    for i in range(cfg.num_layers):
-        s, d = f"vision.encoder.layers.{i}.", f"{prefix}layers.{i}."
-        for n in ("layer_norm1", "layer_norm2"):
-            out[d + f"{n}.scale"] = src.get(s + f"{n}.weight")
-            out[d + f"{n}.bias"] = src.get(s + f"{n}.bias")
-        qkv_w = [src.get(s + f"self_attn.{n}_proj.weight") for n in ("q", "k", "v")]
-        qkv_b = [src.get(s + f"self_attn.{n}_proj.bias") for n in ("q", "k", "v")]
-        out[d + "attn.qkv.kernel"] = torch_linear(np.concatenate(qkv_w, axis=0))
-        out[d + "attn.qkv.bias"] = np.concatenate(qkv_b, axis=0)
-        out[d + "attn.proj.kernel"] = _linear_or_none(src.get(s + "self_attn.out_proj.weight"))
-        out[d + "attn.proj.bias"] = src.get(s + "self_attn.out_proj.bias")
-        for n in ("fc1", "fc2"):
-            out[d + f"mlp.{n}.kernel"] = _linear_or_none(src.get(s + f"mlp.{n}.weight"))
-            out[d + f"mlp.{n}.bias"] = src.get(s + f"mlp.{n}.bias")
-    return out
-
-
-def _conv_or_none(w):
-    return None if w is None else torch_conv(w)
 
 
 def _finish(model, params, src: KeyTracker, source: str, strict: bool) -> LoadReport:
@@ -314,7 +284,7 @@ def load_hf_llava(path, *, strict: bool = True, seed: int = 0, return_assets: bo
     model = VLM(cfg, rngs=nnx.Rngs(seed))
     src = _Source(canonical_keys(tensors))
     params = _convert_lm(src, cfg.text, "language_model.")
-    params.update(_convert_clip(src, cfg.vision, "vision_tower."))
+    params.update(convert_hf_clip(src, cfg.vision.vit, prefix="vision_tower.vit.", src_prefix="vision."))
     for n in ("linear_1", "linear_2"):
         params[f"multi_modal_projector.{n}.kernel"] = _linear_or_none(src.get(f"projector.{n}.weight"))
         params[f"multi_modal_projector.{n}.bias"] = src.get(f"projector.{n}.bias")

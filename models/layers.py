@@ -1,6 +1,13 @@
-"""Small Flax NNX building blocks shared by the vision and vision-language models.
+"""Small Flax NNX building blocks shared by the ViT, the CLIP tower (a ViT configuration) and the Llama LM.
 
-Dimension vocabulary: B batch, T tokens, C channels, H heads, Dh = C / H head width.
+One :class:`Attention` (fused ``qkv`` or separate ``q/k/v`` projections, grouped-query heads, biases on/off,
+optional RoPE, the fused ``jax.nn.dot_product_attention`` path and the explicit float32-probabilities path) and one
+:class:`Mlp` (exact GELU, ``quick_gelu`` or the gated SwiGLU layout) serve all three models; each model picks the
+options and keeps its own parameter names (ViT ``attn.qkv`` / ``attn.proj`` / ``mlp.fc1``, Llama
+``self_attn.q_proj`` ... ``o_proj`` / ``mlp.gate_proj`` ...), so checkpoints load unchanged.
+
+Dimension vocabulary: B batch, T tokens, S keys, C channels, H heads, G key/value heads, Dh head width
+(``C / H`` unless given).
 Every module keeps its hyperparameters as plain attributes and has no side effects in ``__call__``.
 """
 
@@ -13,6 +20,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 _TRUNC_INIT = nnx.initializers.truncated_normal(stddev=0.02)
+DEFAULT_INIT = nnx.initializers.lecun_normal()  # nnx.Linear's own default (Llama, HF-style random init)
+
+PROBS = ("none", "rows", "all")
+ACTIVATIONS = ("gelu", "quick_gelu", "swiglu")
 
 
 def layer_norm(dim: int, *, eps: float, dtype=None, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -20,55 +31,193 @@ def layer_norm(dim: int, *, eps: float, dtype=None, rngs: nnx.Rngs) -> nnx.Layer
     return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, use_fast_variance=False, rngs=rngs)
 
 
+# -- rotary embeddings ----------------------------------------------------------------------------------
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """``positions: [B, T]`` int -> ``cos, sin: [B, T, Dh]`` float32 (HF layout: the frequencies repeated)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x: [B, T, H, Dh]`` rotated with HF's ``rotate_half`` convention, computed in float32."""
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+# -- attention ------------------------------------------------------------------------------------------
+
+
+def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[jax.Array] = None,
+                       bias: Optional[jax.Array] = None) -> tuple[jax.Array, jax.Array]:
+    """Attention with its probabilities, all in float32. ``q: [B, Tq, H, Dh]``, ``k, v: [B, S, G, Dh]`` (``G``
+    divides ``H``: grouped-query heads are repeated), ``mask: [B, 1, Tq, S]`` bool (``False`` = masked) and/or
+    ``bias``: additive, broadcastable to ``[B, H, Tq, S]`` -> ``out [B, Tq, H, Dh]`` (``q.dtype``), ``probs
+    [B, H, Tq, S]`` float32. Fully masked rows give uniform weights."""
+    h, g = q.shape[2], k.shape[2]
+    if h % g:
+        raise ValueError(f"query heads {h} are not a multiple of key/value heads {g}")
+    kr = jnp.repeat(k, h // g, axis=2).astype(jnp.float32)
+    vr = jnp.repeat(v, h // g, axis=2).astype(jnp.float32)
+    logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), kr) * (q.shape[-1] ** -0.5)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhqs,bshd->bqhd", probs, vr).astype(q.dtype)
+    return out, probs
+
+
+def _rows(a: Optional[jax.Array], rows: int) -> Optional[jax.Array]:
+    """The last ``rows`` query rows of a ``[B, 1 or H, Tq or 1, S]`` mask or bias (broadcast rows stay)."""
+    if a is None or a.shape[2] == 1:
+        return a
+    return a[:, :, -rows:]
+
+
 class Attention(nnx.Module):
-    """Multi-head self-attention with a fused ``qkv`` projection (timm layout: ``[q | k | v]``, each ``[H, Dh]``).
+    """Multi-head self-attention shared by the ViT, the CLIP tower (a ViT configuration) and Llama.
 
-    Two paths with identical maths:
+    Options (all static):
 
-    * fused (default): ``jax.nn.dot_product_attention(q, k, v, bias=...)``; no probabilities are formed;
-    * explicit (``need_probs=True``): float32 softmax of the scaled logits; returns the probabilities too.
+    * ``fused_qkv=True``: one ``qkv`` projection (timm layout ``[q | k | v]``, each ``[H, Dh]``) and ``proj``
+      out (the ViT's names); ``False``: ``q_proj``, ``k_proj``, ``v_proj``, ``o_proj`` (Llama's / HF names);
+    * ``num_kv_heads`` (``G``, default ``H``): grouped-query attention, ``G`` divides ``H`` (separate projections
+      only);
+    * ``qkv_bias`` / ``out_bias``: biases of the input and output projections;
+    * ``rope_theta``: rotary embeddings (HF ``rotate_half``) on q and k from the position ids given to
+      :meth:`project`; ``None`` for none;
+    * ``head_dim`` (default ``dim // heads``), ``dtype`` (compute), ``param_dtype``, ``kernel_init``.
+
+    Two attention paths (:meth:`attend`), identical maths: fused ``jax.nn.dot_product_attention`` (no
+    probabilities formed), and the explicit float32 softmax (:func:`explicit_attention`) for all rows or the last
+    ``rows`` queries (on top of the fused output). Masking: a boolean ``mask`` (causal / padding) and/or an
+    additive ``bias`` (``[B, 1, 1, S]`` key bias: padding, proportional attention).
     """
 
-    def __init__(self, dim: int, heads: int, *, qkv_bias: bool = True, dtype=None, rngs: nnx.Rngs):
-        if dim % heads:
+    def __init__(self, dim: int, heads: int, *, num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 fused_qkv: bool = True, qkv_bias: bool = True, out_bias: bool = True,
+                 rope_theta: Optional[float] = None, dtype=None, param_dtype=jnp.float32, kernel_init=_TRUNC_INIT,
+                 rngs: nnx.Rngs):
+        num_kv_heads = heads if num_kv_heads is None else num_kv_heads
+        if head_dim is None and dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
-        self.dim, self.heads = dim, heads
-        self.head_dim = dim // heads
-        self.qkv = nnx.Linear(dim, 3 * dim, use_bias=qkv_bias, dtype=dtype, kernel_init=_TRUNC_INIT, rngs=rngs)
-        self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=_TRUNC_INIT, rngs=rngs)
+        if heads % num_kv_heads:
+            raise ValueError(f"heads={heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        if fused_qkv and num_kv_heads != heads:
+            raise ValueError("fused_qkv=True needs num_kv_heads == heads (use separate projections for GQA)")
+        self.dim, self.heads, self.num_kv_heads = dim, heads, num_kv_heads
+        self.head_dim = head_dim or dim // heads
+        self.fused_qkv, self.rope_theta = fused_qkv, rope_theta
+        qdim, kvdim = heads * self.head_dim, num_kv_heads * self.head_dim
 
-    def __call__(self, x: jax.Array, *, bias: Optional[jax.Array] = None, need_probs: bool = False):
-        """``x: [B, T, C]``, ``bias: [B, 1, 1, T]`` additive key bias or ``None``.
+        def linear(din, dout, bias):
+            return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                              rngs=rngs)
 
-        Returns ``(out [B, T, C], keys [B, T, H, Dh], probs [B, H, T, T] or None)``.
-        """
-        b, t, _ = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        if not need_probs:
-            b_ = None if bias is None else bias.astype(q.dtype)
-            out = jax.nn.dot_product_attention(q, k, v, bias=b_)
-            probs = None
+        if fused_qkv:
+            self.qkv = linear(dim, qdim + 2 * kvdim, qkv_bias)
+            self.proj = linear(qdim, dim, out_bias)
         else:
-            scale = self.head_dim ** -0.5
-            logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-            if bias is not None:
-                logits = logits + bias.astype(jnp.float32)
-            probs = jax.nn.softmax(logits, axis=-1)
-            out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
-        out = self.proj(out.reshape(b, t, self.dim))
-        return out, k, probs
+            self.q_proj = linear(dim, qdim, qkv_bias)
+            self.k_proj = linear(dim, kvdim, qkv_bias)
+            self.v_proj = linear(dim, kvdim, qkv_bias)
+            self.o_proj = linear(qdim, dim, out_bias)
+
+    def project(self, x: jax.Array, positions: Optional[jax.Array] = None):
+        """``x: [B, T, C]`` -> ``q [B, T, H, Dh]``, ``k, v [B, T, G, Dh]``, RoPE applied to q and k when the module
+        has ``rope_theta`` (then ``positions: [B, T]`` int is required)."""
+        if self.rope_theta is not None and positions is None:
+            raise ValueError("this attention applies RoPE: positions [B, T] are required")
+        b, t, _ = x.shape
+        h, g, dh = self.heads, self.num_kv_heads, self.head_dim
+        if self.fused_qkv:
+            qkv = self.qkv(x).reshape(b, t, 3, h, dh)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            q = self.q_proj(x).reshape(b, t, h, dh)
+            k = self.k_proj(x).reshape(b, t, g, dh)
+            v = self.v_proj(x).reshape(b, t, g, dh)
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(positions, dh, self.rope_theta)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
+               bias: Optional[jax.Array] = None, probs: str = "none", rows: Optional[int] = None):
+        """``q: [B, Tq, H, Dh]``, ``k, v: [B, S, G, Dh]`` -> ``(o [B, Tq, H, Dh], p)``.
+
+        ``probs``: ``"none"`` (fused, ``p = None``), ``"rows"`` (fused output plus the explicit probabilities of
+        the last ``rows`` queries, ``p: [B, H, rows, S]``) or ``"all"`` (explicit, ``p: [B, H, Tq, S]``)."""
+        if probs not in PROBS:
+            raise ValueError(f"probs must be one of {PROBS}, got {probs!r}")
+        if probs == "all":
+            return explicit_attention(q, k, v, mask, bias)
+        b_ = None if bias is None else bias.astype(q.dtype)
+        o = jax.nn.dot_product_attention(q, k, v, bias=b_, mask=mask)
+        p = None
+        if probs == "rows":
+            if rows is None or rows < 1:
+                raise ValueError(f"probs='rows' needs rows >= 1, got {rows!r}")
+            _, p = explicit_attention(q[:, -rows:], k, v, _rows(mask, rows), _rows(bias, rows))
+        return o, p
+
+    def out(self, o: jax.Array) -> jax.Array:
+        """``o: [B, T, H, Dh] -> [B, T, C]`` through the output projection."""
+        b, t = o.shape[:2]
+        o = o.reshape(b, t, -1)
+        return self.proj(o) if self.fused_qkv else self.o_proj(o)
+
+    def __call__(self, x: jax.Array, *, positions: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
+                 bias: Optional[jax.Array] = None, need_probs: bool = False):
+        """``x: [B, T, C]``, ``bias: [B, 1, 1, T]`` additive key bias, ``mask: [B, 1, T, T]`` bool, or ``None``.
+
+        Returns ``(out [B, T, C], keys [B, T, G, Dh] (post-RoPE), probs [B, H, T, T] float32 or None)``.
+        """
+        q, k, v = self.project(x, positions)
+        o, probs = self.attend(q, k, v, mask=mask, bias=bias, probs="all" if need_probs else "none")
+        return self.out(o), k, probs
+
+
+# -- MLP ------------------------------------------------------------------------------------------------
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """CLIP's ``x * sigmoid(1.702 x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
 
 
 class Mlp(nnx.Module):
-    """``Linear -> exact GELU -> Linear``: ``[..., C] -> [..., C]``."""
+    """``[..., C] -> [..., C]``. ``act``: ``"gelu"`` (exact; ``fc1 -> GELU -> fc2``, the ViT), ``"quick_gelu"``
+    (CLIP, same names) or ``"swiglu"`` (Llama: ``down_proj(silu(gate_proj(x)) * up_proj(x))``)."""
 
-    def __init__(self, dim: int, hidden: int, *, dtype=None, rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=_TRUNC_INIT, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=_TRUNC_INIT, rngs=rngs)
+    def __init__(self, dim: int, hidden: int, *, act: str = "gelu", bias: bool = True, dtype=None,
+                 param_dtype=jnp.float32, kernel_init=_TRUNC_INIT, rngs: nnx.Rngs):
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+        self.act = act
+
+        def linear(din, dout):
+            return nnx.Linear(din, dout, use_bias=bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                              rngs=rngs)
+
+        if act == "swiglu":
+            self.gate_proj, self.up_proj, self.down_proj = linear(dim, hidden), linear(dim, hidden), linear(hidden, dim)
+        else:
+            self.fc1, self.fc2 = linear(dim, hidden), linear(hidden, dim)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
+        if self.act == "swiglu":
+            return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = self.fc1(x)
+        h = quick_gelu(h) if self.act == "quick_gelu" else jax.nn.gelu(h, approximate=False)
+        return self.fc2(h)
 
 
 class LayerScale(nnx.Module):
@@ -82,12 +231,13 @@ class LayerScale(nnx.Module):
 
 
 class PatchEmbed(nnx.Module):
-    """Non-overlapping patches: ``[B, H, W, 3] -> [B, H/p * W/p, C]`` (row-major patch order), as a strided conv."""
+    """Non-overlapping patches: ``[B, H, W, 3] -> [B, H/p * W/p, C]`` (row-major patch order), as a strided conv
+    (``bias=False``: CLIP's patch embedding has none)."""
 
-    def __init__(self, patch: int, dim: int, *, in_chans: int = 3, dtype=None, rngs: nnx.Rngs):
+    def __init__(self, patch: int, dim: int, *, in_chans: int = 3, bias: bool = True, dtype=None, rngs: nnx.Rngs):
         self.patch = patch
-        self.proj = nnx.Conv(in_chans, dim, (patch, patch), strides=(patch, patch), padding="VALID", dtype=dtype,
-                             rngs=rngs)
+        self.proj = nnx.Conv(in_chans, dim, (patch, patch), strides=(patch, patch), padding="VALID", use_bias=bias,
+                             dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         y = self.proj(images)
@@ -138,7 +288,8 @@ def resize_grid(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return out.astype(grid.dtype)
 
 
-__all__ = ["Attention", "Mlp", "LayerScale", "PatchEmbed", "layer_norm", "cubic_resize_matrix", "resize_grid"]
+__all__ = ["Attention", "Mlp", "LayerScale", "PatchEmbed", "layer_norm", "cubic_resize_matrix", "resize_grid",
+           "explicit_attention", "rope_cos_sin", "apply_rope", "quick_gelu"]
 
 
 # -- the reduction point of a block -------------------------------------------------------------------------

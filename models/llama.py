@@ -1,7 +1,9 @@
 """A Llama-family decoder-only LM in Flax NNX, with an in-LLM token-pruning hook and a per-layer KV cache.
 
-Pieces: RMSNorm, rotary position embeddings (Hugging Face ``rotate_half`` layout, so HF weights load
-as they are), grouped-query attention, SwiGLU MLP, tied or untied LM head.
+Pieces: RMSNorm, the shared :class:`models.layers.Attention` (separate ``q/k/v/o_proj`` projections, grouped-query
+heads, rotary position embeddings in Hugging Face's ``rotate_half`` layout, so HF weights load as they are), the
+shared :class:`models.layers.Mlp` in its SwiGLU layout, tied or untied LM head. ``rope_cos_sin``, ``apply_rope``
+and ``explicit_attention`` live in :mod:`models.layers` and are re-exported here.
 
 Position ids are explicit inputs: a pruned sequence keeps its original positions (with gaps), and
 left-padded batches count positions from each example's first real token.
@@ -31,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.kv_cache import KVCache, LayerCache, append, layer_cache_from_prefill
+from models.layers import DEFAULT_INIT, Attention, Mlp, apply_rope, explicit_attention, rope_cos_sin
 from reduction.reducers import (ATTENTION, HIDDEN, KEYS, LAYER_ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer,
                                 tokens_per_layer)
 from reduction.state import init_state
@@ -68,25 +71,6 @@ class LlamaConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
 
 
-# -- rotary embeddings ----------------------------------------------------------------------------------
-
-
-def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
-    """``positions: [B, T]`` int -> ``cos, sin: [B, T, D]`` float32 (HF layout: the frequencies repeated)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb), jnp.sin(emb)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x: [B, T, H, D]`` rotated with HF's ``rotate_half`` convention, computed in float32."""
-    xf = x.astype(jnp.float32)
-    half = xf.shape[-1] // 2
-    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
-    return (xf * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
-
-
 # -- layers --------------------------------------------------------------------------------------------
 
 
@@ -107,55 +91,18 @@ def _linear(din: int, dout: int, cfg: LlamaConfig, rngs: nnx.Rngs) -> nnx.Linear
     return nnx.Linear(din, dout, use_bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
 
 
-def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Attention with its probabilities. ``q: [B, Tq, H, D]``, ``k, v: [B, S, G, D]``, ``mask: [B, 1, Tq, S]``
-    -> ``out [B, Tq, H, D]``, ``probs [B, H, Tq, S]`` float32. Fully masked rows give uniform weights."""
-    h, g = q.shape[2], k.shape[2]
-    kr = jnp.repeat(k, h // g, axis=2).astype(jnp.float32)
-    vr = jnp.repeat(v, h // g, axis=2).astype(jnp.float32)
-    logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), kr) * (q.shape[-1] ** -0.5)
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqs,bshd->bqhd", probs, vr).astype(q.dtype)
-    return out, probs
+def attention(cfg: LlamaConfig, *, rngs: nnx.Rngs) -> Attention:
+    """Llama's attention: the shared :class:`models.layers.Attention` with separate ``q/k/v/o_proj`` projections,
+    ``num_kv_heads`` grouped heads, no biases and RoPE."""
+    return Attention(cfg.dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.dh, fused_qkv=False,
+                     qkv_bias=False, out_bias=False, rope_theta=cfg.rope_theta, dtype=cfg.dtype,
+                     param_dtype=cfg.param_dtype, kernel_init=DEFAULT_INIT, rngs=rngs)
 
 
-class Attention(nnx.Module):
-    """Grouped-query self-attention with RoPE (no biases, as in Llama)."""
-
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
-        dh = cfg.dh
-        self.q_proj = _linear(cfg.dim, cfg.num_heads * dh, cfg, rngs)
-        self.k_proj = _linear(cfg.dim, cfg.num_kv_heads * dh, cfg, rngs)
-        self.v_proj = _linear(cfg.dim, cfg.num_kv_heads * dh, cfg, rngs)
-        self.o_proj = _linear(cfg.num_heads * dh, cfg.dim, cfg, rngs)
-
-    def project(self, x: jax.Array, positions: jax.Array):
-        """``x: [B, T, C]`` -> ``q [B, T, H, D]``, ``k, v [B, T, G, D]`` with RoPE applied to q and k."""
-        b, t, _ = x.shape
-        cfg = self.cfg
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.dh)
-        k = self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.dh)
-        v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.dh)
-        cos, sin = rope_cos_sin(positions, cfg.dh, cfg.rope_theta)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def out(self, o: jax.Array) -> jax.Array:
-        b, t = o.shape[:2]
-        return self.o_proj(o.reshape(b, t, -1))
-
-
-class Mlp(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
-
-    def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-        self.gate_proj = _linear(cfg.dim, cfg.mlp_dim, cfg, rngs)
-        self.up_proj = _linear(cfg.dim, cfg.mlp_dim, cfg, rngs)
-        self.down_proj = _linear(cfg.mlp_dim, cfg.dim, cfg, rngs)
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+def mlp(cfg: LlamaConfig, *, rngs: nnx.Rngs) -> Mlp:
+    """SwiGLU ``down_proj(silu(gate_proj(x)) * up_proj(x))``: the shared :class:`models.layers.Mlp`, no biases."""
+    return Mlp(cfg.dim, cfg.mlp_dim, act="swiglu", bias=False, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
+               kernel_init=DEFAULT_INIT, rngs=rngs)
 
 
 class Block(nnx.Module):
@@ -163,9 +110,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.self_attn = attention(cfg, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
-        self.mlp = Mlp(cfg, rngs=rngs)
+        self.mlp = mlp(cfg, rngs=rngs)
 
     def prefill(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, probs: str = "none",
                 rows: Optional[int] = None):
@@ -175,13 +122,7 @@ class Block(nnx.Module):
         probabilities of the last ``rows`` queries) or ``"all"`` (explicit attention, ``p: [B, H, T, T]``).
         """
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
-        p = None
-        if probs == "all":
-            o, p = explicit_attention(q, k, v, mask)
-        else:
-            o = jax.nn.dot_product_attention(q, k, v, mask=mask)
-            if probs == "rows":
-                _, p = explicit_attention(q[:, -rows:], k, v, mask[:, :, -rows:])
+        o, p = self.self_attn.attend(q, k, v, mask=mask, probs=probs, rows=rows)
         x = x + self.self_attn.out(o)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v, p
@@ -190,15 +131,16 @@ class Block(nnx.Module):
         """This block's attention probabilities of the last ``rows`` queries on its input ``x: [B, T, C]``,
         without running the block: ``-> [B, H, rows, T]`` float32 (``mask: [B, 1, T, T]`` as in :meth:`prefill`).
         Only the keys of every token and the queries of the last ``rows`` are projected."""
-        attn, cfg = self.self_attn, self.self_attn.cfg
+        attn = self.self_attn
+        h, g, dh = attn.heads, attn.num_kv_heads, attn.head_dim
         b, t, _ = x.shape
         xn = self.input_layernorm(x)
-        q = attn.q_proj(xn[:, -rows:]).reshape(b, rows, cfg.num_heads, cfg.dh)
-        k = attn.k_proj(xn).reshape(b, t, cfg.num_kv_heads, cfg.dh)
-        cos, sin = rope_cos_sin(positions, cfg.dh, cfg.rope_theta)
+        q = attn.q_proj(xn[:, -rows:]).reshape(b, rows, h, dh)
+        k = attn.k_proj(xn).reshape(b, t, g, dh)
+        cos, sin = rope_cos_sin(positions, dh, attn.rope_theta)
         q = apply_rope(q, cos[:, -rows:], sin[:, -rows:])
-        k = jnp.repeat(apply_rope(k, cos, sin), cfg.num_heads // cfg.num_kv_heads, axis=2)
-        logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k.astype(jnp.float32)) * (cfg.dh ** -0.5)
+        k = jnp.repeat(apply_rope(k, cos, sin), h // g, axis=2)
+        logits = jnp.einsum("bqhd,bshd->bhqs", q.astype(jnp.float32), k.astype(jnp.float32)) * (dh ** -0.5)
         logits = jnp.where(mask[:, :, -rows:], logits, jnp.finfo(jnp.float32).min)
         return jax.nn.softmax(logits, axis=-1)
 
@@ -206,7 +148,7 @@ class Block(nnx.Module):
         """One token per example: ``x: [B, 1, C]``, ``positions: [B, 1]`` -> ``(y [B, 1, C], cache)``."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
         cache = append(cache, k, v)
-        o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=cache.valid[:, None, None, :])
+        o, _ = self.self_attn.attend(q, cache.k, cache.v, mask=cache.valid[:, None, None, :])
         x = x + self.self_attn.out(o)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
@@ -408,6 +350,6 @@ class Llama(nnx.Module):
 
 
 __all__ = [
-    "LlamaConfig", "Llama", "Block", "Attention", "Mlp", "RMSNorm",
+    "LlamaConfig", "Llama", "Block", "Attention", "Mlp", "attention", "mlp", "RMSNorm",
     "rope_cos_sin", "apply_rope", "explicit_attention", "prefill_mask", "positions_from_valid",
 ]

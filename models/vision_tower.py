@@ -5,7 +5,8 @@ the same :func:`models.layers.reducing_block` as in the classifier), then option
 returns the token features: the patch tokens, plus the class token first when ``keep_cls`` (methods such as
 ``topk_cls`` score by it, and LLaVA's "full" strategy passes it on).
 
-Interface shared with :class:`models.clip_vision.CLIPVision` (what :class:`models.vlm.VLM` calls):
+LLaVA's CLIP tower is one configuration (:func:`models.clip_vision.clip_tower_config`). What
+:class:`models.vlm.VLM` calls:
 ``tower(images [B, H, W, 3], reducers=...) -> (features [B, K, C], aux)``, ``tower.num_features(reducers)``,
 ``tower.num_protected`` (leading feature tokens the connector must keep), ``cfg.layers_run``, ``cfg.dim``.
 

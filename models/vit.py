@@ -1,4 +1,8 @@
-"""Flax NNX Vision Transformer (ViT / DeiT / DINOv2 layouts) with a reducer slot in every block.
+"""Flax NNX Vision Transformer (ViT / DeiT / DINOv2 / CLIP layouts) with a reducer slot in every block.
+
+The CLIP vision tower (LLaVA's) is a configuration of this model (:func:`models.clip_vision.clip_vit_config`:
+``pre_norm``, ``mlp_act="quick_gelu"``, ``patch_bias=False``, ``ln_eps=1e-5``); the attention and the MLP are the
+shared :class:`models.layers.Attention` / :class:`models.layers.Mlp`.
 
 Dimension vocabulary: B batch, N original tokens, T current tokens, C channels (width), H heads,
 K kept tokens. Images are ``[B, H, W, 3]`` float32 NHWC.
@@ -50,6 +54,7 @@ VARIANTS: dict[str, dict[str, int]] = {
 }
 
 POOLS = ("token", "avg", "gap", "cls+avg", "dense")
+MLP_ACTS = ("gelu", "quick_gelu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +78,9 @@ class ViTConfig:
         ``out: [B, T, num_classes]``, for per-patch tasks; ``reduction.unmerge`` with ``aux["source"]`` maps the
         ``T`` outputs back to the original tokens).
       qkv_bias: biases on the qkv projection.
+      pre_norm: a LayerNorm on the embedded tokens before the first block (``norm_pre``; CLIP's ``pre_layrnorm``).
+      mlp_act: ``"gelu"`` (exact) or ``"quick_gelu"`` (CLIP).
+      patch_bias: bias of the patch embedding (CLIP's has none).
       dtype: compute dtype (parameters stay float32); ``None`` = float32.
     """
 
@@ -91,6 +99,9 @@ class ViTConfig:
     ln_eps: float = 1e-6
     pool: str = "token"
     qkv_bias: bool = True
+    pre_norm: bool = False
+    mlp_act: str = "gelu"
+    patch_bias: bool = True
     dtype: Optional[Any] = None
 
     def __post_init__(self):
@@ -100,6 +111,8 @@ class ViTConfig:
             raise ValueError(f"pool={self.pool!r} needs class_token=True")
         if self.distill_token and not self.class_token:
             raise ValueError("distill_token=True needs class_token=True")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
 
@@ -151,7 +164,7 @@ class Block(nnx.Module):
         self.norm1 = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
         self.attn = Attention(c, cfg.heads, qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, rngs=rngs)
         self.norm2 = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
-        self.mlp = Mlp(c, cfg.mlp_dim, dtype=cfg.dtype, rngs=rngs)
+        self.mlp = Mlp(c, cfg.mlp_dim, act=cfg.mlp_act, dtype=cfg.dtype, rngs=rngs)
         self.ls1 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
         self.ls2 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
 
@@ -213,13 +226,14 @@ class ViT(nnx.Module):
         self.config = config
         cfg = config
         c = cfg.width
-        self.patch_embed = PatchEmbed(cfg.patch_size, c, dtype=cfg.dtype, rngs=rngs)
+        self.patch_embed = PatchEmbed(cfg.patch_size, c, bias=cfg.patch_bias, dtype=cfg.dtype, rngs=rngs)
         init = nnx.initializers.truncated_normal(stddev=0.02)
         self.cls_token = nnx.Param(jnp.zeros((1, 1, c))) if cfg.class_token else None
         self.dist_token = nnx.Param(init(rngs.params(), (1, 1, c))) if cfg.distill_token else None
         self.reg_tokens = nnx.Param(init(rngs.params(), (1, cfg.num_registers, c))) if cfg.num_registers else None
         n_pos = cfg.grid * cfg.grid + (cfg.num_prefix if cfg.pos_embed_prefix else 0)
         self.pos_embed = nnx.Param(init(rngs.params(), (1, n_pos, c)))
+        self.norm_pre = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs) if cfg.pre_norm else None
         self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.depth)])
         self.norm = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
         feat = 2 * c if cfg.pool == "cls+avg" else c
@@ -362,7 +376,8 @@ class ViT(nnx.Module):
         return pre, grid
 
     def embed(self, images: jax.Array) -> jax.Array:
-        """``images [B, H, W, 3] -> tokens [B, P + R + N, C]`` (prefix, registers, patches) before block 0."""
+        """``images [B, H, W, 3] -> tokens [B, P + R + N, C]`` (prefix, registers, patches) before block 0 (through
+        ``norm_pre`` when ``config.pre_norm``)."""
         cfg = self.config
         check_rank(images, 4, "images")
         b, h, w, ch = images.shape
@@ -389,7 +404,7 @@ class ViT(nnx.Module):
             reg = jnp.broadcast_to(self.reg_tokens[...].astype(x.dtype), (b, cfg.num_registers, cfg.width))
             n_pre = cfg.num_prefix
             x = jnp.concatenate([x[:, :n_pre], reg, x[:, n_pre:]], axis=1)
-        return x
+        return self.norm_pre(x) if self.norm_pre is not None else x
 
     def pool(self, tokens: jax.Array, state: R.TokenState) -> jax.Array:
         """``tokens [B, T, C] -> [B, C]`` (``[B, 2C]`` for ``"cls+avg"``, the tokens themselves for ``"dense"``)

@@ -24,13 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.clip_vision import CLIPVision, CLIPVisionConfig
+from models.clip_vision import clip_tower_config
 from models.connector import (Projector, connector_flops, connector_num_out, connector_reduce, image_starts_from_mask,
                               place_image_tokens)
 from models.generate import Sampling, generate_from_embeds
@@ -89,21 +89,21 @@ def build_plan(spec: Optional[Mapping[str, Any]], *, vision_layers: int = 0, llm
 
 @dataclasses.dataclass(frozen=True)
 class VLMConfig:
-    """``vision``: a CLIP tower (:class:`CLIPVisionConfig`, LLaVA) or any ViT used as one (:class:`ViTTowerConfig`,
-    e.g. DINOv2-small); ``text``: the Llama LM; ``image_token_id``: the placeholder id in prompts."""
+    """``vision``: the tower, a :class:`ViTTowerConfig` (LLaVA's CLIP tower is one,
+    :func:`models.clip_vision.clip_tower_config`; or any ViT such as DINOv2-small); ``text``: the Llama LM;
+    ``image_token_id``: the placeholder id in prompts."""
 
-    vision: Union[CLIPVisionConfig, ViTTowerConfig] = CLIPVisionConfig()
+    vision: ViTTowerConfig = clip_tower_config()
     text: LlamaConfig = LlamaConfig()
     image_token_id: int = 32000
     projector_dtype: Any = jnp.float32
 
 
-def make_tower(cfg: Union[CLIPVisionConfig, ViTTowerConfig], rngs: nnx.Rngs) -> nnx.Module:
+def make_tower(cfg: ViTTowerConfig, rngs: nnx.Rngs) -> nnx.Module:
     if isinstance(cfg, ViTTowerConfig):
         return ViTTower(cfg, rngs=rngs)
-    if isinstance(cfg, CLIPVisionConfig):
-        return CLIPVision(cfg, rngs=rngs)
-    raise TypeError(f"VLMConfig.vision must be a CLIPVisionConfig or ViTTowerConfig, got {type(cfg).__name__}")
+    raise TypeError(f"VLMConfig.vision must be a ViTTowerConfig (models.clip_vision.clip_tower_config builds "
+                    f"LLaVA's CLIP tower), got {type(cfg).__name__}")
 
 
 class VLM(nnx.Module):

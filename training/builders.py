@@ -174,7 +174,7 @@ def build_vlm(cfg) -> nnx.Module:
     DINOv2-small), the projector and a Llama LM (``lm``: ``""`` = random with ``text``'s sizes, ``"smollm2"``, a
     ``.gguf`` file or a Hugging Face folder). ``train.compute_dtype`` applies to every part; ``model.pretrained``
     (another run) is loaded last, so a trained projector restores over the pretrained tower and LM."""
-    from models.clip_vision import CLIPVisionConfig
+    from models.clip_vision import clip_tower_config
     from models.llama import LlamaConfig
     from models.vision_tower import ViTTower, ViTTowerConfig
     from models.vit import ViTConfig
@@ -203,7 +203,7 @@ def build_vlm(cfg) -> nnx.Module:
     elif kind == "clip":
         if tower_spec:
             raise ValueError(f"model.vlm.tower={tower_spec!r} needs model.vlm.vision.kind='vit'")
-        vcfg = CLIPVisionConfig(**{**fields, "dtype": dtype or jnp.float32})
+        vcfg = clip_tower_config(**{**fields, "dtype": dtype or jnp.float32})
         tower = None
     else:
         raise ValueError(f"model.vlm.vision.kind must be 'clip' or 'vit', got {kind!r}")
