@@ -239,19 +239,27 @@ SHARDED = textwrap.dedent("""
     from training.run_params import flat_paths
     tiny = {tiny!r}
     out = {{}}
-    # warmup 0: step 1 already moves the head, so steps 2.. push gradients through the (sharded) backbone
     common = ["train.steps=5", "checkpoint.every=100", "model.vit.depth=1", "model.vit.width=64",
               "model.vit.mlp_dim=256", "optim.warmup_steps=0", "data.augment.flip=False"]
+
+    def model_fn(cfg):
+        # A small random head instead of zeros: gradients reach the backbone from step 1, and no gradient is
+        # exactly zero (with a zero head, a class-balanced batch gives a head-bias gradient of exactly 0,
+        # whose float noise Adam scales up to ~lr, differently on each layout).
+        m = train.build_model(cfg)
+        m.head.kernel[...] = 0.05 * jax.random.normal(jax.random.key(1), m.head.kernel[...].shape)
+        return m
+
     for name, extra in [("one", ["mesh.num_devices=1"]), ("eight", []), ("eight_fsdp", ["mesh.fsdp=True"])]:
         cfg = configs.load_config("vit_fmnist", tiny + common + extra)
-        tr = train.Trainer(cfg, os.path.join({tmp!r}, name))
+        tr = train.Trainer(cfg, os.path.join({tmp!r}, name), model_fn=model_fn)
         tr.train()
         out[name] = [h["loss"] for h in tr.history if "loss" in h]
         out[name + "_grad_norm"] = [h["grad_norm"] for h in tr.history if "grad_norm" in h]
         shard = jax.tree_util.tree_leaves_with_path(tr.state["params"])
         out[name + "_sharded"] = sorted(jax.tree_util.keystr(p) for p, x in shard if not x.sharding.is_fully_replicated)
         np.savez(os.path.join({tmp!r}, name + ".npz"), **flat_paths(jax.device_get(tr.state["params"])))
-    init = flat_paths(nnx.state(train.build_model(cfg), nnx.Param))
+    init = flat_paths(nnx.state(model_fn(cfg), nnx.Param))
     np.savez(os.path.join({tmp!r}, "init.npz"), **{{k: np.asarray(v) for k, v in init.items()}})
     print("RESULT" + json.dumps(out))
 """)
@@ -260,7 +268,8 @@ SHARDED = textwrap.dedent("""
 def test_eight_fake_devices_match_one_device(tmp_path):
     """5 steps on 8 fake CPU devices (replicated, and FSDP with the large backbone matrices sharded) end with
     the same parameters as one device, backbone included, and the backbone really moved (before, only the
-    first 3 losses were compared: ln(4) on any layout, with zero backbone gradients under warm-up)."""
+    first 3 losses were compared: ln(4) on any layout, the zero-initialised head and the warm-up's lr=0 at
+    step 1 leaving the backbone gradients zero)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = SHARDED.format(root=str(ROOT), tiny=TINY, tmp=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -271,7 +280,8 @@ def test_eight_fake_devices_match_one_device(tmp_path):
     # Same data and seed; only the reduction order of the data-parallel mean differs (float32).
     np.testing.assert_allclose(out["eight"], out["one"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(out["eight_fsdp"], out["one"], rtol=2e-5, atol=2e-5)
-    assert abs(out["one"][-1] - out["one"][0]) > 1e-3                # the losses are not all ln(4)
+    assert abs(out["one"][0] - np.log(4)) > 1e-3 and abs(out["one"][-1] - out["one"][0]) > 1e-3   # not ln(4)
+    assert min(out["one_grad_norm"]) > 0
     assert out["eight_sharded"] == []
     sharded = out["eight_fsdp_sharded"]
     assert any("blocks" in k and "mlp" in k for k in sharded), sharded   # backbone matrices split over devices
