@@ -48,4 +48,6 @@ def animal_mnist(split: str = "train", *, test_fraction: float = 0.2, seed: int 
         is_test[np.concatenate(test_idx)] = True
         keep = is_test if split == "test" else ~is_test
         images, labels = images[keep], labels[keep]
-    return ArraySource({"image": images[:, :, :, None], "label": labels}, name=f"animal_mnist/{split}")
+    src = ArraySource({"image": images[:, :, :, None], "label": labels}, name=f"animal_mnist/{split}")
+    src.num_classes = 10
+    return src

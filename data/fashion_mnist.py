@@ -33,5 +33,7 @@ def fashion_mnist(split: str = "train", path: str | None = None) -> ArraySource:
     if images.ndim != 3 or labels.shape != images.shape[:1]:
         raise DataError(f"Fashion-MNIST {split} in {str(directory)!r}: images {images.shape} and labels "
                         f"{labels.shape} do not match")
-    return ArraySource({"image": images[:, :, :, None], "label": labels.astype("int32")},
-                       name=f"fashion_mnist/{split}")
+    src = ArraySource({"image": images[:, :, :, None], "label": labels.astype("int32")},
+                      name=f"fashion_mnist/{split}")
+    src.num_classes = 10
+    return src

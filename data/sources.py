@@ -50,13 +50,18 @@ class SkipStats:
 
     skipped: int = 0
     files: list = dataclasses.field(default_factory=list)
+    distinct: set = dataclasses.field(default_factory=set, repr=False)   # indices that failed at least once
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
-    def add(self, path: str) -> None:
+    def add(self, path: str, index: int | None = None) -> int:
+        """Count one skip; returns how many distinct indices have failed so far."""
         with self._lock:
             self.skipped += 1
             if len(self.files) < 100:
                 self.files.append(path)
+            if index is not None:
+                self.distinct.add(index)
+            return len(self.distinct)
 
 
 def load_image(path: str | pathlib.Path, *, channels: int = 3, size: int | None = None,
@@ -89,7 +94,9 @@ class FileImageSource:
     """Records decoded from image files: ``items`` is a list of ``(path, extra_fields)``.
 
     ``on_error="raise"`` (default) raises :class:`DataError` naming the file. ``on_error="skip"``
-    returns ``None`` for that record and counts it in :attr:`stats`; the pipeline filters ``None``.
+    returns ``None`` for that record and counts it in :attr:`stats`; the pipeline filters ``None``. Once every
+    file of the source has failed to decode, the next failure raises :class:`DataError` (a stream that filters
+    ``None`` would otherwise wait forever for a readable record).
     """
 
     def __init__(self, items: Sequence[tuple[str, Mapping[str, Any]]], *, channels: int = 3,
@@ -107,13 +114,16 @@ class FileImageSource:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any] | None:
+        index = int(index)
         path, extra = self.items[index]
         try:
             image = load_image(path, channels=self.channels, size=self.size, resize=self.resize)
         except DataError:
             if self.on_error == "raise":
                 raise
-            self.stats.add(str(path))
+            if self.stats.add(str(path), index) >= len(self.items):
+                raise DataError(f"{self.name}: none of its {len(self.items)} image file(s) can be decoded "
+                                f"(on_error='skip' skipped them all; first: {self.stats.files[:3]})") from None
             return None
         out = {"image": image}
         for k, v in extra.items():
@@ -137,3 +147,21 @@ class MappedSource:
     def __getitem__(self, index: int):
         rec = self.source[index]
         return None if rec is None else self.fn(rec)
+
+
+def class_count(source) -> tuple[int | None, int | None]:
+    """``(declared, labels)`` of a classification source: ``declared`` is ``len(source.classes)`` or
+    ``source.num_classes`` when the source states it (``None`` otherwise); ``labels`` is the largest label + 1 when
+    the labels can be read without decoding (:class:`ArraySource`, :class:`FileImageSource`), else ``None``."""
+    declared = None
+    if getattr(source, "classes", None) is not None:
+        declared = len(source.classes)
+    elif getattr(source, "num_classes", None) is not None:
+        declared = int(source.num_classes)
+    labels = None
+    if isinstance(source, ArraySource) and "label" in source.arrays and len(source):
+        labels = int(np.max(source.arrays["label"])) + 1
+    elif isinstance(source, FileImageSource):
+        found = [int(extra["label"]) for _, extra in source.items if "label" in extra]
+        labels = max(found) + 1 if found else None
+    return declared, labels

@@ -15,5 +15,7 @@ def synthetic_classification(size: int = 512, *, image_size: int = 16, channels:
     rng = np.random.default_rng([seed, {"train": 1, "val": 2, "test": 3}[split]])
     labels = rng.integers(0, num_classes, size).astype(np.int32)
     images = templates[labels] + rng.normal(0, noise, (size, image_size, image_size, channels))
-    return ArraySource({"image": np.clip(images, 0, 255).astype(np.uint8), "label": labels},
-                       name=f"synthetic/{split}")
+    src = ArraySource({"image": np.clip(images, 0, 255).astype(np.uint8), "label": labels},
+                      name=f"synthetic/{split}")
+    src.num_classes = num_classes
+    return src

@@ -107,7 +107,11 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
     def _source(p, images, rng, reducers):
         m = nnx.merge(graphdef, p)
         _, aux = m(images, reducers=reducers, rng=rng, return_source=True)
-        return aux["source"]
+        src = aux["source"]
+        if aux["valid"] is None:
+            return src
+        held = jnp.take_along_axis(aux["valid"], jnp.maximum(src, 0), axis=1)   # invalid slots: drawn as pruned
+        return jnp.where((src >= 0) & held, src, -1)
 
     def source_map(p, images, reducers, rng):
         return _source(p, images, rng, reducers)

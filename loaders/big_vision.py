@@ -106,8 +106,9 @@ def load_big_vision(path_or_tensors, *, strict: bool = True, seed: int = 0,
     if isinstance(path_or_tensors, Mapping):
         raw, source = dict(path_or_tensors), "big_vision params"
     else:
-        with np.load(str(path_or_tensors), allow_pickle=False) as f:
-            raw = {k: f[k] for k in f.files}
+        from loaders.common import read_npz
+
+        raw = read_npz(path_or_tensors)
         source = str(path_or_tensors)
     tensors = _normalise_keys(raw)
     cfg = config_from_big_vision(tensors, **config_overrides)

@@ -149,6 +149,50 @@ def torch_conv(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.transpose(np.asarray(weight), (2, 3, 1, 0)))
 
 
+def read_safetensors(path) -> dict[str, np.ndarray]:
+    """All tensors of a ``.safetensors`` file; a missing, empty, truncated or garbled file is a :class:`LoadError`
+    naming the path (the library's own errors do not)."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise LoadError(f"no safetensors file at {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{str(path)!r} is empty (0 bytes): not a safetensors file")
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises SafetensorError / OSError / ValueError for damaged files
+        raise LoadError(f"cannot read safetensors file {str(path)!r} ({path.stat().st_size} bytes; truncated or "
+                        f"damaged?): {type(err).__name__}: {err}") from err
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+    """All arrays of an ``.npz`` file; a missing, empty, truncated or garbled file (or member) is a
+    :class:`LoadError` naming the path."""
+    import pathlib
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise LoadError(f"no .npz file at {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise LoadError(f"{str(path)!r} is empty (0 bytes): not an .npz file")
+    try:
+        with np.load(str(path), allow_pickle=False) as f:
+            if not hasattr(f, "files"):
+                raise LoadError(f"{str(path)!r} holds a single array, not an .npz archive of named arrays")
+            out = {k: f[k] for k in f.files}
+    except LoadError:
+        raise
+    except Exception as err:  # zipfile.BadZipFile, EOFError, ValueError, OSError, zlib.error...
+        raise LoadError(f"cannot read .npz file {str(path)!r} ({path.stat().st_size} bytes; truncated or damaged?): "
+                        f"{type(err).__name__}: {err}") from err
+    if not out:
+        raise LoadError(f"{str(path)!r} is an .npz archive with no arrays")
+    return out
+
+
 def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes) -> dict[str, np.ndarray]:
     """Drop the first matching prefix (e.g. ``"vit."``) from every key that has one."""
     out = {}
@@ -162,7 +206,7 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes) -> dict[str, np.nd
 
 
 __all__ = ["LoadReport", "LoadError", "KeyTracker", "model_params", "assign_params", "check_shape",
-           "torch_linear", "torch_conv", "strip_prefix", "abstract_params", "default_sharding", "materialize"]
+           "torch_linear", "torch_conv", "strip_prefix", "read_safetensors", "read_npz", "abstract_params", "default_sharding", "materialize"]
 
 
 def make_putter(src: "KeyTracker", out: dict, origin: dict):

@@ -19,13 +19,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from loaders.common import KeyTracker, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
+from loaders.common import KeyTracker, LoadError, LoadReport, assign_params, strip_prefix, torch_conv, torch_linear
 from models.vit import ViT, ViTConfig
 
 
 def _read_dir(path) -> tuple[dict, dict]:
-    from safetensors.numpy import load_file
-
     path = pathlib.Path(path)
     if path.is_dir():
         cfg_path, st_path = path / "config.json", path / "model.safetensors"
@@ -35,7 +33,13 @@ def _read_dir(path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"no safetensors file at {st_path}")
     if not cfg_path.exists():
         raise FileNotFoundError(f"no config.json next to {st_path}")
-    return json.loads(cfg_path.read_text()), load_file(str(st_path))
+    from loaders.common import read_safetensors
+
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except ValueError as err:
+        raise LoadError(f"{cfg_path}: not valid JSON ({err})") from err
+    return cfg, read_safetensors(st_path)
 
 
 def _num_labels(hf: Mapping[str, Any], tensors: Mapping[str, np.ndarray]) -> int:
@@ -79,9 +83,20 @@ def convert_hf(tensors: Mapping[str, np.ndarray], cfg: ViTConfig, *, model_type:
     out: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
 
+    absent: list[str] = []   # checkpoint keys the model needs and the file lacks (named by load_params_into)
+
     def put(ours, theirs, fn=lambda a: a):
+        if theirs not in src:
+            absent.append(theirs)
+            return
         out[ours] = fn(src.get(theirs))
         origin[ours] = theirs
+
+    def fused(ours, names):
+        if any(n not in src for n in names):
+            absent.extend(n for n in names if n not in src)
+            return
+        out[ours] = np.concatenate([src.get(n) for n in names], axis=0)
 
     put("cls_token", "embeddings.cls_token")
     put("pos_embed", "embeddings.position_embeddings")
@@ -95,11 +110,12 @@ def convert_hf(tensors: Mapping[str, np.ndarray], cfg: ViTConfig, *, model_type:
         p = f"encoder.layer.{i}."
         o = f"blocks.{i}."
         att = p + "attention.attention."
-        qkv_w = np.concatenate([src.get(att + n + ".weight") for n in ("query", "key", "value")], axis=0)
-        out[o + "attn.qkv.kernel"] = torch_linear(qkv_w)
+        fused(o + "attn.qkv.kernel", [att + n + ".weight" for n in ("query", "key", "value")])
+        if o + "attn.qkv.kernel" in out:
+            out[o + "attn.qkv.kernel"] = torch_linear(out[o + "attn.qkv.kernel"])
         origin[o + "attn.qkv.kernel"] = att + "{query,key,value}.weight"
         if cfg.qkv_bias:
-            out[o + "attn.qkv.bias"] = np.concatenate([src.get(att + n + ".bias") for n in ("query", "key", "value")])
+            fused(o + "attn.qkv.bias", [att + n + ".bias" for n in ("query", "key", "value")])
             origin[o + "attn.qkv.bias"] = att + "{query,key,value}.bias"
         put(o + "attn.proj.kernel", p + "attention.output.dense.weight", torch_linear)
         put(o + "attn.proj.bias", p + "attention.output.dense.bias")
@@ -130,6 +146,7 @@ def convert_hf(tensors: Mapping[str, np.ndarray], cfg: ViTConfig, *, model_type:
         put("head.bias", "classifier.bias")
     for k in ("pooler.dense.weight", "pooler.dense.bias"):
         src.skip(k)
+    src.absent = absent
     return out, origin, src
 
 
@@ -177,6 +194,10 @@ def load_params_into(model: ViT, tensors: Mapping[str, np.ndarray], *, model_typ
     """Write an HF state dict into an existing model; returns the :class:`LoadReport`."""
     tensors = strip_prefix(tensors, ("vit.", "dinov2.", "backbone."))
     params, origin, src = convert_hf(tensors, model.config, model_type=model_type)
+    if strict and src.absent:
+        shown = ", ".join(repr(k) for k in src.absent[:10]) + (f", ... (+{len(src.absent) - 10})"
+                                                               if len(src.absent) > 10 else "")
+        raise LoadError(f"{source}: the checkpoint lacks {len(src.absent)} tensor(s) the model needs: {shown}")
     report = LoadReport(source)
     report.unexpected.extend(src.unused())
     report.skipped.extend(k for k in ("embeddings.mask_token", "pooler.dense.weight", "pooler.dense.bias")

@@ -248,3 +248,52 @@ def test_make_source_dispatch_and_errors():
         D.make_source({"name": "cifar"}, "train")
     with pytest.raises(D.DataError, match="data.path"):
         D.make_source({"name": "image_folder"}, "train")
+
+
+def test_missing_split_folder_raises_naming_it_and_empty_folders_are_refused(tmp_path):
+    make_folder(tmp_path, bad=False)              # only train/ exists
+    with pytest.raises(D.DataError, match=r"split '.*/val' does not exist.*\['train'\].*split=None"):
+        D.image_folder(str(tmp_path), "val", size=16)   # before: classes ['train'], every label 0
+    flat = D.image_folder(str(tmp_path / "train"), None, size=16)   # root/<class>/ layout, asked for explicitly
+    assert flat.classes == ["cats", "dogs"]
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    with pytest.raises(D.DataError, match=r"empty.*no image files"):
+        D.image_folder(str(tmp_path), "empty", size=16)
+
+
+def test_all_images_unreadable_with_skip_raises_instead_of_hanging(tmp_path):
+    import threading
+
+    for c in ("a", "b"):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "train" / c / f"{i}.png").write_bytes(b"not a png")
+    src = D.image_folder(str(tmp_path), "train", size=16, on_error="skip")
+    out = {}
+
+    def first_batch():
+        try:
+            next(iter(D.train_dataset(src, batch_size=2, seed=0, num_threads=1)))   # repeats forever
+        except Exception as err:  # noqa: BLE001 - inspected below
+            out["err"] = err
+
+    t = threading.Thread(target=first_batch, daemon=True)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive(), "reading a source whose every file is unreadable hangs"
+    assert isinstance(out.get("err"), D.DataError) and "none of its 6 image file(s)" in str(out["err"])
+    assert src.stats.skipped >= 6
+    # a source with one readable file still streams (it is the last distinct file that raises)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "train" / "a" / "ok.png")
+    one = D.image_folder(str(tmp_path), "train", size=16, on_error="skip")
+    batch = next(iter(D.train_dataset(one, batch_size=2, seed=0, num_threads=1)))
+    assert batch["image"].shape == (2, 16, 16, 3)
+
+
+def test_class_count_of_sources():
+    syn = D.make_source({"name": "synthetic", "size": 32, "image_size": 8, "num_classes": 3}, "train")
+    assert D.class_count(syn) == (3, 3)
+    arr = D.ArraySource({"image": np.zeros((4, 2, 2, 1), np.uint8), "label": np.array([0, 5, 1, 2], np.int32)})
+    assert D.class_count(arr) == (None, 6)
+    files = D.FileImageSource([("x.png", {"label": 2}), ("y.png", {"label": 0})])
+    assert D.class_count(files) == (None, 3)

@@ -353,6 +353,21 @@ def test_token_groups_from_repo_vit_source_map(tmp_path):
     assert paths["token_groups"].stat().st_size > 0
 
 
+def test_token_groups_draw_slots_turned_off_by_the_validity_mask_as_pruned():
+    """ATP with theta=1 keeps only its forced tokens (class token + the stride-4 grid point of the 4x4 patches)
+    in valid slots; the other 11 of its 12 capacity slots hold patches too but are invalid: pruned."""
+    from evaluation import visual
+    from reduction.atp import spatial_grid_mask
+
+    bb = _tiny_repo_vit()
+    images = np.random.default_rng(0).integers(0, 255, (2, 28, 28), dtype=np.uint8)
+    groups = visual.token_groups(bb, {"method": "atp", "theta": 1.0, "keep_ratio": 0.75, "layers": [0]}, images)
+    forced = spatial_grid_mask(4, 4, 4).reshape(4, 4)
+    assert int(forced.sum()) == 1
+    for g in groups:
+        np.testing.assert_array_equal(g >= 0, forced)     # before: 12 patches drawn as kept, 4 pruned
+
+
 # -- bench/run_all.py -------------------------------------------------------------------------------------
 
 

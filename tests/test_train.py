@@ -232,34 +232,67 @@ SHARDED = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, {root!r})
     import jax
+    import numpy as np
     assert len(jax.devices()) == 8, jax.devices()
     import configs, train
+    from flax import nnx
+    from training.run_params import flat_paths
     tiny = {tiny!r}
     out = {{}}
+    common = ["train.steps=5", "checkpoint.every=100", "model.vit.depth=1", "model.vit.width=64",
+              "model.vit.mlp_dim=256", "optim.warmup_steps=0", "data.augment.flip=False"]
+
+    def model_fn(cfg):
+        # A small random head instead of zeros: gradients reach the backbone from step 1, and no gradient is
+        # exactly zero (with a zero head, a class-balanced batch gives a head-bias gradient of exactly 0,
+        # whose float noise Adam scales up to ~lr, differently on each layout).
+        m = train.build_model(cfg)
+        m.head.kernel[...] = 0.05 * jax.random.normal(jax.random.key(1), m.head.kernel[...].shape)
+        return m
+
     for name, extra in [("one", ["mesh.num_devices=1"]), ("eight", []), ("eight_fsdp", ["mesh.fsdp=True"])]:
-        cfg = configs.load_config("vit_fmnist", tiny + ["train.steps=3", "checkpoint.every=100", "model.vit.depth=1",
-                                                        "model.vit.width=64", "model.vit.mlp_dim=256"] + extra)
-        tr = train.Trainer(cfg, os.path.join({tmp!r}, name))
+        cfg = configs.load_config("vit_fmnist", tiny + common + extra)
+        tr = train.Trainer(cfg, os.path.join({tmp!r}, name), model_fn=model_fn)
         tr.train()
         out[name] = [h["loss"] for h in tr.history if "loss" in h]
-        shard = jax.tree.leaves(tr.state["params"])
-        out[name + "_sharded_leaves"] = sum(1 for x in shard if not x.sharding.is_fully_replicated)
+        out[name + "_grad_norm"] = [h["grad_norm"] for h in tr.history if "grad_norm" in h]
+        shard = jax.tree_util.tree_leaves_with_path(tr.state["params"])
+        out[name + "_sharded"] = sorted(jax.tree_util.keystr(p) for p, x in shard if not x.sharding.is_fully_replicated)
+        np.savez(os.path.join({tmp!r}, name + ".npz"), **flat_paths(jax.device_get(tr.state["params"])))
+    init = flat_paths(nnx.state(model_fn(cfg), nnx.Param))
+    np.savez(os.path.join({tmp!r}, "init.npz"), **{{k: np.asarray(v) for k, v in init.items()}})
     print("RESULT" + json.dumps(out))
 """)
 
 
 def test_eight_fake_devices_match_one_device(tmp_path):
+    """5 steps on 8 fake CPU devices (replicated, and FSDP with the large backbone matrices sharded) end with
+    the same parameters as one device, backbone included, and the backbone really moved (before, only the
+    first 3 losses were compared: ln(4) on any layout, the zero-initialised head and the warm-up's lr=0 at
+    step 1 leaving the backbone gradients zero)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     script = SHARDED.format(root=str(ROOT), tiny=TINY, tmp=str(tmp_path))
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(out["one"]) == 3
+    assert len(out["one"]) == 5
     # Same data and seed; only the reduction order of the data-parallel mean differs (float32).
     np.testing.assert_allclose(out["eight"], out["one"], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(out["eight_fsdp"], out["one"], rtol=2e-5, atol=2e-5)
-    assert out["eight_sharded_leaves"] == 0 and out["eight_fsdp_sharded_leaves"] > 0
+    assert abs(out["one"][0] - np.log(4)) > 1e-3 and abs(out["one"][-1] - out["one"][0]) > 1e-3   # not ln(4)
+    assert min(out["one_grad_norm"]) > 0
+    assert out["eight_sharded"] == []
+    sharded = out["eight_fsdp_sharded"]
+    assert any("blocks" in k and "mlp" in k for k in sharded), sharded   # backbone matrices split over devices
+    one, init = np.load(tmp_path / "one.npz"), np.load(tmp_path / "init.npz")
+    backbone = [k for k in one.files if k.startswith("blocks/")]
+    assert backbone and all(np.abs(one[k] - init[k]).max() > 1e-4 for k in backbone if "kernel" in k)
+    for name in ("eight", "eight_fsdp"):
+        other = np.load(tmp_path / f"{name}.npz")
+        assert sorted(other.files) == sorted(one.files)
+        for k in one.files:   # every parameter after 5 Adam steps, lr 3e-3 (updates ~1e-2): equal to ~1e-5
+            np.testing.assert_allclose(other[k], one[k], rtol=0, atol=5e-5, err_msg=f"{name}: {k}")
 
 
 @pytest.mark.long   # the same property on the chat-template path runs by default (tests/test_vlm_real.py)

@@ -222,3 +222,154 @@ def test_prepare_metrics_cuts_back_to_the_restored_step(tmp_path):
     lines = (tmp_path / "metrics.dropped.jsonl").read_text().splitlines()
     assert json.loads(lines[0])["dropped_on_resume_from_step"] == 2
     assert [json.loads(x)["step"] for x in lines[1:3]] == [3, 4] and lines[3] == '{"step": 5, "lo'
+
+
+# -- integrity covers every restored byte (item 2) and the data's class count (item 6) --------------------------
+
+
+def resave(ckdir, step, mutate):
+    """Rewrite checkpoint ``step`` with ``mutate(state, data_iter, meta) -> (state, data_iter, meta)`` applied and
+    the saved ``meta`` (with its integrity record) kept unless ``mutate`` changes it: files stay readable."""
+    import orbax.checkpoint as ocp
+
+    names = ("state", "data_iter", "meta")
+    mgr = ocp.CheckpointManager(pathlib.Path(ckdir).resolve(), item_names=names)
+    out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                    data_iter=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    state, data_iter, meta = mutate(out["state"], dict(out["data_iter"]), dict(out["meta"]))
+    mgr.close()
+    shutil.rmtree(pathlib.Path(ckdir) / str(step))
+    mgr = ocp.CheckpointManager(pathlib.Path(ckdir).resolve(), item_names=names)
+    mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data_iter=ocp.args.JsonSave(data_iter),
+                                           meta=ocp.args.JsonSave(meta)))
+    mgr.wait_until_finished()
+    mgr.close()
+
+
+def random_bytes_in_adam_mu(state, data_iter, meta):
+    """4 KB of random bytes over the first Adam first-moment array that large (as in the issue)."""
+    import jax
+    import numpy as np
+
+    flat = jax.tree_util.tree_leaves_with_path(state["opt"])
+    path = next(p for p, x in flat if "mu" in jax.tree_util.keystr(p) and np.asarray(x).nbytes >= 4096)
+
+    def scribble(p, x):
+        if p != path:
+            return x
+        raw = bytearray(np.asarray(x).tobytes())
+        raw[:4096] = np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes()
+        return np.frombuffer(bytes(raw), np.asarray(x).dtype).reshape(np.shape(x))
+
+    return dict(state, opt=jax.tree_util.tree_map_with_path(scribble, state["opt"])), data_iter, meta
+
+
+def test_damaged_adam_moments_are_detected_and_quarantined(run_a, tmp_path):
+    """Before, only the parameters were fingerprinted: 4 KB of random bytes in Adam's first moment resumed
+    silently (the loss diverged later). Now a named CheckpointError, or quarantine + fallback."""
+    from training.checkpoints import Checkpoints
+
+    work = tmp_path / "w"
+    shutil.copytree(run_a[0], work)
+    resave(work / "checkpoints", 3, random_bytes_in_adam_mu)
+    ck = Checkpoints(work / "checkpoints", keep=3, use_async=False)
+    try:
+        with pytest.raises(train.CheckpointError, match=r"step 3 .*integrity fingerprint mismatch in the optimizer "
+                                                        r"state.*'opt/.*mu.*checkpoint\.fallback"):
+            ck.restore(None, fallback=False)
+        with pytest.warns(RuntimeWarning, match=r"optimizer state.*moved it to .*damaged_checkpoints.*no older"):
+            assert ck.restore(None, fallback=True) is None
+    finally:
+        ck.close()
+    assert len(list((work / "damaged_checkpoints").iterdir())) == 1 and step_dirs(work) == []
+
+
+@pytest.mark.long
+def test_damaged_adam_moments_fall_back_and_resume_bitwise(run_c, tmp_path):
+    """Through the trainer: the damaged newest step is set aside and steps 5-6 redone from step 4, bitwise."""
+    import jax
+    import numpy as np
+
+    src, tr_c = run_c
+    work = tmp_path / "w"
+    shutil.copytree(src, work)
+    resave(work / "checkpoints", 6, random_bytes_in_adam_mu)
+    cfg = ("train.steps=6", "checkpoint.every=0", "optim.lr=1e-3", "train.eval_at_end=False",
+           "train.allow_config_change=True")
+    with pytest.warns(RuntimeWarning, match=r"optimizer state.*falling back to step 4"):
+        tr = train.Trainer(tiny_cfg(*cfg), work)
+        tr.train()
+    assert tr.resumed_from == 4
+    for a, b in zip(jax.tree.leaves(jax.device_get(tr.state)), jax.tree.leaves(jax.device_get(tr_c.state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def restored_a(run_a):
+    import orbax.checkpoint as ocp
+
+    mgr = ocp.CheckpointManager((run_a[0] / "checkpoints").resolve(), item_names=("state", "data_iter", "meta"))
+    out = mgr.restore(3, args=ocp.args.Composite(state=ocp.args.StandardRestore(), data_iter=ocp.args.JsonRestore(),
+                                                 meta=ocp.args.JsonRestore()))
+    mgr.close()
+    import jax
+    return jax.device_get(out["state"]), dict(out["data_iter"]), dict(out["meta"])   # numpy: one compile
+
+
+def test_every_restored_item_is_covered_by_the_integrity_record(restored_a):
+    """One flipped bit of a parameter, Adam's step count + 1, the data-iterator position or a config value
+    changed: each a named CheckpointError (the checkpoint as saved passes)."""
+    import copy
+
+    import jax
+    import numpy as np
+
+    from training.checkpoints import check_integrity
+
+    state, data_iter, meta = restored_a
+    check_integrity(state, data_iter, meta)
+
+    def bump(tree, pick, change):
+        leaves, tdef = jax.tree.flatten(tree)
+        i = next(j for j, x in enumerate(leaves) if pick(np.asarray(x)))
+        leaves[i] = change(np.asarray(leaves[i]).copy())
+        return jax.tree.unflatten(tdef, leaves)
+
+    def flip(x):
+        x.reshape(-1).view(np.uint32)[0] ^= 1
+        return x
+
+    cases = {
+        "the parameters": (dict(state, params=bump(state["params"], lambda x: x.dtype == np.float32, flip)),
+                           data_iter, meta),
+        "the optimizer state": (dict(state, opt=bump(state["opt"], lambda x: x.dtype == np.int32, lambda x: x + 1)),
+                                data_iter, meta),
+        "data_iter": (state, json.loads(json.dumps(data_iter).replace('"next_index": ', '"next_index": 1')), meta),
+        "meta": (state, data_iter, copy.deepcopy(meta)),
+    }
+    cases["meta"][2]["config"]["optim"]["lr"] = 0.5
+    assert '"next_index": 1' in json.dumps(cases["data_iter"][1])
+    for where, args in cases.items():
+        with pytest.raises(train.CheckpointError, match=f"integrity fingerprint mismatch in {where}"):
+            check_integrity(*args)
+    missing = dict(meta)
+    del missing["integrity"]
+    with pytest.raises(train.CheckpointError, match="no integrity record"):
+        check_integrity(state, data_iter, missing)
+
+
+def test_class_count_must_match_the_head(tmp_path):
+    from PIL import Image
+
+    import numpy as np
+
+    for c in ("cats", "dogs"):
+        (tmp_path / "data" / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "data" / "train" / c / "0.png")
+    cfg = tiny_cfg("data.name=image_folder", f"data.path={tmp_path / 'data'}", "train.steps=1")
+    with pytest.raises(configs.ConfigError, match=r"has 2 classes \['cats', 'dogs'\] but the model's head has "
+                                                  r"model.vit.num_classes=4"):
+        train.Trainer(cfg, tmp_path / "w", model_fn=no_model).train()
+    with pytest.raises(configs.ConfigError, match=r"synthetic.*has 4 classes but .*num_classes=3"):
+        train.Trainer(tiny_cfg("model.vit.num_classes=3", "train.steps=1"), tmp_path / "w2", model_fn=no_model).train()
+    assert not (tmp_path / "w" / "config.json").exists()

@@ -1,8 +1,16 @@
 """Orbax checkpoints of a run (model + optimizer + step + data-iterator position + config), with an integrity
-fingerprint and fallback to an older step when the newest is damaged."""
+record over every restored byte and fallback to an older step when the newest is damaged.
+
+Integrity: ``meta["integrity"]`` holds two exact uint32 digests of the bit pattern of every array in ``state``
+(parameters, optimizer moments, model state, step; keyed by leaf path), the sha256 of the canonical JSON of
+``data_iter`` and of the rest of ``meta``. A mismatch on restore is a :class:`CheckpointError` naming the part
+(e.g. ``integrity fingerprint mismatch in the optimizer state ... 'opt/0/mu/...'``), handled like an unreadable file (fallback /
+quarantine). Checkpoints written before this record are checked with the old parameter sums."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pathlib
 import shutil
@@ -14,8 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-
 from training.errors import CheckpointError
 
 log = logging.getLogger("tokenreduce.train")
@@ -26,16 +32,106 @@ log = logging.getLogger("tokenreduce.train")
 
 @jax.jit
 def _fingerprint(params):
-    """Two float32 sums per checkpoint: a cheap guard against silently corrupted array data."""
+    """Two float32 sums of the parameters: the check of checkpoints written before :func:`state_digest`
+    (their ``meta`` has ``fingerprint`` but no ``integrity``)."""
     leaves = jax.tree.leaves(params)
     s = sum(jnp.sum(x.astype(jnp.float32)) for x in leaves)
     a = sum(jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves)
     return jnp.stack([s, a])
 
 
+def _words(x):
+    """The bytes of one array as uint32 words (exact: a bit cast, never a value conversion)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32).reshape(-1)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 1:
+        return jax.lax.bitcast_convert_type(x, jnp.uint8).astype(jnp.uint32).reshape(-1)
+    if size == 2:
+        return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32).reshape(-1)
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32).reshape(-1)   # 8 bytes -> [..., 2] words
+
+
+@jax.jit
+def _leaf_digests(tree):
+    """``[leaves, 2]`` uint32: two position-weighted sums (mod 2**32) of every leaf's bit pattern.
+
+    Integer sums do not depend on the reduction order, so the digest is the same on any device layout. Each
+    weight is odd, so changing any one word (any bit flip) always changes both sums; unrelated damage to many
+    words matches by chance with probability about 2**-64. Not a cryptographic hash."""
+    rows = []
+    for x in jax.tree.leaves(tree):
+        w = _words(x)
+        i = jnp.arange(w.size, dtype=jnp.uint32)
+        k1 = i * jnp.uint32(0x9E3779B1) + jnp.uint32(0x7F4A7C15) | jnp.uint32(1)
+        k2 = (i ^ jnp.uint32(0x5BD1E995)) * jnp.uint32(0x85EBCA6B) | jnp.uint32(1)
+        mixed = w ^ (w >> 15) ^ jnp.uint32(w.size)
+        rows.append(jnp.stack([jnp.sum(w * k1, dtype=jnp.uint32), jnp.sum(mixed * k2, dtype=jnp.uint32)]))
+    if not rows:
+        return jnp.zeros((0, 2), jnp.uint32)
+    return jnp.stack(rows)
+
+
+def state_digest(state) -> dict[str, list[int]]:
+    """``{leaf path: [d1, d2]}`` over every array of ``state`` (parameters, optimizer moments, step, ...)."""
+    paths = ["/".join(_key_str(k) for k in path) for path, _ in jax.tree_util.tree_leaves_with_path(state)]
+    rows = np.asarray(jax.device_get(_leaf_digests(state))).astype(np.int64).tolist()
+    return dict(zip(paths, rows))
+
+
+def _key_str(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def json_digest(obj) -> str:
+    """sha256 of the canonical JSON text (sorted keys) of ``obj`` after a JSON round trip."""
+    text = json.dumps(json.loads(json.dumps(obj, sort_keys=True, default=str)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _part(path: str) -> str:
+    head = path.split("/", 1)[0]
+    return {"params": "parameters", "opt": "optimizer state", "rest": "model state", "step": "step"}.get(head, head)
+
+
+def check_integrity(state, data_state, meta) -> None:
+    """Raise :class:`CheckpointError` naming the first damaged part (leaf path, ``data_iter`` or ``meta``) when
+    the restored items do not match the digests written with them."""
+    rec = meta.get("integrity")
+    if rec is None:
+        if "fingerprint" not in meta:
+            raise CheckpointError("meta has no integrity record (neither 'integrity' nor 'fingerprint')")
+        got = np.asarray(jax.device_get(_fingerprint(state["params"])), np.float64)   # older checkpoints
+        want = np.asarray(meta["fingerprint"], np.float64)
+        if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
+            raise CheckpointError(f"parameter fingerprint {got.tolist()} != saved {want.tolist()}")
+        return
+    got, want = state_digest(state), rec.get("state", {})
+    if set(got) != set(want):
+        raise CheckpointError(f"integrity fingerprint: state leaves differ from the saved record: missing "
+                              f"{sorted(set(want) - set(got))[:5]}, unexpected {sorted(set(got) - set(want))[:5]}")
+    bad = [k for k in got if list(got[k]) != list(want[k])]
+    if bad:
+        raise CheckpointError(f"integrity fingerprint mismatch in the {_part(bad[0])}: {len(bad)} array(s), first "
+                              f"{bad[0]!r}: the array data was changed or damaged after saving")
+    body = {k: v for k, v in meta.items() if k != "integrity"}
+    if json_digest(body) != rec.get("meta"):
+        raise CheckpointError("integrity fingerprint mismatch in meta (config): the meta item was changed or damaged")
+    if json_digest(data_state) != rec.get("data_iter"):
+        raise CheckpointError("integrity fingerprint mismatch in data_iter: the data-iterator state was changed or damaged")
+
+
 class Checkpoints:
     """Orbax ``CheckpointManager`` with items ``state`` (model + optimizer + step), ``data_iter`` (grain
-    iterator state) and ``meta`` (resolved config, fingerprint). Keeps the last ``keep`` steps, async."""
+    iterator state) and ``meta`` (resolved config, and the integrity record: a digest of every state array, of
+    ``data_iter`` and of the rest of ``meta``, checked on restore). Keeps the last ``keep`` steps, async."""
 
     def __init__(self, directory: pathlib.Path, *, keep: int, use_async: bool):
         import orbax.checkpoint as ocp
@@ -48,7 +144,10 @@ class Checkpoints:
 
     def save(self, step: int, state, data_state: dict, meta: dict) -> None:
         ocp = self.ocp
-        meta = dict(meta, fingerprint=[float(v) for v in jax.device_get(_fingerprint(state["params"]))])
+        meta = json.loads(json.dumps(meta, sort_keys=True, default=str))     # exactly what JsonSave writes
+        data_state = json.loads(json.dumps(data_state, sort_keys=True, default=str))
+        meta["integrity"] = {"state": state_digest(state), "data_iter": json_digest(data_state),
+                             "meta": json_digest(meta)}
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data_iter=ocp.args.JsonSave(data_state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
@@ -81,10 +180,7 @@ class Checkpoints:
                     state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
                 state, meta = out["state"], out["meta"]
-                got = np.asarray(jax.device_get(_fingerprint(state["params"])), np.float64)
-                want = np.asarray(meta["fingerprint"], np.float64)
-                if not np.allclose(got, want, rtol=1e-5, atol=1e-6):
-                    raise CheckpointError(f"parameter fingerprint {got.tolist()} != saved {want.tolist()}")
+                check_integrity(state, out["data_iter"], meta)
                 if int(jax.device_get(state["step"])) != step:
                     raise CheckpointError(f"state.step {int(state['step'])} != directory step {step}")
                 return step, state, out["data_iter"], meta

@@ -122,6 +122,26 @@ def config_lines(cfg) -> str:
     return "\n".join(f"  {k}: {json.dumps(v, default=str, sort_keys=True)}" for k, v in d.items())
 
 
+def check_classes(cfg, source, split: str) -> None:
+    """A classification run's data must have as many classes as the model's head (``model.vit.num_classes``):
+    :class:`configs.ConfigError` naming both counts when the source states a different class count, or holds a
+    label the head cannot output. Sources that state neither are not checked."""
+    if cfg.task != "classification":
+        return
+    head = int(cfg.model.vit.num_classes)
+    declared, labels = data_lib.class_count(source)
+    names = getattr(source, "classes", None)
+    where = f"data.name={cfg.data.name!r} split {split!r} ({source!r})"
+    if declared is not None and declared != head:
+        listing = f" {list(names)[:10]}" if names is not None else ""
+        raise configs.ConfigError(
+            f"{where} has {declared} classes{listing} but the model's head has model.vit.num_classes={head} "
+            f"outputs; set model.vit.num_classes={declared} (a new head) or point data.path at the matching data")
+    if labels is not None and labels > head:
+        raise configs.ConfigError(f"{where} has label {labels - 1}, but the model's head has model.vit.num_classes="
+                                  f"{head} outputs (labels 0..{head - 1}); set model.vit.num_classes >= {labels}")
+
+
 class Trainer:
     """Runs ``cfg.train.steps`` steps in ``workdir`` (resuming from its checkpoints when present).
 
@@ -206,6 +226,8 @@ class Trainer:
             if newest is not None:
                 check_resume_config(newest[1].get("config"), cfg.to_dict(), step=newest[0], workdir=self.workdir,
                                     allow=allow_change)
+        source = self.source_fn(cfg.data, cfg.data.train_split)   # read (and class-checked) before the model
+        check_classes(cfg, source, cfg.data.train_split)
         model = self.model_fn(cfg)
         reducers = layer_reducers(cfg, model)
         task = make_task(cfg, model)
@@ -239,7 +261,6 @@ class Trainer:
             write_run_config(cfg.to_dict(), self.workdir, start, diff)
             prepare_metrics(metrics_path, start)
 
-        source = self.source_fn(cfg.data, cfg.data.train_split)
         self.skip_stats = getattr(source, "stats", None)
         aug = data_lib.Augment(int(cfg.data.augment.crop_padding), bool(cfg.data.augment.flip))
         ds = data_lib.train_dataset(source, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed), augment=aug,
@@ -249,6 +270,8 @@ class Trainer:
             it.set_state(data_state)
         eval_source = (self.source_fn(cfg.data, cfg.data.eval_split)
                        if cfg.train.eval_every > 0 or cfg.train.eval_at_end else None)
+        if eval_source is not None:
+            check_classes(cfg, eval_source, cfg.data.eval_split)
 
         P = jax.sharding.PartitionSpec
         repl = jax.sharding.NamedSharding(self.mesh, P())
