@@ -157,7 +157,7 @@ def reducer_info(reducer, base: dict, keys: Optional[jax.Array], probs: Optional
         **base,
         metric=jnp.mean(keys, axis=2) if R.METRIC in needs else None,
         attention=probs if R.ATTENTION in needs else None,
-        keys=keys.reshape(b, t, -1) if R.KEYS in needs else None,
+        keys=keys.reshape(b, t, keys.shape[2] * keys.shape[3]) if R.KEYS in needs else None,   # -1 fails at B = 0
         hidden=hidden if R.HIDDEN in needs else None,
     )
 

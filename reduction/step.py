@@ -26,6 +26,7 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax
@@ -255,7 +256,7 @@ def apply_to_tokens(values: jax.Array, step: ReductionStep, sizes: Optional[jax.
     if sizes is None:
         sizes = jnp.ones(values.shape[:2], jnp.float32)
     b, t = values.shape[:2]
-    merged, _ = _merge_weighted(values.reshape(b, t, -1), sizes.astype(jnp.float32), step)
+    merged, _ = _merge_weighted(values.reshape(b, t, math.prod(values.shape[2:])), sizes.astype(jnp.float32), step)
     return merged.reshape((b, step.num_out) + values.shape[2:])
 
 
