@@ -101,7 +101,7 @@ def _output_layout(n_unm: int, nb: int, pa: int, pb: int) -> np.ndarray:
     return np.concatenate([unm, b]).astype(np.int32)
 
 
-def _merge_order_key(node_max: jax.Array, pa: int) -> jax.Array:
+def _merge_order_key(node_max: jax.Array, pa: int = 0, *, class_token: Optional[bool] = None) -> jax.Array:
     """``[na] -> [na]`` float32 key whose descending order is the merge order of the A tokens.
 
     ``-inf`` rows (every partner blocked or NaN) rank after every finite one but before the class token,
@@ -111,6 +111,8 @@ def _merge_order_key(node_max: jax.Array, pa: int) -> jax.Array:
     """
     key = jnp.maximum(node_max, jnp.finfo(jnp.float32).min)
     key = jnp.where(key == 0, 0.0, key)
+    if class_token is not None:                     # the older spelling: only a class token is protected
+        pa = int(class_token)
     if pa:
         key = jnp.where(np.arange(key.shape[0]) < pa, -jnp.inf, key)
     return key
