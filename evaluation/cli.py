@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import sys
 import time
 
 
@@ -30,6 +31,30 @@ def parse_args(argv=None):
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", help="config overrides field=value")
     return p.parse_args(argv)
+
+
+def check_methods(cfg) -> None:
+    """Every method the config requests (``methods``, and the names under ``options``) is registered and can run
+    where it is asked to: :class:`reduction.SpecError` otherwise, before any model or data is loaded."""
+    from reduction.reducers import SpecError, available_methods, method_info
+
+    for name in (cfg.get("options") or {}):
+        method_info(name)
+    if cfg.get("kind", "vit") == "vlm":
+        from evaluation.vlm_sweep import POINT_NAMES
+
+        for point, names in (cfg.methods or {}).items():
+            if point not in POINT_NAMES:
+                raise SpecError(f"methods.{point}: unknown point; points: {sorted(POINT_NAMES)}")
+            for name in tuple(names or ()):
+                method_info(name)
+                if name not in available_methods(point):
+                    raise SpecError(f"methods.{point}: method {name!r} cannot run at the {point!r} point; "
+                                    f"methods for {point!r}: {available_methods(point)}")
+        return
+    from evaluation.sweep import resolve_methods
+
+    resolve_methods(tuple(cfg.methods))
 
 
 def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
@@ -82,6 +107,13 @@ def main(argv=None) -> int:
     if args.print_config:
         print(cfg)
         return 0
+    from reduction.reducers import SpecError
+
+    try:
+        check_methods(cfg)
+    except SpecError as err:           # an unknown requested method fails the run, named, before any work
+        print(f"eval.py: error: {err}", file=sys.stderr)
+        return 2
     out_dir = pathlib.Path(args.out or cfg.out_dir or pathlib.Path("results") / "eval" / cfg.config_name)
     result = run(cfg, out_dir, progress=not args.quiet)
     if not args.quiet:

@@ -21,7 +21,7 @@ import numpy as np
 from evaluation import measure
 from evaluation.probe import DEFAULT_L2, RidgeProbe, fit_ridge_probe
 from evaluation import budget
-from reduction.reducers import available_methods, build_layer_reducers
+from reduction.reducers import SpecError, available_methods, build_layer_reducers, method_info
 
 
 @dataclasses.dataclass
@@ -79,7 +79,8 @@ class SweepSettings:
 
 def resolve_methods(methods: Sequence[str]) -> list[str]:
     """``("all",)`` = every registered method that runs in a ViT block, except ``none`` (the reference point) and
-    private ``_names``, sorted."""
+    private ``_names``, sorted. A name that is not registered, or cannot run in a ViT block, raises
+    :class:`reduction.SpecError` before anything is built."""
     out: list[str] = []
     for m in methods:
         if m == "all":
@@ -90,6 +91,11 @@ def resolve_methods(methods: Sequence[str]) -> list[str]:
     for m in out:
         if m not in seen:
             seen.append(m)
+    known = available_methods("vit")
+    for m in seen:
+        if m not in known:
+            method_info(m)             # SpecError naming an unknown method (with a close match)
+            raise SpecError(f"method {m!r} cannot run in a ViT block; methods for 'vit': {known}")
     return seen
 
 

@@ -144,6 +144,11 @@ def start_decoding(lm: Llama, x: jax.Array, valid: jax.Array, *, max_new_tokens:
     stops = stop_table(stop_tokens, b)
     if image_starts is None:
         image_starts = jnp.zeros((b,), jnp.int32)
+    elif image_len and reducers is not None and any(r is not None for r in reducers):
+        # Spans past the prompt would be clipped inside the jitted prefill: name them here instead.
+        from reduction.spans import check_span_bounds, check_starts
+
+        check_span_bounds(check_starts(jnp.asarray(image_starts), b), int(image_len), x.shape[1])
     graphdef, params = nnx.split(lm)
     tok, cache, rng, kept = _prefill(graphdef, params, x, positions, valid, jnp.asarray(image_starts, jnp.int32),
                                      rng, extra=max_new_tokens, reducers=reducers, image_len=image_len,

@@ -171,7 +171,7 @@ class Attention(nnx.Module):
     def out(self, o: jax.Array) -> jax.Array:
         """``o: [B, T, H, Dh] -> [B, T, C]`` through the output projection."""
         b, t = o.shape[:2]
-        o = o.reshape(b, t, -1)
+        o = o.reshape(b, t, o.shape[2] * o.shape[3])          # not -1: that fails at B = 0
         return self.proj(o) if self.fused_qkv else self.o_proj(o)
 
     def __call__(self, x: jax.Array, *, positions: Optional[jax.Array] = None, mask: Optional[jax.Array] = None,
@@ -308,7 +308,7 @@ def reducer_info(reducer, base: dict, keys: Optional[jax.Array], probs: Optional
         **base,
         metric=jnp.mean(keys, axis=2) if R.METRIC in needs else None,
         attention=probs if R.ATTENTION in needs else None,
-        keys=keys.reshape(b, t, -1) if R.KEYS in needs else None,
+        keys=keys.reshape(b, t, keys.shape[2] * keys.shape[3]) if R.KEYS in needs else None,   # -1 fails at B = 0
         hidden=hidden if R.HIDDEN in needs else None,
     )
 

@@ -306,7 +306,7 @@ class Llama(nnx.Module):
             prev_probs = p
             prev_keys = None
             if nxt is not None and KEYS in nxt.needs:
-                prev_keys = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2).reshape(k.shape[0], k.shape[1], -1)
+                prev_keys = jnp.repeat(k, cfg.num_heads // cfg.num_kv_heads, axis=2).reshape(k.shape[0], k.shape[1], cfg.num_heads * k.shape[3])
             kv.append((k, v, state.valid))
             counts.append(state.num_tokens)
             state = state.replace(x=h)

@@ -134,7 +134,7 @@ class ViTTower(nnx.Module):
         props = prop_attn_flags(reducers)
         for layer, red in enumerate(reducers):
             info = dict(layer=layer, num_layers=self.cfg.layers_run, num_protected=vc.num_protected,
-                        num_distill=int(vc.distill_token),
+                        num_distill=int(vc.distill_token), num_registers=vc.num_registers,
                         rng=None if rng is None else jax.random.fold_in(rng, layer))
             state = vit.blocks[layer](state, reducer=red, info=info, prop_attn=props[layer])
         feats = vit.norm(state.x) if self.cfg.final_norm else state.x

@@ -458,7 +458,7 @@ class ViT(nnx.Module):
         props = prop_attn_flags(reducers)
         for layer, (blk, red) in enumerate(zip(self.blocks, reducers)):
             info = dict(layer=layer, num_layers=cfg.depth, num_protected=cfg.num_protected,
-                        num_distill=int(cfg.distill_token),
+                        num_distill=int(cfg.distill_token), num_registers=cfg.num_registers,
                         rng=None if rng is None else jax.random.fold_in(rng, layer))
             state = blk(state, reducer=red, info=info, prop_attn=props[layer])
         tokens = self.norm(state.x)

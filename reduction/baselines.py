@@ -4,7 +4,8 @@ Registered reducers (one spec key per layer list, see :func:`reduction.build_lay
 
 * ``"random"``    -- keep a uniformly random subset of the unprotected tokens (seeded).
 * ``"topk_cls"``  -- EViT-style: keep the tokens receiving the most attention from the class token
-  (token 0), averaged over heads.
+  (token 0), averaged over heads. A point without a class token (``LayerInfo.has_class_token``) or
+  attention over another token count than the state raises ``ValueError`` at trace time.
 * ``"fastv"``     -- in the LLM: keep the image tokens receiving the most attention from the last prompt token
   (FastV, Chen et al., ECCV 2024; ``LayerInfo.text_attention``).
 * ``"pool"``      -- spatial average pooling of the token grid with window = stride = ``k``: a real merge
@@ -31,7 +32,8 @@ import numpy as np
 from reduction import flops as flops_lib
 from reduction.reducers import (ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer, candidates_kept, pruned_count,
                                 register)
-from reduction.spans import assemble as _assemble, check_starts as _check_starts, span_keep_indices
+from reduction.spans import (assemble as _assemble, check_span_bounds as _check_span_bounds,
+                             check_starts as _check_starts, span_keep_indices)
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, merge_step, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
@@ -105,7 +107,9 @@ def fastv_keep_indices(attention: jax.Array, *, image_starts: jax.Array, image_l
     Args:
       attention: ``[B, H, T, T]`` probabilities of layer ``K - 1``, or ``[B, H, Tq, T]`` rows for the last
         ``Tq`` positions (row ``r`` is position ``T - Tq + r``).
-      image_starts: ``[B]`` or ``[B, M]`` int32 (traced) span starts; image_len: static span length.
+      image_starts: ``[B]`` or ``[B, M]`` int32 (traced) span starts, each span inside ``[0, T)``
+        (:func:`reduction.spans.check_span_bounds`: concrete starts outside raise, traced ones are clipped);
+        image_len: static span length.
       budget: static image tokens kept per image (clamped to ``image_len``; a ``UserWarning`` says so).
       valid: ``[B, T]`` bool or ``None``. The query row is the last valid position among the rows; if no
         valid position lies among the rows, the last row is used.
@@ -123,6 +127,7 @@ def fastv_keep_indices(attention: jax.Array, *, image_starts: jax.Array, image_l
     budget = check_count(budget, "budget")
     if num_images * image_len > t:
         raise ValueError(f"image_len={image_len} x {num_images} images exceeds the sequence length T={t}")
+    starts = _check_span_bounds(starts, image_len, t)
     if valid is not None:
         check_rank(valid, 2, "valid")
         check_leading(valid, (b, t), "valid", "attention")
@@ -234,7 +239,8 @@ class RandomPrune(Reducer):
 
 @dataclasses.dataclass(frozen=True)
 class TopKCls(Reducer):
-    """EViT-style: keep the tokens the class token attends to most (mean over heads)."""
+    """EViT-style: keep the tokens the class token attends to most (mean over heads). Needs a class token
+    (:meth:`LayerInfo.require_class_token`) and attention over exactly the state's tokens."""
 
     keep_ratio: float = 0.7
     keep: Optional[int] = None
@@ -247,7 +253,14 @@ class TopKCls(Reducer):
         return pruned_count(num_tokens, self._info(info), self.keep_ratio, self.keep)
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        scores = cls_attention_scores(info.require(ATTENTION, "topk_cls"))
+        info.require_class_token("topk_cls")
+        attention = info.require(ATTENTION, "topk_cls")
+        check_rank(attention, 4, "attention")
+        b, t = state.x.shape[:2]
+        if attention.shape[0] != b or attention.shape[2:] != (t, t):
+            raise ValueError(f"topk_cls: attention has shape {tuple(attention.shape)}; it must be [B, H, T, T] "
+                             f"over the state's {t} tokens (B={b})")
+        scores = cls_attention_scores(attention)
         idx = topk_keep_indices(scores, keep=self.num_out(state.num_tokens, info),
                                 num_protected=max(info.num_protected, 1), valid=state.valid)
         return prune_step(idx, state.num_tokens)

@@ -23,8 +23,10 @@ The selection, for one image span of ``L`` tokens (the reference ``get_retained_
 Choices this port makes explicit (the reference has batch size 1 and one span):
 
 * ``image_starts`` is traced, ``[B]`` or ``[B, M]`` for ``M`` images per sequence, each with its own
-  budget; the image length is static and shared. Spans must lie inside ``[0, T)`` and must not overlap
-  (not checkable at trace time; violating it gives a wrong kept set, never an out-of-bounds access).
+  budget; the image length is static and shared. Spans must lie inside ``[0, T)`` and must not overlap:
+  concrete starts that break this raise ``ValueError`` naming ``image_starts``; traced ones cannot be checked
+  before the compile and are clipped to ``[0, T - image_len]`` (:func:`reduction.spans.check_span_bounds`), so
+  the kept set, the span mask and the static output length stay consistent.
 * Text pivots of an image are taken among positions after *that* image's span that are valid and not
   inside any image span (the Qwen reference would treat later images as text; this port does not).
 * Missing text pivots (fewer valid text positions after the span than ``num_text_pivots``): the pivot
@@ -61,7 +63,8 @@ import jax.numpy as jnp
 
 from reduction import flops as flops_lib
 from reduction.reducers import HIDDEN, KEYS, LayerInfo, Reducer, candidates_kept, pruned_count, register
-from reduction.spans import assemble as _assemble, check_starts as _check_starts, span_mask as _span_mask
+from reduction.spans import (assemble as _assemble, check_span_bounds as _check_span_bounds,
+                             check_starts as _check_starts, span_mask as _span_mask)
 from reduction.state import TokenState
 from reduction.step import prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
@@ -306,6 +309,7 @@ def dart_keep_indices(
         raise ValueError(f"pivot_order must be one of {PIVOT_ORDERS}, got {pivot_order!r}")
     if num_images * image_len > t:
         raise ValueError(f"image_len={image_len} x {num_images} images exceeds the sequence length T={t}")
+    starts = _check_span_bounds(starts, image_len, t)
 
     num_pivots = num_image_pivots + num_text_pivots
     kept = dart_kept_per_image(image_len, budget, num_image_pivots, num_pivots)

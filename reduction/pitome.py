@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from reduction import flops as flops_lib
-from reduction.reducers import METRIC, LayerInfo, Reducer, register
+from reduction.reducers import METRIC, LayerInfo, Reducer, check_layers, register
 from reduction.schedule import ratio_to_r
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, identity_step, merge_step
@@ -283,6 +283,8 @@ def pitome_layers(
     ``alpha``, ``energy_fn``, ``prop_attn``, ``bsm_layers`` (``"first_half"``, ``"second_half"``, ``"none"`` or
     layer indices using ``pitome_bsm``) and ``layers`` (the layers that merge; default all).
     """
+    if layers is not None:              # out-of-range entries raise, as at every other method
+        layers = check_layers(layers, num_layers)
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     cfg = dict(PRESETS[preset])

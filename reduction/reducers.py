@@ -71,8 +71,10 @@ class LayerInfo:
 
     Attributes:
       layer: index of the layer (0-based); num_layers: layers at this point.
-      num_protected: leading tokens that must survive (class token, distillation token, registers).
-      num_distill: how many of them are distillation tokens.
+      num_protected: leading tokens that must survive, in the order class token, distillation token, registers.
+      num_distill: how many of them are distillation tokens; num_registers: how many are registers (a model
+        without a class token may still have registers, so ``num_protected >= 1`` alone does not say token 0 is
+        a class token: :attr:`has_class_token`).
       metric / attention / keys / hidden / text_attention / layer_attention: see the module constants.
       image_starts: ``[B]`` or ``[B, M]`` int32 first position of each image span (LLM point, traced); ``None``
         elsewhere, where every unprotected token is a candidate.
@@ -84,6 +86,7 @@ class LayerInfo:
     num_layers: int = 1
     num_protected: int = 0
     num_distill: int = 0
+    num_registers: int = 0
     metric: Optional[jax.Array] = None
     attention: Optional[jax.Array] = None
     keys: Optional[jax.Array] = None
@@ -94,6 +97,18 @@ class LayerInfo:
     image_len: int = 0
     num_images: int = 1
     rng: Optional[jax.Array] = None
+
+    @property
+    def has_class_token(self) -> bool:
+        """True when token 0 is a class token (a protected token that is neither distillation nor register)."""
+        return self.num_protected - self.num_distill - self.num_registers >= 1
+
+    def require_class_token(self, method: str) -> None:
+        """A named error for a method that reads the class token at a point whose tokens have none."""
+        if not self.has_class_token:
+            raise ValueError(f"{method} reads the class token (token 0), but the tokens at this point have none "
+                             f"(num_protected={self.num_protected}, num_registers={self.num_registers}); use a "
+                             f"method that needs no class token (e.g. divprune, dart, tome)")
 
     @property
     def in_spans(self) -> bool:
@@ -165,14 +180,9 @@ class ToMe(Reducer):
         return num_tokens - self._r(num_tokens, info)
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        if info.num_protected > 2:
-            raise ValueError("ToMe protects at most a class and a distillation token (num_protected <= 2)")
-        return bipartite_soft_matching(
-            info.require(METRIC, "tome"),
-            r=self._r(state.num_tokens, info),
-            class_token=info.num_protected - info.num_distill >= 1,
-            distill_token=info.num_distill >= 1,
-        )
+        # The protected prefix (class, distillation, registers) neither merges away nor receives a merge.
+        return bipartite_soft_matching(info.require(METRIC, "tome"), r=self._r(state.num_tokens, info),
+                                       num_protected=info.num_protected)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return flops_lib.tome_flops(num_tokens, dim // heads)
@@ -398,7 +408,10 @@ def _none_layers(num_layers: int, layers=None) -> list[Optional[Reducer]]:
 def _tome_layers(num_layers: int, r: Any = 0, inflect: Optional[float] = None, prop_attn: bool = True,
                  keep: Optional[int] = None, layers: Optional[Sequence[int]] = None) -> list[Optional[Reducer]]:
     """ToMe (Bolya et al. 2023): ``r`` merges per layer (or a list, or ``(r, inflect)``'s schedule); ``keep``
-    merges towards ``keep`` tokens instead (at the connector, repeated until reached)."""
+    merges towards ``keep`` tokens instead (at the connector, repeated until reached). A ``layers`` entry outside
+    ``[0, num_layers)`` raises :class:`SpecError` (also when the builder is called directly)."""
+    if layers is not None:
+        layers = check_layers(layers, num_layers)
     if keep is not None:
         chosen = set(range(num_layers) if layers is None else layers)
         return [ToMe(keep=int(keep), use_prop_attn=bool(prop_attn)) if i in chosen else None

@@ -15,6 +15,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from reduction.validate import check_count, check_leading, check_rank
 
@@ -29,6 +30,33 @@ def check_starts(image_starts, batch: int) -> jax.Array:
         raise ValueError(f"image_starts must be an integer array, got dtype {image_starts.dtype}")
     starts = image_starts.astype(jnp.int32)
     return starts[:, None] if starts.ndim == 1 else starts
+
+
+def check_span_bounds(starts: jax.Array, image_len: int, num_tokens: int) -> jax.Array:
+    """Spans ``[s, s + image_len)`` must lie inside ``[0, T)`` and not overlap. ``starts: [B, M]`` int32.
+
+    Concrete starts (an eager call, or :func:`models.generate.start_decoding`, which checks before its jitted
+    prefill) that break this raise ``ValueError`` naming ``image_starts`` and the offending example. Traced starts
+    cannot be checked before the compile; they are clipped to ``[0, T - image_len]`` so the selection, the span
+    mask and the static output count stay consistent (a span past the end is read as the last ``image_len``
+    tokens; the text tokens it then covers count as image tokens). Valid starts pass through unchanged.
+    """
+    if not isinstance(starts, jax.core.Tracer):
+        s = np.asarray(starts)
+        bad = (s < 0) | (s + image_len > num_tokens)
+        if bad.any():
+            e, m = map(int, np.argwhere(bad)[0])
+            raise ValueError(f"image_starts[{e}] = {s[e].tolist()}: image {m}'s span [{int(s[e, m])}, "
+                             f"{int(s[e, m]) + image_len}) runs outside the sequence [0, {num_tokens}) "
+                             f"(image_len={image_len})")
+        if s.shape[1] > 1:
+            srt = np.sort(s, axis=1)
+            gap = np.diff(srt, axis=1) < image_len
+            if gap.any():
+                e = int(np.argwhere(gap)[0][0])
+                raise ValueError(f"image_starts[{e}] = {s[e].tolist()}: image spans of {image_len} tokens overlap")
+        return starts
+    return jnp.clip(starts, 0, num_tokens - image_len)
 
 
 def span_mask(starts: jax.Array, image_len: int, num_tokens: int) -> jax.Array:
@@ -66,6 +94,7 @@ def span_keep_indices(select: Callable[[jax.Array], jax.Array], values: jax.Arra
         raise ValueError(f"kept={kept} exceeds image_len={image_len}")
     if m * image_len > t:
         raise ValueError(f"{m} images of {image_len} tokens exceed the sequence length T={t}")
+    starts = check_span_bounds(starts, image_len, t)
     num_out = t - m * (image_len - kept)
 
     def one(v, s):
@@ -78,4 +107,4 @@ def span_keep_indices(select: Callable[[jax.Array], jax.Array], values: jax.Arra
     return jax.vmap(one)(values, starts)
 
 
-__all__ = ["check_starts", "span_mask", "assemble", "span_keep_indices"]
+__all__ = ["check_starts", "check_span_bounds", "span_mask", "assemble", "span_keep_indices"]

@@ -26,6 +26,7 @@ A step maps ``T`` input tokens to ``K`` output slots (``K`` static):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import jax
@@ -118,6 +119,13 @@ def _take(arr: jax.Array, idx: jax.Array) -> jax.Array:
 _SPARSE_MERGE_MAX_MOVERS = 64
 
 
+def _weighted(rows: jax.Array, weights: jax.Array) -> jax.Array:
+    """``rows: [B, R, C] * weights: [B, R]`` in float32, with a weight-0 row contributing exactly 0 even when it
+    holds a NaN or Inf (a padding token must not reach the slot it is assigned to)."""
+    w = weights[..., None]
+    return jnp.where(w > 0, rows.astype(jnp.float32) * w, 0.0)
+
+
 def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tuple[jax.Array, jax.Array]:
     """Size-weighted merge ``x: [B, T, C], weights: [B, T] -> ([B, K, C], [B, K])``.
 
@@ -130,19 +138,22 @@ def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tu
 
     Two static paths give the same result up to float32 summation order:
 
-    * few movers (``R <= 64``, e.g. ToMe's ``r``): each mover's slot total is summed over the movers that
-      share its slot with an ``[R, R]`` equality matrix, then the ``R`` merged rows are written over the
-      gathered anchors. Only ``R`` rows beyond the gather are touched (about 3 fewer passes over the
-      ``[B, K, C]`` output than the dense path).
+    * few movers (``R <= 64``, e.g. ToMe's ``r``): the movers that share a slot (found with an ``[R, R]``
+      equality matrix) are summed by a scatter-add into ``R`` rows, then the ``R`` merged rows are written
+      over the gathered anchors. Only ``R`` rows beyond the gather are touched (about 3 fewer passes over
+      the ``[B, K, C]`` output than the dense path).
     * many movers: the weighted anchors and movers are scatter-added in place (``mode="drop"``), then
       divided by the slot sizes.
+
+    Non-finite values stay in their own slot on both paths: a NaN or Inf in a token reaches only the slot it
+    is assigned to, and a token of weight 0 (invalid, or size 0) contributes exactly nothing, even a NaN.
     """
     k = step.num_out
     others = _movers(step)                                                     # [B, R] non-anchors
     other_slot = _take(step.assign, others)
     other_slot = jnp.where(other_slot < 0, k, other_slot)                      # out of range: dropped
     other_w = _take(weights, others)
-    other_mass = _take(x, others).astype(jnp.float32) * other_w[..., None]
+    other_mass = _weighted(_take(x, others), other_w)
     anchor_x = _take(x, step.anchor)
     anchor_w = _take(weights, step.anchor)
 
@@ -152,16 +163,19 @@ def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tu
     sizes = jax.vmap(add_rows)(anchor_w, other_slot, other_w)
     if others.shape[1] <= _SPARSE_MERGE_MAX_MOVERS:
         slot_in = jnp.minimum(other_slot, k - 1)
-        target_x = _take(anchor_x, slot_in).astype(jnp.float32)               # [B, R, C] their anchors
-        target_w = _take(anchor_w, slot_in)
-        same = (other_slot[:, :, None] == other_slot[:, None, :]).astype(jnp.float32)   # [B, R, R]
-        mass = target_x * target_w[..., None] + jnp.einsum(
-            "bij,bjc->bic", same, other_mass, precision=jax.lax.Precision.HIGHEST)
+        target_mass = _weighted(_take(anchor_x, slot_in), _take(anchor_w, slot_in))   # [B, R, C] their anchors
+        # Movers sharing a slot form a group named by its first mover; each group's rows are summed by a
+        # scatter-add over R rows (a product with the [R, R] equality matrix would spread a NaN or Inf of
+        # one slot to every slot as 0 * NaN).
+        same = other_slot[:, :, None] == other_slot[:, None, :]                    # [B, R, R]
+        group = jnp.argmax(same, axis=-1).astype(jnp.int32)                         # [B, R] first equal mover
+        group_mass = jax.vmap(add_rows)(jnp.zeros_like(other_mass), group, other_mass)
+        mass = target_mass + _take(group_mass, group)
         total = _take(sizes, slot_in)
         merged = (mass / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]).astype(x.dtype)
         set_rows = jax.vmap(lambda base, slot, rows: base.at[slot].set(rows, mode="drop"))
         return set_rows(anchor_x, other_slot, merged), sizes
-    mass = jax.vmap(add_rows)(anchor_x.astype(jnp.float32) * anchor_w[..., None], other_slot, other_mass)
+    mass = jax.vmap(add_rows)(_weighted(anchor_x, anchor_w), other_slot, other_mass)
     joined = jax.vmap(lambda slot: jnp.zeros((k,), bool).at[slot].set(True, mode="drop"))(other_slot)
     merged = (mass / jnp.maximum(sizes, jnp.finfo(jnp.float32).tiny)[..., None]).astype(x.dtype)
     return jnp.where(joined[..., None], merged, anchor_x), sizes
@@ -242,7 +256,7 @@ def apply_to_tokens(values: jax.Array, step: ReductionStep, sizes: Optional[jax.
     if sizes is None:
         sizes = jnp.ones(values.shape[:2], jnp.float32)
     b, t = values.shape[:2]
-    merged, _ = _merge_weighted(values.reshape(b, t, -1), sizes.astype(jnp.float32), step)
+    merged, _ = _merge_weighted(values.reshape(b, t, math.prod(values.shape[2:])), sizes.astype(jnp.float32), step)
     return merged.reshape((b, step.num_out) + values.shape[2:])
 
 

@@ -11,6 +11,10 @@ size-weighted merge. Reference behaviour reproduced here:
 * each A token's best B partner, A tokens ordered by that score (descending, stable), the top ``r``
   merge into their partner; several may share one destination;
 * ``r`` is clamped per layer to ``(T - protected) // 2``;
+* (this port) ``num_protected = P`` protects a longer prefix, e.g. the class token and 4 registers of
+  DINOv2-reg: the protected tokens at even positions never merge away, those at odd positions never receive a
+  merge, and all ``P`` keep their slots ``0 .. P - 1`` (the reference has no registers; ``P = 1`` and ``P = 2``
+  are its class and distillation cases exactly);
 * output order ``[unmerged A, B]``; the unmerged A tokens are in ascending original order when there is a
   class token and in descending-score order otherwise; with a distillation token the order is
   ``[cls, dist, unmerged A[1:], B[1:]]``.
@@ -85,30 +89,38 @@ def _first_argmax(scores: jax.Array, best: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(scores == best[..., None], iota, n), axis=-1).clip(max=n - 1)
 
 
-def _output_layout(n_unm: int, nb: int, distill_token: bool) -> np.ndarray:
-    """Static map from the base layout ``[unm, B]`` to the output slots (distillation reorder)."""
-    if not distill_token:
-        return np.arange(n_unm + nb, dtype=np.int32)
-    # [unm0, B0, unm1.., B1..]: unm i>0 shifts by one, B0 goes to 1, B j>0 stays at n_unm + j.
-    return np.concatenate([[0], np.arange(2, n_unm + 1), [1], np.arange(n_unm + 1, n_unm + nb)]).astype(np.int32)
+def _output_layout(n_unm: int, nb: int, pa: int, pb: int) -> np.ndarray:
+    """Static map from the base layout ``[unm, B]`` to the output slots.
+
+    The first ``pa`` unmerged A tokens and the first ``pb`` B tokens are the protected prefix (positions
+    ``0, 2, ..`` and ``1, 3, ..``); they go back to their own positions ``0 .. pa + pb - 1`` (for the class and
+    distillation tokens ``[unm0, B0, unm1.., B1..]``), the other unmerged A tokens follow, then the other B."""
+    p = pa + pb
+    unm = np.concatenate([2 * np.arange(pa), p + np.arange(n_unm - pa)])
+    b = np.concatenate([2 * np.arange(pb) + 1, p + n_unm - pa + np.arange(nb - pb)])
+    return np.concatenate([unm, b]).astype(np.int32)
 
 
-def _merge_order_key(node_max: jax.Array, class_token: bool) -> jax.Array:
+def _merge_order_key(node_max: jax.Array, pa: int = 0, *, class_token: Optional[bool] = None) -> jax.Array:
     """``[na] -> [na]`` float32 key whose descending order is the merge order of the A tokens.
 
     ``-inf`` rows (every partner blocked or NaN) rank after every finite one but before the class token,
-    which ranks last so it never merges, even when ``r`` reaches the cap and other rows tie at ``-inf``.
+    which ranks last so it never merges, even when ``r`` reaches the cap and other rows tie at ``-inf``. The
+    first ``pa`` A tokens (the protected ones at even positions) all rank last.
     ``-0.0`` becomes ``+0.0`` so the two tie as in a comparison sort (``top_k`` orders by bit pattern).
     """
     key = jnp.maximum(node_max, jnp.finfo(jnp.float32).min)
     key = jnp.where(key == 0, 0.0, key)
-    if class_token:
-        key = jnp.where(np.arange(key.shape[0]) == 0, -jnp.inf, key)
+    if class_token is not None:                     # the older spelling: only a class token is protected
+        pa = int(class_token)
+    if pa:
+        key = jnp.where(np.arange(key.shape[0]) < pa, -jnp.inf, key)
     return key
 
 
-def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: bool):
-    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r], movers [r]``.
+def _bipartite_one(metric: jax.Array, r: int, pa: int, pb: int):
+    """Plan for one example. ``metric: [T, Cm] -> assign [T], anchor [T - r], movers [r]``. The first ``pa`` A
+    tokens never merge away and the first ``pb`` B tokens never receive a merge (the protected prefix).
 
     Sort-free: the ``r`` movers are ``top_k`` of the merge-order key (ties -> lower index, as a stable
     sort). With a class token the unmerged A tokens keep ascending order, so their slots and the anchor
@@ -121,14 +133,14 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     n_unm = na - r
     scores = jnp.einsum("ic,jc->ij", a, b, precision=jax.lax.Precision.HIGHEST)
     blocked = jnp.isnan(scores)
-    if distill_token:
-        blocked = blocked | (np.arange(nb) == 0)[None, :]
+    if pb:
+        blocked = blocked | (np.arange(nb) < pb)[None, :]
     scores = jnp.where(blocked, -jnp.inf, scores)
     node_max = jnp.max(scores, axis=-1)
     node_idx = _first_argmax(scores, node_max)
-    key = _merge_order_key(node_max, class_token)
+    key = _merge_order_key(node_max, pa)
     iota = jnp.arange(na, dtype=jnp.int32)
-    if class_token:                                 # unmerged A in ascending original order
+    if pa:                                          # unmerged A in ascending original order
         movers = jax.lax.top_k(key, r)[1].astype(jnp.int32)
         merged = jnp.any(iota[:, None] == movers[None, :], axis=-1)
         unm_slot = iota - jnp.sum(movers[None, :] < iota[:, None], axis=-1, dtype=jnp.int32)
@@ -146,10 +158,10 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     slot_a = jnp.where(merged, n_unm + node_idx, unm_slot)
     anchor_base = jnp.concatenate([2 * unm_tok, 2 * jnp.arange(nb, dtype=jnp.int32) + 1])
 
-    layout = _output_layout(n_unm, nb, distill_token)
+    layout = _output_layout(n_unm, nb, max(pa, pb), pb)   # distill_token alone: the reference's reorder
     slot_b = jnp.asarray(layout[n_unm:])
     anchor = anchor_base
-    if distill_token:                               # the identity layout otherwise: no gathers
+    if pb:                                          # the identity layout otherwise: no gathers
         slot_a = jnp.asarray(layout)[slot_a]
         anchor = anchor_base[np.argsort(layout)]
     # Interleave A (even positions) and B (odd positions) back into token order.
@@ -159,19 +171,34 @@ def _bipartite_one(metric: jax.Array, r: int, class_token: bool, distill_token: 
     return assign, anchor, 2 * movers
 
 
+def _protected_split(class_token: bool, distill_token: bool, num_protected: Optional[int]) -> tuple[int, int]:
+    """``(pa, pb)``: protected tokens among A (even positions) and B (odd positions)."""
+    if num_protected is None:
+        return int(class_token), int(distill_token)
+    if class_token or distill_token:
+        raise ValueError("give num_protected or class_token / distill_token, not both")
+    p = check_count(num_protected, "num_protected")
+    return (p + 1) // 2, p // 2
+
+
 def bipartite_soft_matching(
-    metric: jax.Array, *, r: int, class_token: bool = False, distill_token: bool = False
+    metric: jax.Array, *, r: int, class_token: bool = False, distill_token: bool = False,
+    num_protected: Optional[int] = None,
 ) -> ReductionStep:
     """ToMe's plan. ``metric: [B, T, Cm]`` -> a step mapping ``T`` tokens to ``T - r'`` slots, where
-    ``r' = min(r, (T - protected) // 2)``. ``r' = 0`` gives the identity step."""
+    ``r' = min(r, (T - protected) // 2)``. ``r' = 0`` gives the identity step.
+
+    ``num_protected = P`` (instead of the flags) protects the first ``P`` tokens (class token, registers): they
+    neither merge away nor receive a merge and keep their slots ``0 .. P - 1``. ``P = 1`` is ``class_token=True``
+    and ``P = 2`` is ``class_token=True, distill_token=True``, bit for bit."""
     check_rank(metric, 3, "metric")
     r = check_count(r, "r")
     bsz, t = metric.shape[:2]
-    protected = int(class_token) + int(distill_token)
-    r = tome_clamp(t, r, protected)
+    pa, pb = _protected_split(class_token, distill_token, num_protected)
+    r = tome_clamp(t, r, pa + pb)
     if r == 0:
         return identity_step(bsz, t)
-    assign, anchor, movers = jax.vmap(lambda m: _bipartite_one(m, r, class_token, distill_token))(metric)
+    assign, anchor, movers = jax.vmap(lambda m: _bipartite_one(m, r, pa, pb))(metric)
     return merge_step(assign, anchor, movers)
 
 
@@ -279,6 +306,7 @@ def tome_merge(
     r: int,
     class_token: bool = False,
     distill_token: bool = False,
+    num_protected: Optional[int] = None,
 ) -> TokenState:
     """One ToMe layer on a token state: ``x: [B, T, C] -> [B, T - r', C]`` (``r'`` after the clamp).
 
@@ -288,13 +316,15 @@ def tome_merge(
     """
     check_rank(metric, 3, "metric")
     check_leading(metric, state.x.shape[:2], "metric", "state.x")
-    step = bipartite_soft_matching(metric, r=r, class_token=class_token, distill_token=distill_token)
+    step = bipartite_soft_matching(metric, r=r, class_token=class_token, distill_token=distill_token,
+                                   num_protected=num_protected)
     return apply_step(state, step)
 
 
-def merged_tokens(num_tokens: int, r: int, *, class_token: bool = False, distill_token: bool = False) -> int:
+def merged_tokens(num_tokens: int, r: int, *, class_token: bool = False, distill_token: bool = False,
+                  num_protected: Optional[int] = None) -> int:
     """Static output count of :func:`bipartite_soft_matching` (the clamp included)."""
-    return num_tokens - tome_clamp(num_tokens, r, int(class_token) + int(distill_token))
+    return num_tokens - tome_clamp(num_tokens, r, sum(_protected_split(class_token, distill_token, num_protected)))
 
 
 __all__ = [

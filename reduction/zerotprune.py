@@ -32,7 +32,8 @@ size ``floor(n / 2)`` of the ``n`` unprotected tokens (**guess** for odd ``n``);
 whose rows already sum to one, so no re-normalisation is computed for it); ties are broken by lower index
 everywhere (in the S-stage, equal best matches drop the lower position in group A first); protected
 tokens (class, distillation, registers: the first ``P``) are never candidates in any stage and the class
-token is token 0.
+token is token 0. A point without a class token (``LayerInfo.has_class_token`` false: no protected token, or
+only registers) raises ``ValueError`` at trace time rather than treating patch 0 as one.
 
 Counts are static: a layer removes ``R`` tokens, ``r_s = min(floor(R * similarity_fraction), floor(n / 2))``
 in the S-stage and ``r_i = R - r_s`` in the I-stage. Kept tokens keep their original order.
@@ -326,6 +327,7 @@ class ZeroTPrune(Reducer):
         return num_tokens - self._remove(num_tokens, max(info.num_protected, 1))
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
+        info.require_class_token("zerotprune")
         attention = info.require(ATTENTION, "zerotprune")
         metric = info.require(METRIC if self.metric == "metric" else KEYS, f"zerotprune(metric={self.metric!r})")
         protected = max(info.num_protected, 1)
