@@ -197,6 +197,7 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
     """
     from tqdm.auto import tqdm
 
+    resolve_methods(settings.methods)      # an unknown method raises SpecError before the probe is fitted
     if progress and not backbone.classifier:
         print(f"[eval] unreduced features of {len(train[0])} training images -> ridge probe ...", flush=True)
     probe, probe_s = fit_probe(backbone, *train, num_classes=num_classes, settings=settings)

@@ -161,6 +161,8 @@ def _merge_weighted(x: jax.Array, weights: jax.Array, step: ReductionStep) -> tu
         return base.at[slot].add(rows, mode="drop")
 
     sizes = jax.vmap(add_rows)(anchor_w, other_slot, other_w)
+    if others.shape[1] == 0:                  # every token is an anchor: nothing moves
+        return anchor_x, sizes
     if others.shape[1] <= _SPARSE_MERGE_MAX_MOVERS:
         slot_in = jnp.minimum(other_slot, k - 1)
         target_mass = _weighted(_take(anchor_x, slot_in), _take(anchor_w, slot_in))   # [B, R, C] their anchors

@@ -203,3 +203,17 @@ def test_eval_exits_nonzero_naming_an_unknown_method(capsys):
     with pytest.raises(R.SpecError):
         resolve_methods(("all", "nosuch"))
     assert "tome" in resolve_methods(("all",))
+
+
+def test_a_merge_step_where_nothing_moves_returns_the_tokens():
+    """A merge step with no movers (every token its own anchor, e.g. VisionZip keeping every candidate)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    import reduction as R
+
+    x = jnp.arange(2 * 5 * 3, dtype=jnp.float32).reshape(2, 5, 3)
+    assign = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+    out = R.apply_step(R.init_state(x), R.merge_step(assign, assign))
+    np.testing.assert_array_equal(np.asarray(out.x), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out.sizes), np.ones((2, 5)))
