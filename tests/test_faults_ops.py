@@ -94,6 +94,7 @@ def _tome_prefix_ref(metric, r, p):
     return ref.plan_from_layout(t, layout)
 
 
+@pytest.mark.long   # the protected prefix is also a default property test
 def test_tome_protects_registers_like_the_class_token():
     """Old code: ToMe refused ``num_protected > 2`` (DINOv2-reg), and with P = 2 and no distillation token it let
     token 1 (a register) merge."""

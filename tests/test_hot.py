@@ -133,6 +133,7 @@ def test_dpc_knn_ties_go_to_the_lower_index_and_the_densest_token_is_a_centre():
     assert float(score[0]) == pytest.approx(float(jnp.max(score)))
 
 
+@pytest.mark.long   # the DPC-kNN selection itself is checked by default
 def test_reducer_keeps_the_prefix_records_clusters_and_unmerge_copies_the_centre():
     rng = np.random.default_rng(1)
     x = jnp.asarray(rng.normal(size=(2, 17, 8)), jnp.float32)

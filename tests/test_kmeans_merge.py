@@ -168,6 +168,7 @@ def test_separated_blobs_are_recovered():
     assert len(set(a)) == 4
 
 
+@pytest.mark.long   # three more compiles of the op
 def test_jit_vmap_gradients_no_retrace():
     """One compile: the batch, per example under vmap, the gradient; then new data without a retrace."""
     metric, x, _ = _inputs(5, b=2, t=9)
@@ -219,6 +220,7 @@ def test_registry_errors_and_cost():
     assert 0.03 < own / block < 0.04                     # 3.7%: within the 10% target
 
 
+@pytest.mark.long   # a ViT compile; the method trains from train.py in the long matrix too
 def test_runs_in_the_vit():
     from models.vit import ViT, ViTConfig, make_forward
 

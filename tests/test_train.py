@@ -265,6 +265,7 @@ SHARDED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.long   # three 5-step runs in subprocesses (1 device, 8 replicated, 8 FSDP); `pytest -m long` runs it
 def test_eight_fake_devices_match_one_device(tmp_path):
     """5 steps on 8 fake CPU devices (replicated, and FSDP with the large backbone matrices sharded) end with
     the same parameters as one device, backbone included, and the backbone really moved (before, only the
