@@ -259,6 +259,7 @@ def test_llm_prefill_alone_equals_batched_with_a_longer_left_padded_prompt():
     assert len(traces) == 3          # the single prompt once, each batch shape once; new data does not retrace
 
 
+@pytest.mark.long   # padding invariance of the selection is checked by default at the op level
 def test_vlm_prompt_alone_equals_batched_with_a_longer_left_padded_prompt():
     from flax import nnx
     from models.clip_vision import CLIPVisionConfig

@@ -2,6 +2,7 @@
 attention residual and the MLP using only the public ``reduction`` API."""
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
@@ -65,6 +66,7 @@ def _run(modes, amount, eager=True):
     return (model.apply(params, x) if eager else jitted), jitted
 
 
+@pytest.mark.long   # a whole Linen ViT compile
 def test_linen_vit_with_tome():
     eager, jitted = _run(("tome", "tome", "none"), 4)
     assert eager.x.shape == (2, 17 - 8, 32)

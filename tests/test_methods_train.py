@@ -52,7 +52,8 @@ VLM = [
 
 
 @pytest.mark.parametrize("point", [pytest.param("vision", marks=pytest.mark.long),
-                                   pytest.param("connector", marks=pytest.mark.long), "llm"])
+                                   pytest.param("connector", marks=pytest.mark.long),
+                                   pytest.param("llm", marks=pytest.mark.long)])
 def test_divprune_trains_in_the_vlm_at_every_point(tmp_path, point):
     overrides = VLM + [f"model.plan.point={point}", "model.plan.method=divprune", "model.plan.keep_ratio=0.5"]
     train.main(["--config", "vlm_connector", "--workdir", str(tmp_path), *overrides])

@@ -172,6 +172,7 @@ def test_silently_corrupted_array_data_is_detected(reference_run, tmp_path):
         train.Trainer(cfg, tmp_path).train()
 
 
+@pytest.mark.long   # kills at several moments resume bitwise in tests/test_fault_injection.py (long too)
 def test_killed_run_resumes_bitwise(reference_run, tmp_path):
     """A separate process is killed (os._exit) right after step 4; a new trainer resumes from step 3."""
     _, ref = reference_run

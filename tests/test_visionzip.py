@@ -136,6 +136,7 @@ def test_invariants_class_token_mass_and_order():
     assert (np.diff(dominant, axis=1) > 0).all()                               # dominant in original order
 
 
+@pytest.mark.long   # the loop-reference comparisons run by default
 def test_jit_batch_vmap_gradients_no_retrace():
     attn, metric, hidden, _ = _inputs(5, b=2, t=13)
     red = VisionZip(keep=6, contextual=2)
