@@ -77,7 +77,7 @@ import jax.numpy as jnp
 from reduction import flops as flops_lib
 from reduction.reducers import (HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count,
                                 register)
-from reduction.spans import check_starts, span_keep_indices, span_mask
+from reduction.spans import prefix_keep_indices, check_starts, span_keep_indices, span_mask
 from reduction.state import TokenState
 from reduction.step import ReductionStep, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
@@ -215,23 +215,8 @@ def dpp_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, valid: 
     """Batched question-free DPP (``r = 1``): the first ``num_protected`` tokens survive, ``keep`` are selected
     among the rest. ``x: [B, T, C]``, ``valid: [B, T]`` or ``None`` -> ``[B, num_protected + keep]`` int32
     ascending."""
-    check_rank(x, 3, "x")
-    b, t = x.shape[:2]
-    keep = check_count(keep, "keep")
-    p = check_count(num_protected, "num_protected")
-    if p > t:
-        raise ValueError(f"num_protected={p} exceeds the token count T={t}")
-    if keep > t - p:
-        raise ValueError(f"keep={keep} exceeds the {t - p} unprotected tokens")
-    if valid is not None:
-        check_rank(valid, 2, "valid")
-        check_leading(valid, (b, t), "valid", "x")
-    prefix = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    if keep == 0:
-        return prefix
-    vb = jnp.ones((b, t - p), bool) if valid is None else valid[:, p:]
-    sel = jax.vmap(lambda xb, v: dpp_select(xb, keep, valid=v))(x[:, p:], vb)
-    return jnp.concatenate([prefix, sel + p], axis=1)
+    return prefix_keep_indices(lambda xb, vb: dpp_select(xb, keep, valid=vb), x, keep=keep,
+                               num_protected=num_protected, valid=valid)
 
 
 def cdpruner_keep_indices(hidden: jax.Array, image_starts: jax.Array, *, image_len: int, kept: int,

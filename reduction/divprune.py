@@ -74,7 +74,7 @@ import jax.numpy as jnp
 from reduction import flops as flops_lib
 from reduction.reducers import (HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count,
                                 register)
-from reduction.spans import span_keep_indices
+from reduction.spans import prefix_keep_indices, span_keep_indices
 from reduction.state import TokenState
 from reduction.step import ReductionStep, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
@@ -194,27 +194,8 @@ def divprune_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, va
     ``x: [B, T, C]``, ``valid: [B, T]`` bool or ``None`` -> ``keep_idx: [B, num_protected + keep]`` int32
     ascending.
     """
-    check_rank(x, 3, "x")
-    b, t = x.shape[:2]
-    keep = check_count(keep, "keep")
-    p = check_count(num_protected, "num_protected")
-    if p > t:
-        raise ValueError(f"num_protected={p} exceeds the token count T={t}")
-    if keep > t - p:
-        raise ValueError(f"keep={keep} exceeds the {t - p} unprotected tokens")
-    if valid is not None:
-        check_rank(valid, 2, "valid")
-        check_leading(valid, (b, t), "valid", "x")
-    prefix = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    if keep == 0:
-        return prefix
-    cand = x[:, p:]
-    if valid is None:
-        sel = jax.vmap(lambda xb: divprune_select(xb, keep, criterion=criterion, seed=seed))(cand)
-    else:
-        sel = jax.vmap(lambda xb, vb: divprune_select(xb, keep, vb, criterion=criterion, seed=seed))(
-            cand, valid[:, p:])
-    return jnp.concatenate([prefix, sel + p], axis=1)
+    return prefix_keep_indices(lambda xb, vb: divprune_select(xb, keep, vb, criterion=criterion, seed=seed),
+                               x, keep=keep, num_protected=num_protected, valid=valid)
 
 
 def divprune_flops(candidates: int, kept: int, dim: int, seed: str = "isolated") -> int:

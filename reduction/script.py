@@ -61,7 +61,7 @@ from reduction.cdpruner import (check_relevance, check_theta, cosine_similarity,
                                 dpp_kernel, query_relevance, relevance_flops)
 from reduction.reducers import (HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count,
                                 register)
-from reduction.spans import span_keep_indices
+from reduction.spans import prefix_keep_indices, span_keep_indices
 from reduction.state import TokenState
 from reduction.step import ReductionStep, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
@@ -177,23 +177,8 @@ def script_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, vali
                         **options) -> jax.Array:
     """Batched question-free Script (``r = 1``): ``x: [B, T, C]`` -> ``[B, num_protected + keep]`` int32
     ascending (the first ``num_protected`` tokens survive)."""
-    check_rank(x, 3, "x")
-    b, t = x.shape[:2]
-    keep = check_count(keep, "keep")
-    p = check_count(num_protected, "num_protected")
-    if p > t:
-        raise ValueError(f"num_protected={p} exceeds the token count T={t}")
-    if keep > t - p:
-        raise ValueError(f"keep={keep} exceeds the {t - p} unprotected tokens")
-    if valid is not None:
-        check_rank(valid, 2, "valid")
-        check_leading(valid, (b, t), "valid", "x")
-    prefix = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    if keep == 0:
-        return prefix
-    vb = jnp.ones((b, t - p), bool) if valid is None else valid[:, p:]
-    sel = jax.vmap(lambda xb, v: script_select(xb, keep, None, v, **options))(x[:, p:], vb)
-    return jnp.concatenate([prefix, sel + p], axis=1)
+    return prefix_keep_indices(lambda xb, vb: script_select(xb, keep, None, vb, **options), x, keep=keep,
+                               num_protected=num_protected, valid=valid)
 
 
 def script_span_keep_indices(hidden: jax.Array, image_starts: jax.Array, *, image_len: int, kept: int,

@@ -6,12 +6,15 @@ each image writes one function for a single span and lets :func:`span_keep_indic
 survive, the image tokens kept are the method's, and the output is in the original order with the static
 length ``T - M * (image_len - kept)``.
 
+Outside the LLM the candidates are the tokens after a protected prefix (the class token, registers):
+:func:`prefix_keep_indices` places a single-example selection the same way for that layout.
+
 Dimension vocabulary: B batch, T sequence tokens, M images per example, L = image_len, C channels.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -107,4 +110,36 @@ def span_keep_indices(select: Callable[[jax.Array], jax.Array], values: jax.Arra
     return jax.vmap(one)(values, starts)
 
 
-__all__ = ["check_starts", "check_span_bounds", "span_mask", "assemble", "span_keep_indices"]
+def prefix_keep_indices(select: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, *, keep: int,
+                        num_protected: int = 0, valid: Optional[jax.Array] = None) -> jax.Array:
+    """Keep the first ``num_protected`` tokens and ``keep`` of the rest, chosen by ``select``.
+
+    Args:
+      select: ``fn(candidates [T - P, ...], valid [T - P] bool) -> [keep] int32`` ascending indices into the
+        candidates (one example).
+      x: ``[B, T, ...]`` what ``select`` reads; ``valid``: ``[B, T]`` bool or ``None`` (all valid).
+      keep, num_protected: static counts, ``num_protected + keep <= T``.
+
+    Returns:
+      ``keep_idx: [B, num_protected + keep]`` int32, ascending.
+    """
+    check_rank(x, 3, "x")
+    b, t = x.shape[:2]
+    keep = check_count(keep, "keep")
+    p = check_count(num_protected, "num_protected")
+    if p > t:
+        raise ValueError(f"num_protected={p} exceeds the token count T={t}")
+    if keep > t - p:
+        raise ValueError(f"keep={keep} exceeds the {t - p} unprotected tokens")
+    if valid is not None:
+        check_rank(valid, 2, "valid")
+        check_leading(valid, (b, t), "valid", "x")
+    prefix = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    if keep == 0:
+        return prefix
+    ok = jnp.ones((b, t - p), bool) if valid is None else valid[:, p:].astype(bool)
+    sel = jax.vmap(select)(x[:, p:], ok).astype(jnp.int32)
+    return jnp.concatenate([prefix, sel + p], axis=1)
+
+
+__all__ = ["check_starts", "check_span_bounds", "span_mask", "assemble", "span_keep_indices", "prefix_keep_indices"]
