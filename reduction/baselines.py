@@ -33,7 +33,7 @@ from reduction import flops as flops_lib
 from reduction.reducers import (ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer, candidates_kept, pruned_count,
                                 register)
 from reduction.spans import (assemble as _assemble, check_span_bounds as _check_span_bounds,
-                             check_starts as _check_starts, span_keep_indices)
+                             check_starts as _check_starts, require_spans, span_keep_indices)
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, merge_step, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
@@ -284,8 +284,7 @@ class FastV(Reducer):
         return pruned_count(num_tokens, info, self.keep_ratio, self.keep)
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        if not info.in_spans:
-            raise ValueError("fastv runs inside the LLM (it needs image spans and text attention)")
+        require_spans(info, "fastv")
         kept = candidates_kept(info.image_len, self.keep_ratio, self.keep)
         idx = fastv_keep_indices(info.require(TEXT_ATTENTION, "fastv"), image_starts=info.image_starts,
                                  image_len=info.image_len, budget=kept, valid=state.valid)

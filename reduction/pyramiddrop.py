@@ -50,6 +50,7 @@ from typing import ClassVar, Optional, Sequence
 from reduction.crossattn import (last_row_scores, resolve_stages, rows_attention_flops, scaled_layers,
                                  span_topk_keep, stage_count)
 from reduction.reducers import LAYER_ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer, register
+from reduction.spans import require_spans, span_num_out
 from reduction.state import TokenState
 from reduction.step import ReductionStep, prune_step
 
@@ -78,13 +79,10 @@ class PyramidDrop(Reducer):
         return stage_count(image_len, self.stage, self.num_stages, self.keep, self.keep_ratio)
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        if not info.in_spans:
-            return num_tokens
-        return num_tokens - info.num_images * (info.image_len - self.kept(info.image_len))
+        return span_num_out(num_tokens, info, self.kept)
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        if not info.in_spans:
-            raise ValueError("pyramiddrop runs inside the LLM (it needs image spans and attention rows)")
+        require_spans(info, "pyramiddrop")
         name = "layer_attention" if self.attention == "layer" else "text_attention"
         scores = last_row_scores(info.require(name, "pyramiddrop"), state.valid)
         idx = span_topk_keep(scores, info.image_starts, image_len=info.image_len, kept=self.kept(info.image_len))

@@ -110,6 +110,20 @@ def span_keep_indices(select: Callable[[jax.Array], jax.Array], values: jax.Arra
     return jax.vmap(one)(values, starts)
 
 
+def require_spans(info, method: str) -> None:
+    """Refuse, before any tracing, a span-only method planned where the point gives no image spans."""
+    if not info.in_spans:
+        raise ValueError(f"{method} runs inside the LLM (it needs image spans and the text's attention rows)")
+
+
+def span_num_out(num_tokens: int, info, kept: Callable[[int], int]) -> int:
+    """Static output length of a method that keeps ``kept(image_len)`` tokens of each image span (the LLM point);
+    ``num_tokens`` unchanged where the point has no spans."""
+    if not info.in_spans:
+        return num_tokens
+    return num_tokens - info.num_images * (info.image_len - kept(info.image_len))
+
+
 def prefix_keep_indices(select: Callable[[jax.Array, jax.Array], jax.Array], x: jax.Array, *, keep: int,
                         num_protected: int = 0, valid: Optional[jax.Array] = None) -> jax.Array:
     """Keep the first ``num_protected`` tokens and ``keep`` of the rest, chosen by ``select``.
@@ -142,4 +156,5 @@ def prefix_keep_indices(select: Callable[[jax.Array, jax.Array], jax.Array], x: 
     return jnp.concatenate([prefix, sel + p], axis=1)
 
 
-__all__ = ["check_starts", "check_span_bounds", "span_mask", "assemble", "span_keep_indices", "prefix_keep_indices"]
+__all__ = ["check_starts", "check_span_bounds", "span_mask", "assemble", "span_keep_indices", "prefix_keep_indices",
+           "require_spans", "span_num_out"]

@@ -66,7 +66,7 @@ import jax.numpy as jnp
 from reduction.crossattn import (check_rows, resolve_stages, rows_attention_flops, scaled_layers, stage_count,
                                  text_row_mask, weighted_row_scores)
 from reduction.reducers import TEXT_ATTENTION, LayerInfo, Reducer, register
-from reduction.spans import check_starts, span_mask
+from reduction.spans import check_starts, require_spans, span_mask, span_num_out
 from reduction.state import TokenState
 from reduction.step import ReductionStep, merge_step, prune_step
 from reduction.validate import check_count, check_rank
@@ -241,14 +241,10 @@ class SparseVLM(Reducer):
         return sparsevlm_counts(image_len, target, self.merge)
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        if not info.in_spans:
-            return num_tokens
-        k, _, c = self.counts(info.image_len)
-        return num_tokens - info.num_images * (info.image_len - k - c)
+        return span_num_out(num_tokens, info, lambda image_len: sum(self.counts(image_len)[::2]))
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        if not info.in_spans:
-            raise ValueError("sparsevlm runs inside the LLM (it needs image spans and text attention)")
+        require_spans(info, "sparsevlm")
         k, rec, c = self.counts(info.image_len)
         return sparsevlm_step(state.x, info.require(TEXT_ATTENTION, "sparsevlm"), info.image_starts,
                               image_len=info.image_len, kept=k, recycled=rec, clusters=c, valid=state.valid,

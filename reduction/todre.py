@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from reduction.crossattn import (check_rows, last_row_scores, rows_attention_flops, span_topk_keep, text_row_mask,
                                  weighted_row_scores)
 from reduction.reducers import TEXT_ATTENTION, LayerInfo, Reducer, register
-from reduction.spans import check_starts
+from reduction.spans import check_starts, require_spans, span_num_out
 from reduction.state import TokenState
 from reduction.step import ReductionStep, prune_step
 from reduction.validate import check_count, check_ratio
@@ -74,13 +74,10 @@ class ToDRELLM(Reducer):
         return min(int(image_len * float(self.keep_ratio)), image_len)
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
-        if not info.in_spans:
-            return num_tokens
-        return num_tokens - info.num_images * (info.image_len - self.kept(info.image_len))
+        return span_num_out(num_tokens, info, self.kept)
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        if not info.in_spans:
-            raise ValueError("todre_llm runs inside the LLM (it needs image spans)")
+        require_spans(info, "todre_llm")
         kept = self.kept(info.image_len)
         b, t = state.x.shape[:2]
         if kept == 0:

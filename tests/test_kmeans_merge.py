@@ -14,6 +14,7 @@ from flax import nnx
 import reduction as R
 from reduction import flops as flops_lib
 from reduction.kmeans_merge import KMeansMerge, kmeans_flops, kmeans_step
+from tests.method_smoke import tiny_vlm, tower_images, vit_forward
 
 # -- loop reference -------------------------------------------------------------------------------------------
 
@@ -222,30 +223,15 @@ def test_registry_errors_and_cost():
 
 @pytest.mark.long   # a ViT compile; the method trains from train.py in the long matrix too
 def test_runs_in_the_vit():
-    from models.vit import ViT, ViTConfig, make_forward
-
-    model = ViT(ViTConfig(width=16, depth=2, mlp_dim=32, heads=2, patch_size=8, image_size=32, num_classes=5),
-                rngs=nnx.Rngs(0))
-    fwd = make_forward(model, model.build_reducers({"method": "kmeans", "keep": 6, "layers": [0]}))
-    logits, aux = fwd(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
-    assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
-    assert aux["tokens_per_layer"] == [(17, 7), (7, 7)]      # the second block runs on the cluster means
+    _, aux = vit_forward({"method": "kmeans", "keep": 6, "layers": [0]}, depth=2)
+    assert aux["tokens_per_layer"] == [(17, 7), (7, 7)]      # the second block runs on the cluster means      # the second block runs on the cluster means
 
 
 @pytest.mark.long   # the ViT run covers the block path by default; the tower and connector runs are long
 @pytest.mark.parametrize("point", ["vision", "connector"])
 def test_runs_in_the_vlm(point):
-    from models.clip_vision import CLIPVisionConfig
-    from models.llama import LlamaConfig
-    from models.vlm import VLM, VLMConfig
-
-    cfg = VLMConfig(vision=CLIPVisionConfig(image_size=16, patch_size=4, dim=16, num_layers=2, num_heads=2,
-                                            mlp_dim=32),
-                    text=LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48),
-                    image_token_id=63)
-    vlm = VLM(cfg, rngs=nnx.Rngs(0))
+    vlm = tiny_vlm()
     plan = vlm.build_plan({"point": point, "method": "kmeans", "keep": 6})
     assert vlm.num_image_tokens(plan) == 6
-    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    feats = nnx.jit(lambda m, im: m.encode_images(im, plan))(vlm, images)
+    feats = nnx.jit(lambda m, im: m.encode_images(im, plan))(vlm, tower_images())
     assert feats.shape[:2] == (2, 6) and bool(jnp.all(jnp.isfinite(feats)))

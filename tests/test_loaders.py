@@ -12,7 +12,6 @@ import glob
 import importlib.abc
 import importlib.machinery
 import importlib.util
-import json
 import sys
 import types
 
@@ -22,6 +21,7 @@ import pytest
 import jax.numpy as jnp
 
 from loaders import LoadError, load_big_vision, load_hf_vit, load_timm, load_timm_state_dict
+from tests.synthetic_weights import timm_dict
 from loaders.common import LoadReport
 
 torch = pytest.importorskip("torch")
@@ -260,24 +260,8 @@ def test_big_vision_npz_parity(tmp_path, pool, scanned, prefix):
 # -- reporting and errors ----------------------------------------------------------------------------------
 
 
-def _tiny_timm_dict(rng, c=16, depth=1, mlp=32, patch=4, grid=2, classes=3):
-    sd = {"cls_token": rng.normal(size=(1, 1, c)), "pos_embed": rng.normal(size=(1, 1 + grid * grid, c)),
-          "patch_embed.proj.weight": rng.normal(size=(c, 3, patch, patch)), "patch_embed.proj.bias": np.zeros(c),
-          "norm.weight": np.ones(c), "norm.bias": np.zeros(c),
-          "head.weight": rng.normal(size=(classes, c)), "head.bias": np.zeros(classes)}
-    for i in range(depth):
-        b = f"blocks.{i}."
-        sd.update({b + "norm1.weight": np.ones(c), b + "norm1.bias": np.zeros(c), b + "norm2.weight": np.ones(c),
-                   b + "norm2.bias": np.zeros(c), b + "attn.qkv.weight": rng.normal(size=(3 * c, c)),
-                   b + "attn.qkv.bias": np.zeros(3 * c), b + "attn.proj.weight": rng.normal(size=(c, c)),
-                   b + "attn.proj.bias": np.zeros(c), b + "mlp.fc1.weight": rng.normal(size=(mlp, c)),
-                   b + "mlp.fc1.bias": np.zeros(mlp), b + "mlp.fc2.weight": rng.normal(size=(c, mlp)),
-                   b + "mlp.fc2.bias": np.zeros(c)})
-    return {k: np.asarray(v, np.float32) for k, v in sd.items()}
-
-
 def test_unexpected_and_missing_keys_reported_and_strict_raises():
-    sd = _tiny_timm_dict(np.random.default_rng(0))
+    sd = timm_dict(mlp=32)
     sd["blocks.0.extra.weight"] = np.zeros(3, np.float32)
     with pytest.raises(LoadError, match="blocks.0.extra.weight"):
         load_timm_state_dict(sd, heads=2)
@@ -294,14 +278,14 @@ def test_unexpected_and_missing_keys_reported_and_strict_raises():
 
 
 def test_shape_mismatch_names_key_and_both_shapes():
-    sd = _tiny_timm_dict(np.random.default_rng(0))
+    sd = timm_dict(mlp=32)
     sd["blocks.0.mlp.fc2.bias"] = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match=r"blocks\.0\.mlp\.fc2\.bias.*\(5,\).*\(16,\)"):
         load_timm_state_dict(sd, heads=2, strict=False)
 
 
 def test_loaded_weights_change_the_output():
-    sd = _tiny_timm_dict(np.random.default_rng(0))
+    sd = timm_dict(mlp=32)
     m1, _ = load_timm_state_dict(sd, heads=2)
     sd2 = dict(sd, **{"head.bias": np.ones(3, np.float32)})
     m2, _ = load_timm_state_dict(sd2, heads=2)

@@ -14,6 +14,7 @@ from flax import nnx
 import reduction as R
 from reduction import flops as flops_lib
 from reduction.tokencorr import TokenCorr, tokencorr_counts, tokencorr_keep
+from tests.method_smoke import tiny_vlm, tower_images, vit_forward
 
 # -- loop reference -------------------------------------------------------------------------------------------
 
@@ -180,31 +181,15 @@ def test_registry_errors_and_cost():
 
 @pytest.mark.long   # ~10 s of compile; the kmeans ViT run is the default representative of these methods
 def test_runs_in_the_vit_with_validity():
-    from models.vit import ViT, ViTConfig, make_forward
-
-    model = ViT(ViTConfig(width=16, depth=3, mlp_dim=32, heads=2, patch_size=8, image_size=32, num_classes=5),
-                rngs=nnx.Rngs(0))
-    fwd = make_forward(model, model.build_reducers({"method": "tokencorr", "keep": 6, "threshold": 0.5,
-                                                    "layers": [1]}))
-    logits, aux = fwd(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
-    assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
+    _, aux = vit_forward({"method": "tokencorr", "keep": 6, "threshold": 0.5, "layers": [1]})
     assert aux["tokens_per_layer"] == [(17, 17), (17, 7), (7, 7)]
 
 
 @pytest.mark.long   # the same reducing block as the ViT run (default)
 def test_runs_in_the_vlm_tower():
-    from models.clip_vision import CLIPVisionConfig
-    from models.llama import LlamaConfig
-    from models.vlm import VLM, VLMConfig
-
-    cfg = VLMConfig(vision=CLIPVisionConfig(image_size=16, patch_size=4, dim=16, num_layers=2, num_heads=2,
-                                            mlp_dim=32),
-                    text=LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48),
-                    image_token_id=63)
-    vlm = VLM(cfg, rngs=nnx.Rngs(0))
+    vlm = tiny_vlm()
     plan = vlm.build_plan({"point": "vision", "method": "tokencorr", "keep": 6, "threshold": 0.5})
     assert vlm.num_image_tokens(plan) == 6            # the capacity; the tower drops the class token
-    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    feats, aux = nnx.jit(lambda m, im: m.vision_tower(im, reducers=plan.vision))(vlm, images)
+    feats, aux = nnx.jit(lambda m, im: m.vision_tower(im, reducers=plan.vision))(vlm, tower_images())
     assert feats.shape[:2] == (2, 6) and bool(jnp.all(jnp.isfinite(feats)))
     assert aux["valid"].shape == (2, 6) and bool(aux["valid"].any(axis=1).all())

@@ -1,17 +1,16 @@
 """VisPruner: important + diverse tokens vs a loop reference written from the official code's description,
 invariants, jit/batch/gradients/retrace, the registry, and runs in the ViT and the VLM tower. Small shapes only."""
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import reduction as R
 from reduction.vispruner import VisPruner, vispruner_counts, vispruner_flops, vispruner_schedule
+from tests.method_smoke import vit_forward, tower_features
 
 # -- loop reference -------------------------------------------------------------------------------------------
 
@@ -126,25 +125,7 @@ def test_registry_and_errors():
 
 
 def test_runs_in_the_vit_and_the_vlm_tower():
-    from models.clip_vision import CLIPVisionConfig
-    from models.llama import LlamaConfig
-    from models.vit import ViT, ViTConfig, make_forward
-    from models.vlm import VLM, VLMConfig
-
-    model = ViT(ViTConfig(width=16, depth=3, mlp_dim=32, heads=2, patch_size=8, image_size=32, num_classes=5),
-                rngs=nnx.Rngs(0))
-    fwd = make_forward(model, model.build_reducers({"method": "vispruner", "keep": 6}))
-    logits, aux = fwd(jax.random.normal(jax.random.key(0), (2, 32, 32, 3)))
-    assert logits.shape == (2, 5) and bool(jnp.all(jnp.isfinite(logits)))
+    _, aux = vit_forward({"method": "vispruner", "keep": 6})
     assert aux["tokens_per_layer"] == [(17, 17), (17, 7), (7, 7)]
-
-    cfg = VLMConfig(vision=CLIPVisionConfig(image_size=16, patch_size=4, dim=16, num_layers=2, num_heads=2,
-                                            mlp_dim=32),
-                    text=LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=48),
-                    image_token_id=63)
-    vlm = VLM(cfg, rngs=nnx.Rngs(0))
-    plan = vlm.build_plan({"point": "vision", "method": "vispruner", "keep": 6})
-    assert vlm.num_image_tokens(plan) == 6
-    images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
-    feats = nnx.jit(lambda m, im: m.encode_images(im, plan))(vlm, images)
-    assert feats.shape[:2] == (2, 6) and bool(jnp.all(jnp.isfinite(feats)))
+    vlm, plan, feats = tower_features({"method": "vispruner", "keep": 6})
+    assert vlm.num_image_tokens(plan) == 6 and feats.shape[:2] == (2, 6)
