@@ -3,6 +3,11 @@
     python bench/bench_prune_ops.py                 # full run (median of interleaved repeats)
     python bench/bench_prune_ops.py --quick         # tiny shapes, 2 repeats: proves the script works
 
+Every registered method (the "methods" rows): one reducer call (plan + ``apply_step``) with its default options at
+keep 0.5 (ToMe ``r = T // 4``, pooling 2 x 2) on the ViT-S block's outputs, and at a budget of 128 image tokens
+before the decoder layer, each timed against its layer in the same rounds and with its own analytic ``flops()``
+over the layer's. Targets: 10% of a ViT-S block (issue 17), 5% of a decoder layer (issue 18).
+
 ViT side: B=8, T=197 (cls + 14x14 patches), C=384, H=6, MLP 1536, float32, one pre-norm ViT-S block with
 fused ``jax.nn.dot_product_attention``. Ops on the block's attention probabilities ``[B, H, T, T]`` and
 keys averaged over heads ``[B, T, 64]``: Zero-TPrune at keep 0.7 (S:I = 1:1) with 1 iteration (last three
@@ -105,6 +110,56 @@ def timeit(fns: dict, args: dict, repeats: int) -> tuple[dict, dict]:
     return {name: statistics.median(v) for name, v in times.items()}, paired
 
 
+# The amount each registered method gets in the every-method rows: a keep ratio of 0.5 where the method takes one,
+# else its own amount key (ToMe-style merges: a quarter of the tokens per layer; pooling: a 2 x 2 window).
+def _amount(method: str, num_tokens: int) -> dict:
+    options = R.method_options(method)
+    if "keep_ratio" in options:
+        return {"keep_ratio": 0.5}
+    if "r" in options:
+        return {"r": num_tokens // 4}
+    if "k" in options:
+        return {"k": 2}
+    return {}
+
+
+def method_rows(point: str, layer_fn, layer_args: tuple, state, info_arrays: dict, static: dict, *, num_layers: int,
+                layer: int, dim: int, heads: int, layer_flops: int, repeats: int, amount=_amount) -> dict:
+    """Every method registered at ``point`` as one reducer call (plan + ``apply_step``), timed against
+    ``layer_fn`` in the same interleaved rounds. ``info_arrays``: the ``LayerInfo`` array fields the point
+    provides (all of them; a reducer reads what it ``needs``), ``static``: its static fields. Returns
+    ``{method: {"ratio_to_layer", "median_ms", "analytic_ratio"}}`` or ``{"error": ...}`` for a method whose
+    default spec cannot run at these shapes (recorded, not fatal)."""
+    t = state.num_tokens
+    rows, fns, args = {}, {"layer": jax.jit(layer_fn)}, {"layer": layer_args}
+    names = [m for m in R.available_methods(point) if m != "none" and not m.startswith("_")]
+    for m in names:
+        try:
+            reds = R.build_layer_reducers(num_layers, {"method": m, "layers": [layer], **amount(m, t)}, point=point)
+            red = reds[layer]
+            if getattr(red, "text_rows", 1) > 1 and "text_attention" in info_arrays:
+                arrays = dict(info_arrays, text_attention=info_arrays["text_attention_rows"](red.text_rows))
+            else:
+                arrays = {k: v for k, v in info_arrays.items() if k != "text_attention_rows"}
+            arrays = {k: v for k, v in arrays.items() if k != "text_attention_rows"}
+
+            def call(s, a, red=red):
+                return red(s, R.LayerInfo(layer=layer, num_layers=num_layers, **static, **a)).x
+
+            fn = jax.jit(call)
+            jax.block_until_ready(fn(state, arrays))
+            fns[m], args[m] = fn, (state, arrays)
+            rows[m] = {"analytic_ratio": red.flops(t, dim=dim, heads=heads) / layer_flops}
+        except Exception as err:  # noqa: BLE001 - a row per method; one that cannot run here is reported
+            rows[m] = {"error": f"{type(err).__name__}: {err}"}
+    ms, ratio = timeit(fns, args, repeats)
+    for m in fns:
+        if m != "layer":
+            rows[m].update(median_ms=ms[m], ratio_to_layer=ratio[m])
+    rows["layer_median_ms"] = ms["layer"]
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats")
@@ -197,6 +252,25 @@ def main(argv=None):
                 "fastv": (last_rows, starts)}
     llm_ms, llm_ratio = timeit(llm_ops, llm_args, repeats)
 
+    # ---- every registered method at the ViT block (one reducer call on the block's outputs) and before the
+    # decoder layer (prefill; the rows of the last text queries as the LLM point hands them over)
+    vit_flops = 2 * b * t * (4 * c * c + 2 * c * mlp) + 4 * b * t * t * c
+    vit_methods = method_rows(
+        "vit", lambda x: vit_block(vp, x, heads), (x,), state,
+        {"metric": metric, "attention": attn, "keys": metric, "hidden": x, "rng": jax.random.key(3)},
+        {"num_protected": 1}, num_layers=1, layer=0, dim=c, heads=heads, layer_flops=vit_flops // b,
+        repeats=repeats)
+    full_rows = jax.nn.softmax(jax.random.normal(kl[8], (bl, hl, txt, tl)), axis=-1)
+    llm_flops = 2 * tl * (4 * cl * cl + 3 * cl * ml) + 2 * tl * tl * cl
+    llm_methods = method_rows(
+        "llm", lambda x: decoder_layer(dp, x, hl), (xl,), R.init_state(xl),
+        {"hidden": xl, "keys": keys, "text_attention": last_rows, "layer_attention": last_rows,
+         "attention": jax.nn.softmax(jax.random.normal(kl[9], (bl, hl, tl, tl)), axis=-1),
+         "image_starts": starts, "rng": jax.random.key(4),
+         "text_attention_rows": lambda n: full_rows[:, :, -min(n, txt):]},
+        {"image_len": img}, num_layers=2, layer=1, dim=cl, heads=hl, layer_flops=llm_flops, repeats=repeats,
+        amount=lambda m, n: {"keep": budget})
+
     result = {
         "quick": args.quick, "repeats": repeats,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
@@ -210,6 +284,11 @@ def main(argv=None):
         "llm": {"shapes": dict(B=bl, T=tl, image=img, text=txt, C=cl, H=hl, mlp=ml, budget=budget,
                                kept=R.dart_kept_per_image(img, budget)),
                 "median_ms": llm_ms, "ratio_to_layer": llm_ratio, "target_dart_le": 0.05},
+        "vit_methods": {"note": "each registered ViT method as one reducer call (plan + apply_step) at keep 0.5 "
+                                "(ToMe r = T // 4, pool 2x2) vs the fused ViT-S block; analytic_ratio: the method's "
+                                "own flops() / the block's", "target_le": 0.10, "rows": vit_methods},
+        "llm_methods": {"note": "each registered LLM method as one reducer call before decoder layer 1, keep "
+                                f"{budget} per image, vs the decoder layer", "target_le": 0.05, "rows": llm_methods},
     }
     for k, v in vit_ms.items():
         print(f"vit  {k:18s} {v:9.3f} ms" + ("" if k == "vit_block" else f"   {vit_ratio[k]:6.3f} x block"))
@@ -220,6 +299,15 @@ def main(argv=None):
         print(f"vit  {k} in the block (minus the same block keeping the first K): {v:6.3f} x block")
     for k, v in llm_ms.items():
         print(f"llm  {k:18s} {v:9.3f} ms" + ("" if k == "decoder_layer" else f"   {llm_ratio[k]:6.3f} x layer"))
+    for label, rows in (("vit", vit_methods), ("llm", llm_methods)):
+        for m, row in rows.items():
+            if m == "layer_median_ms":
+                continue
+            if "error" in row:
+                print(f"{label} method {m:14s} not run: {row['error'][:100]}")
+            else:
+                print(f"{label} method {m:14s} {row['median_ms']:9.3f} ms   {row['ratio_to_layer']:6.3f} x "
+                      f"{'block' if label == 'vit' else 'layer'}   analytic {row['analytic_ratio']:6.3f}")
     worst_default = max(vit_ratio["zerotprune_10it"], vit_ratio["zerotprune_1it"])
     result["vit"]["zerotprune_default_schedule_worst_step_ratio"] = worst_default
     print(f"Zero-TPrune, default schedule (layers 3/6/9 with 10/10/1 iterations): worst step "
