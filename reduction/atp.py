@@ -37,7 +37,7 @@ import numpy as np
 from reduction import flops as flops_lib
 from reduction.reducers import ATTENTION, LayerInfo, Reducer, pruned_count, register
 from reduction.state import TokenState
-from reduction.step import ReductionStep, apply_step, prune_step
+from reduction.step import ReductionStep, prune_step
 from reduction.validate import check_count, check_leading, check_rank, check_ratio
 
 _TINY = 1e-30
@@ -204,14 +204,6 @@ def threshold_prune_step(score: jax.Array, theta, *, forced: jax.Array, capacity
     return prune_step(idx, t, valid=kept)
 
 
-def prune_above_threshold(state: TokenState, score: jax.Array, theta, *, forced: jax.Array,
-                          capacity: int) -> tuple[TokenState, jax.Array]:
-    """:func:`threshold_prune_step` applied: ``x: [B, T, C] -> [B, capacity, C]``. Returns ``(state, keep_idx)``
-    (``keep_idx [B, capacity]``: input positions of the slots)."""
-    step = threshold_prune_step(score, theta, forced=forced, capacity=capacity, valid=state.valid)
-    return apply_step(state, step), step.anchor
-
-
 def span_atp_scores(attention: jax.Array, image_starts: jax.Array, image_len: int, valid: Optional[jax.Array], *,
                     self_weight: float = 0.5) -> tuple[jax.Array, jax.Array]:
     """ATP-style score of the image tokens of a sequence (one image per example): self = attention from the other
@@ -296,7 +288,6 @@ __all__ = [
     "vit_atp_inputs",
     "vit_atp_scores",
     "patch_grid_mask",
-    "prune_above_threshold",
     "threshold_prune_step",
     "span_atp_scores",
     "ATPPrune",

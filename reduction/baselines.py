@@ -81,14 +81,6 @@ def cls_attention_scores(attention: jax.Array, *, query: int = 0) -> jax.Array:
     return jnp.mean(attention[:, :, query, :].astype(jnp.float32), axis=1)
 
 
-def text_attention_scores(text_attention: jax.Array, *, last_only: bool = False) -> jax.Array:
-    """``[B, H, Tq, T] -> [B, T]`` float32: mean over heads and text queries (or the last query only)."""
-    check_rank(text_attention, 4, "text_attention")
-    a = text_attention.astype(jnp.float32)
-    a = a[:, :, -1:, :] if last_only else a
-    return jnp.mean(a, axis=(1, 2))
-
-
 def random_keep_indices(rng: jax.Array, batch: int, num_tokens: int, *, keep: int, num_protected: int = 0,
                         valid: Optional[jax.Array] = None) -> jax.Array:
     """Uniformly random kept subset per example (protected prefix always kept): ``[B, keep]`` int32."""
@@ -363,7 +355,6 @@ def _pool_layers(num_layers: int, k: int = 2, grid: Optional[Sequence[int]] = No
 __all__ = [
     "topk_keep_indices",
     "cls_attention_scores",
-    "text_attention_scores",
     "random_keep_indices",
     "fastv_keep_indices",
     "pool_step",
