@@ -19,8 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.config_name = "eval_vlm_methods"
     c.fractions = (1 / 9,)
     c.methods = ml_collections.ConfigDict(dict(
-        vision=("random", "tome", "visionzip", "vispruner", "divprune", "todre", "kmeans", "tokencorr", "cdpruner"),
-        connector=("random", "pool", "divprune", "todre", "kmeans", "cdpruner", "script"),
+        vision=("random", "tome", "visionzip", "vispruner", "divprune", "todre", "kmeans", "tokencorr", "cdpruner", "hot"),
+        connector=("random", "pool", "divprune", "todre", "kmeans", "cdpruner", "script", "hot"),
         llm=("random", "dart", "fastv", "divprune", "cdpruner", "script", "pyramiddrop", "sparsevlm", "todre_llm"),
     ))
     # staged LLM methods at their papers' relative layers of SmolLM2's 30 (see docs/pruning.md); the budget
