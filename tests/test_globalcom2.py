@@ -1,0 +1,229 @@
+"""GlobalCom2 and AnyRes tiling: the selection against a slow loop reference written from the official code
+(round2_methods.md section 12, with this port's feature-space score), static shapes and capacity, named errors, jit
+== eager without retracing; the VLM's tiling (``tiling=None`` unchanged, tile order, FLOPs) and a tiled batch of
+two through ``VLM.generate`` with left padding equal to each example alone."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import reduction as R
+from models.connector import connector_reduce
+from models.llama import LlamaConfig
+from models.vision_tower import ViTTowerConfig
+from models.vit import ViTConfig
+from models.vlm import VLM, VLMConfig, build_prompts, tile_images
+from reduction.globalcom2 import globalcom2_keep, layout_counts, tile_layout
+
+
+# -- loop reference ----------------------------------------------------------------------------------------
+
+
+def _upsample_ref(m, out_h, out_w):
+    """PyTorch ``F.interpolate(mode="bilinear", align_corners=False)`` written as loops."""
+    in_h, in_w = m.shape
+
+    def src(o, n_in, n_out):
+        s = max((o + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(math.floor(s)), n_in - 1)
+        return i0, min(i0 + 1, n_in - 1), s - i0
+
+    out = np.zeros((out_h, out_w))
+    for y in range(out_h):
+        y0, y1, ly = src(y, in_h, out_h)
+        for x in range(out_w):
+            x0, x1, lx = src(x, in_w, out_w)
+            out[y, x] = ((1 - ly) * ((1 - lx) * m[y0, x0] + lx * m[y0, x1])
+                         + ly * ((1 - lx) * m[y1, x0] + lx * m[y1, x1]))
+    return out
+
+
+def _top(values, k):
+    return sorted(sorted(range(len(values)), key=lambda j: (-values[j], j))[:k])
+
+
+def globalcom2_ref(x, rows, cols, ratio, temperature=10.0, allocation="thumbnail"):
+    """One example ``x: [T, C]`` -> (kept token indices in output order, kept count per crop)."""
+    x = np.asarray(x, np.float64)
+    m = 1 + rows * cols
+    tl = x.shape[0] // m
+    n = tl - 1
+    g = int(round(math.sqrt(n)))
+    c = x.shape[1]
+    scores = []
+    for t in range(m):
+        tile = x[t * tl:(t + 1) * tl]
+        scores.append([float(tile[0] @ tile[1 + j]) / math.sqrt(c) for j in range(n)])
+    k0 = max(1, int(math.floor(n * ratio)))
+    thumb = np.array(scores[0]).reshape(g, g)
+    if allocation == "thumbnail":
+        hr, wc = g // rows, g // cols
+        sums = []
+        for a in range(rows):
+            for b in range(cols):
+                r_end = g if a == rows - 1 else (a + 1) * hr
+                c_end = g if b == cols - 1 else (b + 1) * wc
+                sums.append(sum(thumb[i, j] for i in range(a * hr, r_end) for j in range(b * wc, c_end)))
+        mx = max(sums)
+        e = [math.exp((s - mx) / temperature) for s in sums]
+        p = [v / sum(e) + 1e-8 for v in e]
+        cap = max(k0, min(n, int(math.floor(n * min(1.0, ratio * (2 - 1 / (rows * cols))) + 1e-6))))
+        counts = [min(cap, int(math.floor(n * min(ratio * (1 + pi - sum(p) / len(p)), 1.0)))) for pi in p]
+    else:
+        counts = [k0] * (rows * cols)
+    up = _upsample_ref(thumb, rows * g, cols * g)
+    out = [0] + [1 + j for j in _top(scores[0], k0)]
+    for i in range(rows * cols):
+        a, b = divmod(i, cols)
+        block = [up[a * g + y, b * g + z] for y in range(g) for z in range(g)]
+        own = scores[1 + i]
+        no, nb = math.sqrt(sum(v * v for v in own)), math.sqrt(sum(v * v for v in block))
+        comb = [own[j] / no + block[j] / nb for j in range(n)]
+        base = (1 + i) * tl
+        out += [base] + [base + 1 + j for j in _top(comb, counts[i])]
+    return out, counts
+
+
+def _tiled(key, b, grid, g, c=8):
+    return jax.random.normal(key, (b, (1 + grid[0] * grid[1]) * (1 + g * g), c))
+
+
+def _kept_lists(idx, ok):
+    return [list(np.asarray(i)[np.asarray(v)]) for i, v in zip(idx, ok)]
+
+
+@pytest.mark.parametrize("grid,g,ratio,allocation", [((2, 2), 5, 0.25, "thumbnail"), ((1, 3), 4, 0.3, "thumbnail"),
+                                                     ((2, 2), 4, 1 / 9 * 2, "uniform")])
+def test_matches_loop_reference(grid, g, ratio, allocation):
+    x = _tiled(jax.random.key(0), 3, grid, g) * 3.0     # spread scores: unequal allocations
+    idx, ok, kept = jax.jit(lambda a: globalcom2_keep(a, grid=grid, keep_ratio=ratio, allocation=allocation))(x)
+    lay = tile_layout(x.shape[1], grid, 1)
+    k0, cap = layout_counts(lay, ratio, allocation)
+    assert idx.shape == (3, lay.num_tiles + k0 + lay.num_crops * cap)
+    unequal = False
+    for b in range(3):
+        want, counts = globalcom2_ref(np.asarray(x[b]), *grid, ratio, allocation=allocation)
+        assert _kept_lists(idx, ok)[b] == want
+        assert list(np.asarray(kept[b])) == counts
+        unequal |= len(set(counts)) > 1
+    assert unequal or allocation == "uniform"             # the reference case exercises the allocation
+
+
+def test_scales_bounds_and_class_tokens_survive():
+    grid, g = (2, 2), 6
+    x = _tiled(jax.random.key(1), 4, grid, g) * 5.0
+    idx, ok, kept = globalcom2_keep(x, grid=grid, keep_ratio=0.25)
+    n = g * g
+    # official bounds for a 2 x 2 grid: 0.25 * (1 + p - 1/4) in [0.1875, 0.4375]
+    assert int(kept.min()) >= math.floor(n * 0.1875) and int(kept.max()) <= math.floor(n * 0.4375 + 1e-6)
+    tl = 1 + n
+    for row, v in zip(np.asarray(idx), np.asarray(ok)):
+        assert all(t * tl in set(row[v]) for t in range(5))          # every tile's class token is kept
+        assert len(set(row[v])) == v.sum()                           # no token twice
+
+
+def test_reducer_at_connector_static_shapes_jit_eager_no_retrace():
+    grid, g = (2, 2), 4
+    red = R.build_layer_reducers(1, {"method": "globalcom2", "keep_ratio": 0.25, "grid": [2, 2]},
+                                 point="connector")
+    x = _tiled(jax.random.key(2), 2, grid, g)
+    traces = []
+
+    def f(a):
+        traces.append(1)
+        s = connector_reduce(red, a, num_protected=1)
+        return s.x, s.valid
+
+    jf = jax.jit(f)
+    y, v = jf(x)
+    y2, v2 = f(x)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(v2))
+    jf(x + 1.0)
+    assert len(traces) == 2                                  # one trace for jit, one eager call
+    from models.connector import connector_num_out
+    assert y.shape[1] == connector_num_out(red, x.shape[1], 1)
+    # kept tokens are the input's rows
+    idx, ok, _ = globalcom2_keep(x, grid=grid, keep_ratio=0.25)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(ok))
+    got = np.asarray(y)[np.asarray(v)]
+    want = np.asarray(jnp.take_along_axis(x, idx[..., None], 1))[np.asarray(ok)]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_named_errors():
+    with pytest.raises(ValueError, match="class token"):
+        tile_layout(5 * 17, (2, 2), 0)
+    with pytest.raises(ValueError, match="tiles"):
+        tile_layout(84, (2, 2), 1)
+    with pytest.raises(ValueError, match="square"):
+        tile_layout(5 * 6, (2, 2), 1)
+    with pytest.raises(R.SpecError):
+        R.build_layer_reducers(4, {"method": "globalcom2"}, point="vision")
+    with pytest.raises(R.SpecError, match="temp"):
+        R.build_layer_reducers(1, {"method": "globalcom2", "temp": 3.0}, point="connector")
+    with pytest.raises(ValueError, match="allocation"):
+        R.build_layer_reducers(1, {"method": "globalcom2", "allocation": "x"}, point="connector")
+    with pytest.raises(ValueError, match="tiling"):
+        VLMConfig(tiling=(2, 0))
+    with pytest.raises(ValueError, match="pixels"):
+        tile_images(jnp.zeros((1, 16, 16, 3)), (2, 2), 16)
+
+
+# -- AnyRes in the VLM -------------------------------------------------------------------------------------
+
+IMG = 63
+TOWER = ViTTowerConfig(vit=ViTConfig(width=16, depth=2, mlp_dim=32, heads=2, patch_size=4, image_size=16,
+                                     num_classes=0), keep_cls=True, image_size=16, feature_layer=-1)
+BASE = VLMConfig(vision=TOWER, text=LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                                mlp_dim=48), image_token_id=IMG)
+
+
+@pytest.fixture(scope="module")
+def models():
+    plain = VLM(BASE, rngs=nnx.Rngs(0))
+    tiled = VLM(dataclasses.replace(BASE, tiling=(2, 2)), vision_tower=plain.vision_tower,
+                language_model=plain.language_model, projector=plain.multi_modal_projector)
+    return plain, tiled
+
+
+def test_tiling_none_unchanged_and_tile_order(models):
+    plain, tiled = models
+    img = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    small = jax.image.resize(img, (2, 16, 16, 3), "bilinear")
+    # tiling=None: the untouched path, bit for bit the tower -> projector computation
+    tok, valid = plain.image_tokens(small)
+    feats, _ = plain.vision_tower(small)
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(plain.multi_modal_projector(feats)))
+    assert valid is None and plain.num_image_tokens() == 17
+    # tiled: thumbnail then crops row-major, each tile as the tower emits it
+    ttok, _ = tiled.image_tokens(img)
+    assert ttok.shape == (2, 5 * 17, 32) and tiled.num_image_tokens() == 85
+    crops = [img[:, a * 16:(a + 1) * 16, b * 16:(b + 1) * 16] for a in range(2) for b in range(2)]
+    want = jnp.concatenate([plain.image_tokens(t)[0] for t in [small] + crops], axis=1)
+    np.testing.assert_allclose(np.asarray(ttok), np.asarray(want), rtol=1e-5, atol=1e-5)
+    f_plain, f_tiled = plain.flops(text_tokens=6), tiled.flops(text_tokens=6)
+    assert f_tiled["tower"] == 5 * f_plain["tower"] and f_tiled["image_tokens"] == 85
+    plan = tiled.build_plan({"point": "connector", "method": "globalcom2", "keep_ratio": 0.25})
+    assert tiled.flops(plan, text_tokens=6)["image_tokens"] == tiled.num_image_tokens(plan) < 85
+
+
+def test_tiled_globalcom2_batch_equals_alone_in_generate(models):
+    _, tiled = models
+    plan = tiled.build_plan({"point": "connector", "method": "globalcom2", "keep_ratio": 0.25})
+    k = tiled.num_image_tokens(plan)
+    img = jax.random.normal(jax.random.key(4), (2, 32, 32, 3)) * 2.0
+    _, ok, _ = globalcom2_keep(tiled._tiled_features(img, plan)[0], grid=(2, 2), keep_ratio=0.25)
+    assert not bool(ok.all())                                  # invalid slots reach the LLM's mask
+    prompts = [[1, 2, IMG, 5, 6, 7], [3, IMG, 4, 5, 6, 7, 8, 9]]
+    ids, valid = build_prompts(prompts, image_token_id=IMG, num_image_tokens=k)
+    both = tiled.generate(ids, img, valid=valid, max_new_tokens=3, plan=plan)
+    for i, p in enumerate(prompts):
+        one_ids, one_valid = build_prompts([p], image_token_id=IMG, num_image_tokens=k)
+        alone = tiled.generate(one_ids, img[i:i + 1], valid=one_valid, max_new_tokens=3, plan=plan)
+        np.testing.assert_array_equal(np.asarray(both[i]), np.asarray(alone[0]))
