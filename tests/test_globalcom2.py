@@ -4,6 +4,7 @@
 two through ``VLM.generate`` with left padding equal to each example alone."""
 
 import dataclasses
+import functools
 import math
 
 import numpy as np
@@ -17,7 +18,7 @@ from models.connector import connector_reduce
 from models.llama import LlamaConfig
 from models.vision_tower import ViTTowerConfig
 from models.vit import ViTConfig
-from models.vlm import VLM, VLMConfig, build_prompts, tile_images
+from models.vlm import VLM, ReductionPlan, VLMConfig, build_prompts, tile_images
 from reduction.globalcom2 import globalcom2_keep, layout_counts, tile_layout
 
 
@@ -97,14 +98,18 @@ def _kept_lists(idx, ok):
     return [list(np.asarray(i)[np.asarray(v)]) for i, v in zip(idx, ok)]
 
 
-@pytest.mark.parametrize("grid,g,ratio,allocation", [((2, 2), 5, 0.25, "thumbnail"), ((1, 3), 4, 0.3, "thumbnail"),
-                                                     ((2, 2), 4, 1 / 9 * 2, "uniform")])
+_keep = jax.jit(globalcom2_keep, static_argnames=("grid", "keep_ratio", "temperature", "allocation", "selection",
+                                                  "num_protected"))
+CASE_A = ((2, 2), 5, 0.25)       # cells of 2 and 3 rows / columns (the last cell takes the remainder)
+
+
+@pytest.mark.parametrize("grid,g,ratio,allocation", [CASE_A + ("thumbnail",), ((1, 3), 4, 2 / 9, "uniform")])
 def test_matches_loop_reference(grid, g, ratio, allocation):
     x = _tiled(jax.random.key(0), 3, grid, g) * 3.0     # spread scores: unequal allocations
-    idx, ok, kept = jax.jit(lambda a: globalcom2_keep(a, grid=grid, keep_ratio=ratio, allocation=allocation))(x)
+    idx, ok, kept = _keep(x, grid=grid, keep_ratio=ratio, allocation=allocation)
     lay = tile_layout(x.shape[1], grid, 1)
     k0, cap = layout_counts(lay, ratio, allocation)
-    assert idx.shape == (3, lay.num_tiles + k0 + lay.num_crops * cap)
+    assert idx.shape == ok.shape == (3, lay.num_tiles + k0 + lay.num_crops * cap)
     unequal = False
     for b in range(3):
         want, counts = globalcom2_ref(np.asarray(x[b]), *grid, ratio, allocation=allocation)
@@ -112,12 +117,25 @@ def test_matches_loop_reference(grid, g, ratio, allocation):
         assert list(np.asarray(kept[b])) == counts
         unequal |= len(set(counts)) > 1
     assert unequal or allocation == "uniform"             # the reference case exercises the allocation
+    assert bool(ok.all()) == (allocation == "uniform")
 
 
-def test_scales_bounds_and_class_tokens_survive():
-    grid, g = (2, 2), 6
-    x = _tiled(jax.random.key(1), 4, grid, g) * 5.0
-    idx, ok, kept = globalcom2_keep(x, grid=grid, keep_ratio=0.25)
+def test_crop_scales_loop_reference_on_a_non_square_grid():
+    from reduction.globalcom2 import crop_scales
+
+    m = np.asarray(jax.random.normal(jax.random.key(5), (2, 5, 5))) * 4
+    got = np.asarray(crop_scales(jnp.asarray(m), rows=1, cols=3, keep_ratio=0.25, temperature=10.0))
+    for b in range(2):
+        sums = [m[b, :, 0:1].sum(), m[b, :, 1:2].sum(), m[b, :, 2:5].sum()]
+        e = np.exp((np.array(sums) - max(sums)) / 10.0)
+        p = e / e.sum() + 1e-8
+        np.testing.assert_allclose(got[b], np.minimum(0.25 * (1 + p - p.mean()), 1.0), rtol=1e-5)
+
+
+def test_bounds_class_tokens_jit_eager_no_retrace():
+    grid, g, ratio = CASE_A
+    x = _tiled(jax.random.key(1), 3, grid, g) * 5.0
+    idx, ok, kept = _keep(x, grid=grid, keep_ratio=ratio)          # the reference test's compile
     n = g * g
     # official bounds for a 2 x 2 grid: 0.25 * (1 + p - 1/4) in [0.1875, 0.4375]
     assert int(kept.min()) >= math.floor(n * 0.1875) and int(kept.max()) <= math.floor(n * 0.4375 + 1e-6)
@@ -125,31 +143,23 @@ def test_scales_bounds_and_class_tokens_survive():
     for row, v in zip(np.asarray(idx), np.asarray(ok)):
         assert all(t * tl in set(row[v]) for t in range(5))          # every tile's class token is kept
         assert len(set(row[v])) == v.sum()                           # no token twice
+    eager = globalcom2_keep(x, grid=grid, keep_ratio=ratio)
+    for a, e in zip((idx, ok, kept), eager):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+    before = _keep._cache_size()
+    _keep(x + 1.0, grid=grid, keep_ratio=ratio)
+    assert _keep._cache_size() == before                             # new data, no retrace
 
 
-def test_reducer_at_connector_static_shapes_jit_eager_no_retrace():
-    grid, g = (2, 2), 4
-    red = R.build_layer_reducers(1, {"method": "globalcom2", "keep_ratio": 0.25, "grid": [2, 2]},
+def test_reducer_at_connector_moves_the_selected_tokens():
+    grid, g, ratio = CASE_A
+    red = R.build_layer_reducers(1, {"method": "globalcom2", "keep_ratio": ratio, "grid": [2, 2]},
                                  point="connector")
-    x = _tiled(jax.random.key(2), 2, grid, g)
-    traces = []
-
-    def f(a):
-        traces.append(1)
-        s = connector_reduce(red, a, num_protected=1)
-        return s.x, s.valid
-
-    jf = jax.jit(f)
-    y, v = jf(x)
-    y2, v2 = f(x)
-    np.testing.assert_allclose(np.asarray(y), np.asarray(y2), rtol=1e-6, atol=1e-6)
-    np.testing.assert_array_equal(np.asarray(v), np.asarray(v2))
-    jf(x + 1.0)
-    assert len(traces) == 2                                  # one trace for jit, one eager call
+    x = _tiled(jax.random.key(2), 3, grid, g)
     from models.connector import connector_num_out
+    y, v = jax.jit(lambda a: (lambda s: (s.x, s.valid))(connector_reduce(red, a, num_protected=1)))(x)
     assert y.shape[1] == connector_num_out(red, x.shape[1], 1)
-    # kept tokens are the input's rows
-    idx, ok, _ = globalcom2_keep(x, grid=grid, keep_ratio=0.25)
+    idx, ok, _ = _keep(x, grid=grid, keep_ratio=ratio)
     np.testing.assert_array_equal(np.asarray(v), np.asarray(ok))
     got = np.asarray(y)[np.asarray(v)]
     want = np.asarray(jnp.take_along_axis(x, idx[..., None], 1))[np.asarray(ok)]
@@ -178,10 +188,11 @@ def test_named_errors():
 # -- AnyRes in the VLM -------------------------------------------------------------------------------------
 
 IMG = 63
-TOWER = ViTTowerConfig(vit=ViTConfig(width=16, depth=2, mlp_dim=32, heads=2, patch_size=4, image_size=16,
+TOWER = ViTTowerConfig(vit=ViTConfig(width=16, depth=1, mlp_dim=32, heads=2, patch_size=4, image_size=16,
                                      num_classes=0), keep_cls=True, image_size=16, feature_layer=-1)
 BASE = VLMConfig(vision=TOWER, text=LlamaConfig(vocab_size=64, dim=32, num_layers=2, num_heads=4, num_kv_heads=2,
                                                 mlp_dim=48), image_token_id=IMG)
+GC2 = {"point": "connector", "method": "globalcom2", "keep_ratio": 0.25}
 
 
 @pytest.fixture(scope="module")
@@ -192,34 +203,47 @@ def models():
     return plain, tiled
 
 
-def test_tiling_none_unchanged_and_tile_order(models):
+@functools.partial(nnx.jit, static_argnames="plan")
+def _tokens(model, images, plan=ReductionPlan()):
+    return model.image_tokens(images, plan)
+
+
+def test_tiling_none_unchanged_tile_order_flops_and_batch(models):
     plain, tiled = models
-    img = jax.random.normal(jax.random.key(3), (2, 32, 32, 3))
+    img = jax.random.normal(jax.random.key(3), (2, 32, 32, 3)) * 2.0
     small = jax.image.resize(img, (2, 16, 16, 3), "bilinear")
     # tiling=None: the untouched path, bit for bit the tower -> projector computation
-    tok, valid = plain.image_tokens(small)
-    feats, _ = plain.vision_tower(small)
-    np.testing.assert_array_equal(np.asarray(tok), np.asarray(plain.multi_modal_projector(feats)))
+    tok, valid = _tokens(plain, small)
+    feats, _ = nnx.jit(lambda m, x: m.vision_tower(x))(plain, small)
+    np.testing.assert_array_equal(np.asarray(tok), np.asarray(nnx.jit(lambda m, f: m.multi_modal_projector(f))(
+        plain, feats)))
     assert valid is None and plain.num_image_tokens() == 17
     # tiled: thumbnail then crops row-major, each tile as the tower emits it
-    ttok, _ = tiled.image_tokens(img)
-    assert ttok.shape == (2, 5 * 17, 32) and tiled.num_image_tokens() == 85
+    ttok, tvalid = _tokens(tiled, img)
+    assert ttok.shape == (2, 5 * 17, 32) and tvalid is None and tiled.num_image_tokens() == 85
     crops = [img[:, a * 16:(a + 1) * 16, b * 16:(b + 1) * 16] for a in range(2) for b in range(2)]
-    want = jnp.concatenate([plain.image_tokens(t)[0] for t in [small] + crops], axis=1)
+    want = jnp.concatenate([_tokens(plain, t)[0] for t in [small] + crops], axis=1)
     np.testing.assert_allclose(np.asarray(ttok), np.asarray(want), rtol=1e-5, atol=1e-5)
     f_plain, f_tiled = plain.flops(text_tokens=6), tiled.flops(text_tokens=6)
     assert f_tiled["tower"] == 5 * f_plain["tower"] and f_tiled["image_tokens"] == 85
-    plan = tiled.build_plan({"point": "connector", "method": "globalcom2", "keep_ratio": 0.25})
-    assert tiled.flops(plan, text_tokens=6)["image_tokens"] == tiled.num_image_tokens(plan) < 85
+    # GlobalCom2 on the tiled span: a batch of two equals each image alone, capacity-padded with a mask
+    plan = tiled.build_plan(GC2)
+    k = tiled.num_image_tokens(plan)
+    assert tiled.flops(plan, text_tokens=6)["image_tokens"] == k == 5 + 4 + 4 * 7
+    both, bvalid = _tokens(tiled, img, plan)
+    assert both.shape == (2, k, 32) and not bool(bvalid.all())
+    for i in range(2):
+        one, ovalid = _tokens(tiled, img[i:i + 1], plan)
+        np.testing.assert_array_equal(np.asarray(bvalid[i]), np.asarray(ovalid[0]))
+        np.testing.assert_allclose(np.asarray(both[i]), np.asarray(one[0]), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.long
 def test_tiled_globalcom2_batch_equals_alone_in_generate(models):
     _, tiled = models
-    plan = tiled.build_plan({"point": "connector", "method": "globalcom2", "keep_ratio": 0.25})
+    plan = tiled.build_plan(GC2)
     k = tiled.num_image_tokens(plan)
     img = jax.random.normal(jax.random.key(4), (2, 32, 32, 3)) * 2.0
-    _, ok, _ = globalcom2_keep(tiled._tiled_features(img, plan)[0], grid=(2, 2), keep_ratio=0.25)
-    assert not bool(ok.all())                                  # invalid slots reach the LLM's mask
     prompts = [[1, 2, IMG, 5, 6, 7], [3, IMG, 4, 5, 6, 7, 8, 9]]
     ids, valid = build_prompts(prompts, image_token_id=IMG, num_image_tokens=k)
     both = tiled.generate(ids, img, valid=valid, max_new_tokens=3, plan=plan)
