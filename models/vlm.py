@@ -300,4 +300,5 @@ def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, 
     return left_pad(out, pad_id, length)
 
 
-__all__ = ["VLM", "VLMConfig", "make_tower", "tile_images", "ReductionPlan", "build_plan", "build_prompts", "PLAN_POINTS"]
+__all__ = ["VLM", "VLMConfig", "make_tower", "tile_images", "ReductionPlan", "build_plan", "build_prompts",
+           "PLAN_POINTS"]

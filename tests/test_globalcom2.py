@@ -248,6 +248,6 @@ def test_tiled_globalcom2_batch_equals_alone_in_generate(models):
     ids, valid = build_prompts(prompts, image_token_id=IMG, num_image_tokens=k)
     both = tiled.generate(ids, img, valid=valid, max_new_tokens=3, plan=plan)
     for i, p in enumerate(prompts):
-        one_ids, one_valid = build_prompts([p], image_token_id=IMG, num_image_tokens=k)
+        one_ids, one_valid = build_prompts([p], image_token_id=IMG, num_image_tokens=k, length=ids.shape[1])
         alone = tiled.generate(one_ids, img[i:i + 1], valid=one_valid, max_new_tokens=3, plan=plan)
         np.testing.assert_array_equal(np.asarray(both[i]), np.asarray(alone[0]))
