@@ -40,6 +40,11 @@ def check_methods(cfg) -> None:
 
     for name in (cfg.get("options") or {}):
         method_info(name)
+    if cfg.get("kind", "vit") == "vlm_anyres":      # explicit specs: checked when each plan is built
+        for setting in cfg.settings:
+            if setting[2] is not None:
+                method_info(dict(setting[2])["method"])
+        return
     if cfg.get("kind", "vit") == "vlm":
         from evaluation.vlm_sweep import POINT_NAMES
 
@@ -60,6 +65,10 @@ def check_methods(cfg) -> None:
 def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     """Build the backbone and data named by ``cfg``, sweep, and write every output to ``out_dir``. Configs with
     ``kind="vlm"`` run the VLM sweep (:func:`evaluation.vlm_sweep.run`)."""
+    if cfg.get("kind", "vit") == "vlm_anyres":
+        from evaluation import vlm_anyres
+
+        return vlm_anyres.run(cfg, out_dir, progress=progress)
     if cfg.get("kind", "vit") == "vlm":
         from evaluation import vlm_sweep
 
@@ -119,6 +128,10 @@ def main(argv=None) -> int:
     if not args.quiet:
         if cfg.get("kind", "vit") == "vlm":
             from evaluation.vlm_sweep import markdown_table
+
+            print(markdown_table(result))
+        elif cfg.get("kind", "vit") == "vlm_anyres":
+            from evaluation.vlm_anyres import markdown_table
 
             print(markdown_table(result))
         else:

@@ -91,12 +91,29 @@ def build_plan(spec: Optional[Mapping[str, Any]], *, vision_layers: int = 0, llm
 class VLMConfig:
     """``vision``: the tower, a :class:`ViTTowerConfig` (LLaVA's CLIP tower is one,
     :func:`models.clip_vision.clip_tower_config`; or any ViT such as DINOv2-small); ``text``: the Llama LM;
-    ``image_token_id``: the placeholder id in prompts."""
+    ``image_token_id``: the placeholder id in prompts. ``tiling``: ``None`` (one tower image per example) or
+    AnyRes ``(rows, cols)``: images are ``rows * S x cols * S`` (``S`` the tower's size); a thumbnail (the image
+    resized to ``S``) and the ``rows x cols`` crops run through the tower in one call, and their tokens form one
+    image span: thumbnail first, then the crops row-major, each tile as the tower emits it (see
+    :func:`tile_images`)."""
 
     vision: ViTTowerConfig = clip_tower_config()
     text: LlamaConfig = LlamaConfig()
     image_token_id: int = 32000
     projector_dtype: Any = jnp.float32
+    tiling: Optional[tuple] = None
+
+    def __post_init__(self):
+        if self.tiling is not None:
+            t = tuple(self.tiling)
+            if len(t) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in t):
+                raise ValueError(f"tiling must be None or (rows, cols) of ints >= 1, got {self.tiling!r}")
+            object.__setattr__(self, "tiling", t)
+
+    @property
+    def num_tiles(self) -> int:
+        """Tower images per example: 1, or the thumbnail plus ``rows * cols`` crops under :attr:`tiling`."""
+        return 1 if self.tiling is None else 1 + self.tiling[0] * self.tiling[1]
 
 
 def make_tower(cfg: ViTTowerConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -135,7 +152,8 @@ class VLM(nnx.Module):
 
     def num_image_tokens(self, plan: ReductionPlan = ReductionPlan()) -> int:
         """Static image tokens per image entering the LLM under ``plan``."""
-        return connector_num_out(plan.connector, self.vision_tower.num_features(plan.vision), self._num_protected)
+        return connector_num_out(plan.connector, self.cfg.num_tiles * self.vision_tower.num_features(plan.vision),
+                                 self._num_protected)
 
     @property
     def _num_protected(self) -> int:
@@ -144,10 +162,24 @@ class VLM(nnx.Module):
     def image_tokens(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()):
         """``images: [B, H, W, 3]`` -> ``(tokens [B, K, C], valid [B, K] bool or None)``: the projected image tokens
         after reduction points (a) and (b), and which of them are real (``None``: all; a capacity-padded reducer
-        such as ATP or tokencorr in the tower or at the connector leaves invalid slots, which the LLM masks)."""
-        feats, aux = self.vision_tower(images, reducers=plan.vision)
+        such as ATP or tokencorr in the tower or at the connector leaves invalid slots, which the LLM masks).
+        Under ``cfg.tiling`` the tiles' features are concatenated per example before the connector."""
+        if self.cfg.tiling is not None:
+            feats, aux = self._tiled_features(images, plan)
+        else:
+            feats, aux = self.vision_tower(images, reducers=plan.vision)
         state = connector_reduce(plan.connector, feats, num_protected=self._num_protected, valid=aux.get("valid"))
         return self.multi_modal_projector(state.x), state.valid
+
+    def _tiled_features(self, images: jax.Array, plan: ReductionPlan):
+        """AnyRes: ``images [B, rows S, cols S, 3]`` -> ``(features [B, M * F, C], aux)``, one tower call on
+        ``B * M`` tiles (``M`` = :attr:`VLMConfig.num_tiles`, ``F`` features per tile)."""
+        b, m = images.shape[0], self.cfg.num_tiles
+        feats, aux = self.vision_tower(tile_images(images, self.cfg.tiling, self.cfg.vision.image_size),
+                                       reducers=plan.vision)
+        valid = aux.get("valid")
+        aux = dict(aux, valid=None if valid is None else valid.reshape(b, m * valid.shape[1]))
+        return feats.reshape(b, m * feats.shape[1], feats.shape[2]), aux
 
     def encode_images(self, images: jax.Array, plan: ReductionPlan = ReductionPlan()) -> jax.Array:
         """``images: [B, H, W, 3]`` -> projected image tokens ``[B, K, C]`` (see :meth:`image_tokens`)."""
@@ -183,8 +215,8 @@ class VLM(nnx.Module):
         ``prefill`` (``text_tokens`` + the image tokens through the LLM, the head on ``logits_tokens`` positions),
         ``decode`` (one new token over the prefill's cache), ``total`` = tower + connector + prefill; and
         ``cache_lengths`` (per LLM layer)."""
-        tower = int(self.vision_tower.flops(plan.vision))
-        n_feat = self.vision_tower.num_features(plan.vision)
+        tower = self.cfg.num_tiles * int(self.vision_tower.flops(plan.vision))
+        n_feat = self.cfg.num_tiles * self.vision_tower.num_features(plan.vision)
         k = self.num_image_tokens(plan)
         conn = connector_flops(plan.connector, n_feat, self._num_protected, dim=self.cfg.vision.dim)
         proj = self.multi_modal_projector
@@ -235,6 +267,22 @@ def _embed_jit(graphdef, params, ids, images, *, plan):
     return x, image_starts_from_mask(is_image), token_valid
 
 
+def tile_images(images: jax.Array, tiling: tuple, size: int) -> jax.Array:
+    """AnyRes tiles: ``images [B, rows * size, cols * size, C]`` -> ``[B * (1 + rows * cols), size, size, C]``,
+    per example the thumbnail (``jax.image.resize(..., "bilinear")``, antialiased, the same call as
+    :func:`training.tasks.batch_images`' ``input_size``) then the crops row-major."""
+    check_rank(images, 4, "images")
+    rows, cols = tiling
+    b, h, w, c = images.shape
+    if (h, w) != (rows * size, cols * size):
+        raise ValueError(f"tiling {tuple(tiling)} at tower size {size} needs images of {rows * size} x {cols * size}"
+                         f" pixels, got {h} x {w}")
+    thumb = jax.image.resize(images, (b, size, size, c), "bilinear")
+    crops = images.reshape(b, rows, size, cols, size, c).transpose(0, 1, 3, 2, 4, 5)
+    crops = crops.reshape(b, rows * cols, size, size, c).astype(thumb.dtype)
+    return jnp.concatenate([thumb[:, None], crops], axis=1).reshape(b * (1 + rows * cols), size, size, c)
+
+
 def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, num_image_tokens: int,
                   pad_id: int = 0, length: Optional[int] = None):
     """Host helper: each list holds exactly one ``image_token_id``, expanded to ``num_image_tokens`` copies;
@@ -252,4 +300,5 @@ def build_prompts(token_lists: Sequence[Sequence[int]], *, image_token_id: int, 
     return left_pad(out, pad_id, length)
 
 
-__all__ = ["VLM", "VLMConfig", "make_tower", "ReductionPlan", "build_plan", "build_prompts", "PLAN_POINTS"]
+__all__ = ["VLM", "VLMConfig", "make_tower", "tile_images", "ReductionPlan", "build_plan", "build_prompts",
+           "PLAN_POINTS"]

@@ -83,6 +83,7 @@ from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
 from reduction.pyramiddrop import PyramidDrop, pyramiddrop_official_counts  # noqa: E402
 from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_step  # noqa: E402
 from reduction.todre import ToDRELLM, todre_scores  # noqa: E402
+from reduction.globalcom2 import GlobalCom2, globalcom2_keep  # noqa: E402
 from reduction.hot import HoTPrune, dpc_knn_scores, hot_prune_step, sincos_2d  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,

@@ -227,7 +227,8 @@ def _points_and_methods():
     out = []
     for point in ("vision", "connector", "llm"):
         for method in R.available_methods(point):
-            if method != "none" and not method.startswith("_"):   # _: test-only methods of other test files
+            # _: test-only methods of other test files; globalcom2 needs AnyRes tiles (tests/test_globalcom2.py)
+            if method != "none" and not method.startswith("_") and method != "globalcom2":
                 # DivPrune at the tower and connector by default (in the LLM it trains in test_methods_train)
                 marks = () if method == "divprune" and point != "llm" else (pytest.mark.long,)
                 out.append(pytest.param(point, method, marks=marks))
