@@ -29,7 +29,7 @@ from training.builders import (_get, build_model, frozen_sources, layer_reducers
                                resolve_learned_trainable)
 from training.checkpoints import Checkpoints, FrozenSplit
 from training.errors import NonFiniteLossError, TrainingInterrupted
-from training.mesh import make_mesh, state_shardings
+from training.mesh import make_mesh, put_global, state_shardings
 from training.optim import build_optimizer, learning_rate_schedule, trainable_labels
 from training.resume import check_resume_config, prepare_metrics, write_run_config
 from training.steps import make_eval_step, make_train_step
@@ -237,7 +237,7 @@ class Trainer:
         schedule = learning_rate_schedule(cfg)
         state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
         shardings = state_shardings(state, self.mesh, fsdp=bool(cfg.mesh.fsdp))
-        state = jax.device_put(state, shardings)
+        state = put_global(state, shardings)
         n_params = sum(x.size for x in jax.tree.leaves(params))
         split = self._frozen_split(cfg, params)
         frozen_record = split.record(state["params"]) if split.active else None
@@ -300,7 +300,7 @@ class Trainer:
         if reducers is not None and hasattr(model, "tokens_per_layer"):
             tpl = model.tokens_per_layer(int(cfg.model.vit.image_size), reducers)
         self._log_start(model, n_params, tpl, start, total)
-        base_rng = jax.device_put(jax.random.key(int(cfg.seed)), repl)
+        base_rng = put_global(jax.random.key(int(cfg.seed)), repl)
         meta = {"config": cfg.to_dict(), "config_name": cfg.get("config_name", "")}
         if frozen_record is not None:
             meta["frozen"] = frozen_record
