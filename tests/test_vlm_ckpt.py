@@ -27,7 +27,7 @@ def _param_kinds(module):
 def test_place_params_lands_every_float_param_on_the_device_in_the_dtype():
     from loaders.common import place_params
 
-    cfg = ViTConfig(width=32, depth=2, mlp_dim=64, heads=2, patch_size=4, image_size=16, num_classes=0)
+    cfg = ViTConfig(width=32, depth=1, mlp_dim=64, heads=2, patch_size=4, image_size=16, num_classes=0)
     ref = ViT(cfg, rngs=nnx.Rngs(0))
     state = nnx.state(ref, nnx.Param)
     host = jax.tree.map(np.asarray, state)            # host arrays, as assign_params leaves them
