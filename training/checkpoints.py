@@ -171,13 +171,18 @@ class Checkpoints:
         """Newest readable checkpoint -> ``(step, state, data_state, meta)``, or ``None`` if there is none.
 
         A damaged newest checkpoint raises :class:`CheckpointError` unless ``fallback`` is set, in which
-        case older steps are tried in turn (with a warning for each damaged one)."""
+        case older steps are tried in turn (with a warning for each damaged one). ``abstract_state`` may be a
+        function of the step's ``meta`` (read first), for checkpoints whose tree depends on it (:class:`FrozenSplit`)."""
         ocp = self.ocp
         steps = self.steps()
         for i, step in enumerate(reversed(steps)):
             try:
+                tree = abstract_state
+                if callable(abstract_state):
+                    head = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                    tree = abstract_state(dict(head["meta"]))
                 out = self.manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), data_iter=ocp.args.JsonRestore(),
+                    state=ocp.args.StandardRestore(tree), data_iter=ocp.args.JsonRestore(),
                     meta=ocp.args.JsonRestore()))
                 state, meta = out["state"], out["meta"]
                 check_integrity(state, out["data_iter"], meta)
@@ -214,3 +219,102 @@ class Checkpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+# -- checkpoints without the frozen parts ---------------------------------------------------------------------
+
+FROZEN_LAYOUT = "trainable-only"
+
+
+def _nest(flat: dict) -> dict:
+    """``{"a/b/c": leaf}`` -> ``{"a": {"b": {"c": leaf}}}`` (string keys: what Orbax stores and restores)."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        node = out
+        *parents, last = path.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = leaf
+    return out
+
+
+class FrozenSplit:
+    """The parameters of a run split by ``optim.trainable`` / ``optim.frozen`` labels (``"train"`` / ``"frozen"``,
+    one per leaf of ``params`` in ``jax.tree.leaves`` order).
+
+    With ``active`` the checkpoints hold ``{"params": <trainable leaves only, nested by path>, "rest", "opt",
+    "step"}`` and ``meta["frozen"]`` records where the frozen parameters come from (``sources``) and a digest of
+    each part of them (first path component, e.g. ``language_model``); a resume rebuilds the frozen parameters
+    from their sources, and :meth:`check` refuses with :class:`CheckpointError` when their digest differs from the
+    one the checkpoint was trained with. Checkpoints without ``meta["frozen"]`` (written before this layout, or with
+    ``checkpoint.save_frozen=True``) hold every parameter and restore whole."""
+
+    def __init__(self, params, labels, *, active: bool, sources: Optional[dict] = None):
+        from training.run_params import flat_paths
+
+        self.paths = list(flat_paths(params))
+        self.frozen = [lbl == "frozen" for lbl in jax.tree.leaves(labels)] if labels is not None else \
+            [False] * len(self.paths)
+        if len(self.frozen) != len(self.paths):
+            raise ValueError(f"{len(self.frozen)} labels for {len(self.paths)} parameters")
+        self.active = bool(active and any(self.frozen))
+        self.sources = dict(sources or {})
+
+    # views of a state (concrete or abstract) ------------------------------------------------------------------
+
+    def view(self, state) -> dict:
+        """``state`` with only the trainable parameters (the tree a ``trainable-only`` checkpoint holds)."""
+        leaves = jax.tree.leaves(state["params"])
+        trainable = {p: x for p, x, f in zip(self.paths, leaves, self.frozen) if not f}
+        return {**{k: v for k, v in state.items() if k != "params"}, "params": _nest(trainable)}
+
+    def merge(self, state, restored) -> dict:
+        """``state`` (frozen parameters rebuilt from their sources) with the trainable parameters, optimizer state,
+        model state and step of a restored ``trainable-only`` checkpoint."""
+        from training.run_params import flat_paths
+
+        got = flat_paths(restored["params"])
+        leaves, treedef = jax.tree.flatten(state["params"])
+        merged = [x if f else got[p] for p, x, f in zip(self.paths, leaves, self.frozen)]
+        return {**{k: v for k, v in restored.items() if k != "params"},
+                "params": jax.tree.unflatten(treedef, merged)}
+
+    # the record of the frozen parts ---------------------------------------------------------------------------
+
+    def frozen_parts(self, params) -> dict[str, dict]:
+        """``{part: {"digest", "leaves", "bytes"}}`` of the frozen parameters (sha256 over the exact per-leaf
+        digests of :func:`state_digest`, so any changed bit changes it)."""
+        leaves = jax.tree.leaves(params)
+        frozen = {p: x for p, x, f in zip(self.paths, leaves, self.frozen) if f}
+        digests = state_digest(frozen) if frozen else {}
+        parts: dict[str, dict] = {}
+        for p, x in frozen.items():
+            part = parts.setdefault(p.split("/", 1)[0], {"rows": [], "leaves": 0, "bytes": 0})
+            part["rows"].append([p, digests[p]])
+            part["leaves"] += 1
+            part["bytes"] += int(x.size) * jnp.dtype(x.dtype).itemsize
+        return {name: {"digest": json_digest(sorted(v["rows"])), "leaves": v["leaves"], "bytes": v["bytes"]}
+                for name, v in parts.items()}
+
+    def record(self, params) -> dict:
+        """``meta["frozen"]``: the layout, the sources and the per-part digests of ``params``' frozen leaves."""
+        return {"layout": FROZEN_LAYOUT, "sources": self.sources, "parts": self.frozen_parts(params)}
+
+    def check(self, saved: dict, params, *, step: int, directory) -> None:
+        """Refuse (:class:`CheckpointError`) when the frozen parameters rebuilt now differ from the ones checkpoint
+        ``step`` was trained with (another file, dtype, seed or loader), naming the part and both sources."""
+        if saved.get("layout") != FROZEN_LAYOUT:
+            raise CheckpointError(f"checkpoint step {step} in {str(directory)!r} has an unknown frozen-parameter "
+                                  f"layout {saved.get('layout')!r} (this version reads {FROZEN_LAYOUT!r})")
+        now = self.frozen_parts(params)
+        want = saved.get("parts", {})
+        bad = sorted(k for k in set(now) | set(want) if now.get(k, {}).get("digest") != want.get(k, {}).get("digest"))
+        if bad:
+            raise CheckpointError(
+                f"checkpoint step {step} in {str(directory)!r} holds only the trainable state; its frozen parameters "
+                f"are rebuilt from their sources, but part(s) {bad} differ from the ones it was trained with "
+                f"(saved sources {json.dumps(saved.get('sources', {}), sort_keys=True)}; now "
+                f"{json.dumps(self.sources, sort_keys=True)}; digests saved "
+                f"{[want.get(k, {}).get('digest', '<absent>')[:12] for k in bad]}, now "
+                f"{[now.get(k, {}).get('digest', '<absent>')[:12] for k in bad]}). Restore the files it was "
+                f"trained with, or start in a new --workdir (the checkpoint is left as it is).")

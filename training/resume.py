@@ -24,7 +24,7 @@ RESUME_MAY_CHANGE = (
     "train.allow_config_change", "train.debug_nans", "train.transfer_guard", "train.check_finite",
     "train.eval_every", "train.eval_at_end", "train.eval_batch_size", "data.eval_limit", "data.eval_split",
     "data.num_threads", "checkpoint.every", "checkpoint.keep", "checkpoint.use_async", "checkpoint.resume",
-    "checkpoint.fallback", "mesh.num_devices", "mesh.fsdp", "mesh.distributed",
+    "checkpoint.fallback", "checkpoint.save_frozen", "mesh.num_devices", "mesh.fsdp", "mesh.distributed",
 )
 
 _ABSENT = "<absent>"

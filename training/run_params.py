@@ -38,11 +38,17 @@ def latest_run_params(workdir) -> tuple[pathlib.Path, Optional[int], dict]:
     import orbax.checkpoint as ocp
 
     d = checkpoint_dir(workdir)
-    mgr = ocp.CheckpointManager(d.resolve(), item_names=("state", "data_iter", "meta"))
+    mgr = ocp.CheckpointManager(d.resolve(), item_names=("state", "data_iter", "meta"),
+                                item_handlers={"state": ocp.StandardCheckpointHandler()})
     step = mgr.latest_step()
     if step is None:
         return d, None, {}
-    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["params"]
+    # onto this process's first device, whatever mesh (devices, processes) wrote the checkpoint
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    tree = mgr.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=one), tree)
+    restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]["params"]
     src = {k[: -len("/value")] if k.endswith("/value") else k: v for k, v in flat_paths(restored).items()}
     return d, step, src
 

@@ -25,11 +25,12 @@ import configs
 import data as data_lib
 
 
-from training.builders import _get, build_model, layer_reducers, reduction_spec, resolve_learned_trainable
-from training.checkpoints import Checkpoints
+from training.builders import (_get, build_model, frozen_sources, layer_reducers, reduction_spec,
+                               resolve_learned_trainable)
+from training.checkpoints import Checkpoints, FrozenSplit
 from training.errors import NonFiniteLossError, TrainingInterrupted
-from training.mesh import make_mesh, state_shardings
-from training.optim import build_optimizer, learning_rate_schedule
+from training.mesh import make_mesh, put_global, state_shardings
+from training.optim import build_optimizer, learning_rate_schedule, trainable_labels
 from training.resume import check_resume_config, prepare_metrics, write_run_config
 from training.steps import make_eval_step, make_train_step
 from training.tasks import make_task
@@ -236,17 +237,25 @@ class Trainer:
         schedule = learning_rate_schedule(cfg)
         state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
         shardings = state_shardings(state, self.mesh, fsdp=bool(cfg.mesh.fsdp))
-        state = jax.device_put(state, shardings)
+        state = put_global(state, shardings)
         n_params = sum(x.size for x in jax.tree.leaves(params))
+        split = self._frozen_split(cfg, params)
+        frozen_record = split.record(state["params"]) if split.active else None
 
         data_state = None
         start = 0
         diff: dict = {}
         if cfg.checkpoint.resume:
             abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-            found = ckpt.restore(abstract, fallback=bool(cfg.checkpoint.fallback))
+            found = ckpt.restore(lambda m: split.view(abstract) if m.get("frozen") is not None else abstract,
+                                 fallback=bool(cfg.checkpoint.fallback))
             if found is not None:
-                start, state, data_state, saved_meta = found
+                start, restored, data_state, saved_meta = found
+                if saved_meta.get("frozen") is not None:   # trainable state only: the frozen parts come from sources
+                    split.check(saved_meta["frozen"], state["params"], step=start, directory=ckpt.directory)
+                    state = split.merge(state, restored)
+                else:                                      # every parameter (older runs, checkpoint.save_frozen)
+                    state = restored
                 # the restored step may be an older one (fallback): check against its own config
                 diff = check_resume_config(saved_meta.get("config"), cfg.to_dict(), step=start,
                                            workdir=self.workdir, allow=allow_change)
@@ -291,8 +300,11 @@ class Trainer:
         if reducers is not None and hasattr(model, "tokens_per_layer"):
             tpl = model.tokens_per_layer(int(cfg.model.vit.image_size), reducers)
         self._log_start(model, n_params, tpl, start, total)
-        base_rng = jax.device_put(jax.random.key(int(cfg.seed)), repl)
+        base_rng = put_global(jax.random.key(int(cfg.seed)), repl)
         meta = {"config": cfg.to_dict(), "config_name": cfg.get("config_name", "")}
+        if frozen_record is not None:
+            meta["frozen"] = frozen_record
+        saved_view = split.view if split.active else (lambda st: st)
 
         bar = None
         if self.is_main and cfg.train.progress:
@@ -355,7 +367,7 @@ class Trainer:
                         self._write(mfile, self._eval(state, eval_source) | {"step": done})
                     if (ckpt_every > 0 and done % ckpt_every == 0) or done == total:
                         self._check_finite(step, metrics)   # never save a step whose loss is not finite
-                        ckpt.save(done, state, it.get_state(), meta)
+                        ckpt.save(done, saved_view(state), it.get_state(), meta)
                     if done == int(cfg.train.crash_after_step):
                         ckpt.wait()  # simulate a kill right after the checkpoint landed
                         mfile.flush()
@@ -384,6 +396,19 @@ class Trainer:
         return summary
 
     # - pieces -
+
+    def _frozen_split(self, cfg, params) -> FrozenSplit:
+        """A VLM run with frozen parameters saves only its trainable state (unless ``checkpoint.save_frozen``); the
+        frozen tower / LM are recorded by source and digest (:class:`training.checkpoints.FrozenSplit`)."""
+        labels = trainable_labels(params, cfg) if (cfg.optim.frozen or cfg.optim.trainable) else None
+        vlm = cfg.model.kind == "vlm"
+        active = vlm and not bool(_get(cfg.checkpoint, "save_frozen", False))
+        split = FrozenSplit(params, labels, active=active, sources=frozen_sources(cfg) if vlm else None)
+        if split.active:
+            n = sum(split.frozen)
+            log.info("checkpoints hold the trainable state only: %d frozen parameter arrays are rebuilt from their "
+                     "sources on resume (checkpoint.save_frozen=True saves them too)", n)
+        return split
 
     def evaluate(self, eval_fn, state, source) -> dict:
         cfg = self.cfg
