@@ -262,6 +262,13 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ConfigError(f"optim.lr={lr!r} is out of range: it must be a finite number >= 0")
     check_recipe_config(cfg)
+    if _node(cfg, "data.name") == "image_folder" and not _node(cfg, "data.path"):
+        splits = f"{_node(cfg, 'data.train_split') or 'train'}/ and {_node(cfg, 'data.eval_split') or 'val'}/"
+        raise ConfigError(
+            f"config {cfg.get('config_name', '') or '?'!r} trains on an image folder you provide: pass "
+            f"data.path=/path/to/imagenet, a folder holding {splits} with one sub-folder per class (images inside, "
+            f"e.g. train/n01440764/*.JPEG; ImageNet-1k has 1000 classes, matching model.vit.num_classes="
+            f"{_node(cfg, 'model.vit.num_classes')}); nothing is downloaded")
 
 
 def _number(path, value, lo, hi, *, lo_open=False, hi_open=False):

@@ -87,6 +87,13 @@ def _affine(img, matrix, fill):
     return img.transform(img.size, Image.AFFINE, matrix, resample=Image.BILINEAR, fillcolor=fill)
 
 
+def _posterize(img, bits):
+    """Keep the top ``bits`` bits of every channel; ``bits = 0`` gives black (Pillow's posterize refuses 0, which
+    the increasing set reaches at magnitude 10)."""
+    mask = (0xFF << (8 - bits)) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
 def _solarize_add(img, add):
     lut = [min(255, i + add) if i < 128 else i for i in range(256)]
     return img.point(lut * len(img.getbands()))
@@ -105,8 +112,7 @@ RAND_OPS = {
     "Invert": lambda img, level, rng, fill: ImageOps.invert(img),
     "Rotate": lambda img, level, rng, fill: img.rotate(_signed(30.0 * level, rng), resample=Image.BILINEAR,
                                                        fillcolor=fill),
-    "PosterizeIncreasing": lambda img, level, rng, fill: ImageOps.posterize(img, 4 - int(4 * level))
-    if 4 - int(4 * level) < 8 else img,
+    "PosterizeIncreasing": lambda img, level, rng, fill: _posterize(img, 4 - int(4 * level)),
     "SolarizeIncreasing": lambda img, level, rng, fill: ImageOps.solarize(img, 256 - int(256 * level)),
     "SolarizeAdd": lambda img, level, rng, fill: _solarize_add(img, int(110 * level)),
     "ColorIncreasing": _enhance(ImageEnhance.Color),
