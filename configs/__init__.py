@@ -262,6 +262,12 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ConfigError(f"optim.lr={lr!r} is out of range: it must be a finite number >= 0")
     check_recipe_config(cfg)
+
+
+def check_data_provided(cfg: ml_collections.ConfigDict) -> None:
+    """A preset that trains on data the user provides (``data.name="image_folder"``) without ``data.path``:
+    :class:`ConfigError` saying what to pass and the folder layout. The trainer calls it before reading any data or
+    building the model (``check_train_config`` stays a pure range check, so every preset passes it as shipped)."""
     if _node(cfg, "data.name") == "image_folder" and not _node(cfg, "data.path"):
         splits = f"{_node(cfg, 'data.train_split') or 'train'}/ and {_node(cfg, 'data.eval_split') or 'val'}/"
         raise ConfigError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -300,16 +301,25 @@ def test_recipe_fields_are_checked_with_named_errors(override, match):
         configs.check_train_config(cfg)
 
 
-def test_mixing_needs_classification_and_imagenet_preset_says_where_data_goes():
+def test_mixing_needs_classification_and_imagenet_preset_says_where_data_goes(tmp_path):
+    import train
+
     cfg = configs.load_config("vit_fmnist", ["train.cutmix_alpha=1.0"])
     with cfg.unlocked():
         cfg.task = "dense"
     with pytest.raises(configs.ConfigError, match="task='classification'"):
         configs.check_train_config(cfg)
+    configs.check_train_config(configs.load_config("deit_s_imagenet", []))
     with pytest.raises(configs.ConfigError, match=r"data.path=/path/to/imagenet.*train/ and val/"):
-        configs.check_train_config(configs.load_config("deit_s_imagenet", []))
+        configs.check_data_provided(configs.load_config("deit_s_imagenet", []))
+
+    def no_model(cfg):
+        raise AssertionError("the model must not be built")
+
+    with pytest.raises(configs.ConfigError, match=r"data.path=/path/to/imagenet"):   # the trainer, before the model
+        train.Trainer(configs.load_config("deit_s_imagenet", []), tmp_path, model_fn=no_model).train()
     deit = configs.load_config("deit_s_imagenet", ["data.path=/somewhere"])
-    configs.check_train_config(deit)
+    configs.check_data_provided(deit)
     assert (deit.train.mixup_alpha, deit.train.cutmix_alpha, deit.train.label_smoothing) == (0.8, 1.0, 0.1)
     assert deit.data.augment.randaugment == "rand-m9-mstd0.5-inc1" and deit.data.augment.erase_prob == 0.25
     assert deit.model.vit.drop_path_rate == 0.1 and deit.train.ema_decay == 0.99996
@@ -328,7 +338,7 @@ RECIPE = ["data.augment.random_resized_crop=True", "data.augment.randaugment='ra
           "checkpoint.use_async=False"]
 
 
-@pytest.mark.long   # three tiny runs (about 100 s on the loaded 2-core box)
+@pytest.mark.long   # two tiny runs (several minutes on the loaded 2-core box)
 def test_recipe_run_trains_and_resumes_bitwise(tmp_path):
     import train
     from tests.test_train import TINY
@@ -341,8 +351,9 @@ def test_recipe_run_trains_and_resumes_bitwise(tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     assert len([x for x in lines if "loss" in x]) == 3 and all(np.isfinite(x["loss"]) for x in lines if "loss" in x)
     assert all(0.0 <= x["mix_lam"] <= 1.0 for x in lines if "mix_lam" in x)
-    part = train.Trainer(cfg(2), tmp_path / "resumed")
-    part.train()
+    # resume from the reference's step-2 checkpoint (same train.steps, so the same schedule)
+    shutil.copytree(tmp_path / "ref" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "3")
     resumed = train.Trainer(cfg(3), tmp_path / "resumed")
     resumed.train()
     assert resumed.resumed_from == 2

@@ -175,6 +175,7 @@ class Trainer:
         ``train.tensorboard`` mirrors the metrics to ``<workdir>/tensorboard/``."""
         cfg = self.cfg
         configs.check_train_config(cfg)  # before anything is built or compiled
+        configs.check_data_provided(cfg)  # a preset on the user's data says where it goes, before the model
         guard = str(_get(cfg.train, "transfer_guard", "allow"))
         if guard not in TRANSFER_GUARDS:
             raise ValueError(f"train.transfer_guard must be one of {TRANSFER_GUARDS}, got {guard!r}")
