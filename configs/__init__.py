@@ -261,6 +261,68 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     lr = _node(cfg, "optim.lr")
     if lr is not None and not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
         raise ConfigError(f"optim.lr={lr!r} is out of range: it must be a finite number >= 0")
+    check_recipe_config(cfg)
+
+
+def check_data_provided(cfg: ml_collections.ConfigDict) -> None:
+    """A preset that trains on data the user provides (``data.name="image_folder"``) without ``data.path``:
+    :class:`ConfigError` saying what to pass and the folder layout. The trainer calls it before reading any data or
+    building the model (``check_train_config`` stays a pure range check, so every preset passes it as shipped)."""
+    if _node(cfg, "data.name") == "image_folder" and not _node(cfg, "data.path"):
+        splits = f"{_node(cfg, 'data.train_split') or 'train'}/ and {_node(cfg, 'data.eval_split') or 'val'}/"
+        raise ConfigError(
+            f"config {cfg.get('config_name', '') or '?'!r} trains on an image folder you provide: pass "
+            f"data.path=/path/to/imagenet, a folder holding {splits} with one sub-folder per class (images inside, "
+            f"e.g. train/n01440764/*.JPEG; ImageNet-1k has 1000 classes, matching model.vit.num_classes="
+            f"{_node(cfg, 'model.vit.num_classes')}); nothing is downloaded")
+
+
+def _number(path, value, lo, hi, *, lo_open=False, hi_open=False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ConfigError(f"{path}={value!r} is out of range: it must be a number in {rng}")
+
+
+def check_recipe_config(cfg: ml_collections.ConfigDict) -> None:
+    """The DeiT-recipe fields (augmentation, Mixup / CutMix, EMA, stochastic depth): :class:`ConfigError` naming the
+    field and its range. Fields absent from a config are not checked."""
+    for path, lo, hi, lo_open, hi_open in (
+            ("data.augment.erase_prob", 0, 1, False, False), ("train.mixup_alpha", 0, math.inf, False, True),
+            ("train.cutmix_alpha", 0, math.inf, False, True), ("train.mix_prob", 0, 1, False, False),
+            ("train.mix_switch_prob", 0, 1, False, False), ("train.ema_decay", 0, 1, False, True),
+            ("model.vit.drop_path_rate", 0, 1, False, True), ("train.label_smoothing", 0, 1, False, True)):
+        value = _node(cfg, path)
+        if value is not None:
+            _number(path, value, lo, hi, lo_open=lo_open, hi_open=hi_open)
+    for path in ("data.augment.rrc_scale", "data.augment.rrc_ratio"):
+        value = _node(cfg, path)
+        if value is None:
+            continue
+        v = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        ok = len(v) == 2 and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) and 0 < v[0] <= v[1]
+        if ok and path.endswith("scale"):
+            ok = v[1] <= 1
+        if not ok:
+            raise ConfigError(f"{path}={value!r} is out of range: it must be (low, high) with 0 < low <= high"
+                              f"{' <= 1' if path.endswith('scale') else ''}")
+    spec = _node(cfg, "data.augment.randaugment")
+    if spec:
+        from data.augment import parse_randaugment
+
+        try:
+            parse_randaugment(str(spec))
+        except ValueError as err:
+            raise ConfigError(f"data.augment.randaugment={spec!r}: {err}") from None
+    mixing = any((_node(cfg, p) or 0) > 0 for p in ("train.mixup_alpha", "train.cutmix_alpha"))
+    task = _node(cfg, "task")
+    if mixing and task not in (None, "classification"):
+        raise ConfigError(f"train.mixup_alpha / train.cutmix_alpha need task='classification' (soft class targets), "
+                          f"got task={task!r}; set both to 0.0")
+    if (_node(cfg, "model.vit.drop_path_rate") or 0) > 0 and _node(cfg, "model.kind") not in (None, "vit"):
+        raise ConfigError(f"model.vit.drop_path_rate is wired into the ViT only (model.kind='vit'), got "
+                          f"model.kind={_node(cfg, 'model.kind')!r}")
 
 
 def available_configs() -> list[str]:

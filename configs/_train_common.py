@@ -11,7 +11,8 @@ import ml_collections
 def vit_block(**fields) -> ml_collections.ConfigDict:
     """A ViT architecture block (see ``models.vit.ViTConfig``); ``variant`` "" means explicit sizes."""
     v = ml_collections.ConfigDict(dict(variant="", width=128, depth=4, mlp_dim=256, heads=4, patch_size=4,
-                                       image_size=28, num_classes=10, pool="token"))
+                                       image_size=28, num_classes=10, pool="token",
+                                       drop_path_rate=0.0))   # stochastic depth at the last block (DeiT-S: 0.1)
     v.update(fields)
     return v
 
@@ -45,7 +46,12 @@ def base() -> ml_collections.ConfigDict:
     c.data.num_threads = 2
     c.data.mean = (0.5,)
     c.data.std = (0.5,)
-    c.data.augment = ml_collections.ConfigDict(dict(crop_padding=0, flip=False))
+    # training augmentation (data.augment.Augment, host side): every field below its off value by default
+    c.data.augment = ml_collections.ConfigDict(dict(
+        crop_padding=0, flip=False,
+        random_resized_crop=False, rrc_scale=(0.08, 1.0), rrc_ratio=(3 / 4, 4 / 3),   # torchvision's defaults
+        randaugment="",            # timm spec, e.g. "rand-m9-mstd0.5-inc1" (DeiT); "" = off
+        erase_prob=0.0))           # random erasing probability (DeiT: 0.25)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -56,6 +62,11 @@ def base() -> ml_collections.ConfigDict:
     c.train.eval_at_end = True
     c.train.compute_dtype = "float32"   # or "bfloat16" (parameters stay float32)
     c.train.label_smoothing = 0.0
+    c.train.mixup_alpha = 0.0      # Mixup Beta(alpha, alpha) (DeiT: 0.8); 0 = off (training.recipe, on device)
+    c.train.cutmix_alpha = 0.0     # CutMix Beta(alpha, alpha) (DeiT: 1.0); 0 = off
+    c.train.mix_prob = 1.0         # probability that a batch is mixed at all (timm's mixup_prob)
+    c.train.mix_switch_prob = 0.5  # with both on: probability of CutMix instead of Mixup
+    c.train.ema_decay = 0.0        # model EMA of the parameters (DeiT: 0.99996); 0 = off; evaluation uses it
     c.train.check_finite = True
     c.train.progress = True        # tqdm bar: loss, accuracy, tokens after the last reducer, images per second
     c.train.profile_steps = ()     # (start, stop): a jax.profiler trace of steps [start, stop) in <workdir>/profile

@@ -16,7 +16,7 @@ from data.animal_mnist import animal_mnist
 from data.easy_vqa import easy_vqa
 from data.fashion_mnist import fashion_mnist
 from data.image_folder import image_folder
-from data.pipeline import Augment, eval_batches, num_eval_batches, shard_options, train_dataset
+from data.pipeline import Augment, augment_from_config, eval_batches, num_eval_batches, shard_options, train_dataset
 from data.sources import ArraySource, DataError, FileImageSource, SkipStats, class_count, load_image
 from data.synth_vqa import SynthVQA
 from data.synth_seg import num_seg_classes, synth_seg

@@ -21,12 +21,35 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """Random crop (zero-pad by ``crop_padding`` then crop back) and horizontal flip of ``image``."""
+    """Training augmentation of ``image``, in this order: random crop (zero-pad by ``crop_padding`` then crop back),
+    RandomResizedCrop to ``out_size`` (``rrc``, with ``rrc_scale`` / ``rrc_ratio``), horizontal flip, RandAugment
+    (``randaugment``, a timm spec such as ``"rand-m9-mstd0.5-inc1"``) and random erasing (``erase_prob``, noise of
+    ``mean`` / ``std``). The ops are in :mod:`data.augment`; with only ``crop_padding`` and ``flip`` set the draws
+    are the same as before the others existed."""
 
     crop_padding: int = 0
     flip: bool = False
+    rrc: bool = False
+    out_size: int = 0                # RandomResizedCrop output side (0 = the input's height)
+    rrc_scale: tuple = (0.08, 1.0)
+    rrc_ratio: tuple = (3 / 4, 4 / 3)
+    randaugment: str = ""
+    erase_prob: float = 0.0
+    mean: tuple = (0.5,)
+    std: tuple = (0.5,)
+
+    def __post_init__(self):
+        from data.augment import parse_randaugment
+
+        parse_randaugment(self.randaugment)   # a bad spec fails here, before the pipeline runs
+
+    @property
+    def active(self) -> bool:
+        return bool(self.crop_padding or self.flip or self.rrc or self.randaugment or self.erase_prob > 0)
 
     def __call__(self, record: dict | None, rng: np.random.Generator) -> dict | None:
+        from data import augment as A
+
         if record is None:
             return None
         image = record["image"]
@@ -36,9 +59,29 @@ class Augment:
             padded = np.pad(image, ((p, p), (p, p), (0, 0)))
             top, left = rng.integers(0, 2 * p + 1, size=2)
             image = padded[top:top + h, left:left + w]
+        if self.rrc:
+            image = A.random_resized_crop(image, rng, self.out_size or image.shape[0], tuple(self.rrc_scale),
+                                          tuple(self.rrc_ratio))
         if self.flip and rng.random() < 0.5:
             image = image[:, ::-1]
+        spec = A.parse_randaugment(self.randaugment)
+        if spec is not None:
+            image = A.rand_augment(np.ascontiguousarray(image), rng, spec)
+        if self.erase_prob > 0:
+            image = A.random_erase(image, rng, self.erase_prob, self.mean, self.std)
         return {**record, "image": np.ascontiguousarray(image)}
+
+
+def augment_from_config(aug, data) -> Augment:
+    """The :class:`Augment` of a ``data.augment`` config block (fields absent from older configs take their off
+    value); ``data`` gives the erasing noise's ``mean`` / ``std`` and the crop's output size (``data.image_size``)."""
+    get = (lambda k, d: aug[k] if k in aug else d)
+    return Augment(crop_padding=int(get("crop_padding", 0)), flip=bool(get("flip", False)),
+                   rrc=bool(get("random_resized_crop", False)), out_size=int(data.image_size),
+                   rrc_scale=tuple(float(v) for v in get("rrc_scale", (0.08, 1.0))),
+                   rrc_ratio=tuple(float(v) for v in get("rrc_ratio", (3 / 4, 4 / 3))),
+                   randaugment=str(get("randaugment", "")), erase_prob=float(get("erase_prob", 0.0)),
+                   mean=tuple(float(v) for v in data.mean), std=tuple(float(v) for v in data.std))
 
 
 def shard_options(shard_index: int | None = None, shard_count: int | None = None) -> tuple[int, int]:
@@ -108,7 +151,7 @@ def train_dataset(source, *, batch_size: int, seed: int, augment: Augment | None
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
-    if augment is not None and (augment.crop_padding or augment.flip):
+    if augment is not None and augment.active:
         ds = ds.random_map(augment, seed=seed + 1)
     if count > 1:   # this host's rows of each global batch (one host: the stream itself)
         ds = _HostRows(ds, batch=batch_size, index=index, count=count)

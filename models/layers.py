@@ -327,7 +327,7 @@ def prop_attn_flags(reducers) -> list[bool]:
 
 
 def reducing_block(state, *, attn, norm1, mlp, norm2, ls1=None, ls2=None, reducer=None, info: Optional[dict] = None,
-                   prop_attn: bool = False):
+                   prop_attn: bool = False, drop_path=None):
     """A pre-norm transformer block with its reduction point, shared by the ViT and the VLM's vision tower.
 
     ``state.x: [B, T, C] -> [B, K, C]`` (``K = T`` without a reducer): ``x + ls1(attn(norm1(x)))``, then the reducer
@@ -357,8 +357,21 @@ def reducing_block(state, *, attn, norm1, mlp, norm2, ls1=None, ls2=None, reduce
 
     need_probs = reducer is not None and reducer.position == "after_attention" and R.ATTENTION in reducer.needs
     y, keys, probs = attn(norm1(state.x), bias=bias(state), need_probs=need_probs)
-    state = state.replace(x=state.x + (ls1(y) if ls1 is not None else y))
+    y = ls1(y) if ls1 is not None else y
+    state = state.replace(x=state.x + (y if drop_path is None else drop_path(y, 0)))
     if reducer is not None and reducer.position == "after_attention":
         state = reducer(state, reducer_info(reducer, info, keys, probs, state.x))
     y = mlp(norm2(state.x))
-    return state.replace(x=state.x + (ls2(y) if ls2 is not None else y))
+    y = ls2(y) if ls2 is not None else y
+    return state.replace(x=state.x + (y if drop_path is None else drop_path(y, 1)))
+
+
+def drop_path(y, key, rate: float):
+    """Stochastic depth on a residual branch ``y [B, ...]``: each example keeps its branch with probability
+    ``1 - rate``, scaled by ``1 / (1 - rate)`` (so the expectation is unchanged), or drops it to 0. ``rate = 0`` or
+    ``key = None`` returns ``y`` itself."""
+    if key is None or rate <= 0:
+        return y
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (y.shape[0],) + (1,) * (y.ndim - 1))
+    return y * (mask.astype(y.dtype) / jnp.asarray(keep, y.dtype))

@@ -53,6 +53,7 @@ VARIANTS: dict[str, dict[str, int]] = {
     "g": dict(width=1408, depth=40, mlp_dim=6144, heads=16),
 }
 
+DROP_PATH_SALT = 0x6470   # fold_in constant: stochastic-depth keys, apart from the reducers' per-layer keys
 POOLS = ("token", "avg", "gap", "cls+avg", "dense")
 MLP_ACTS = ("gelu", "quick_gelu")
 
@@ -82,6 +83,8 @@ class ViTConfig:
       mlp_act: ``"gelu"`` (exact) or ``"quick_gelu"`` (CLIP).
       patch_bias: bias of the patch embedding (CLIP's has none).
       dtype: compute dtype (parameters stay float32); ``None`` = float32.
+      drop_path_rate: stochastic depth of the last block (DeiT / timm: block ``i`` drops its residual branches
+        with rate ``drop_path_rate * i / (depth - 1)``); active only with ``deterministic=False`` and an ``rng``.
     """
 
     width: int = 384
@@ -103,6 +106,7 @@ class ViTConfig:
     mlp_act: str = "gelu"
     patch_bias: bool = True
     dtype: Optional[Any] = None
+    drop_path_rate: float = 0.0
 
     def __post_init__(self):
         if self.pool not in POOLS:
@@ -115,6 +119,8 @@ class ViTConfig:
             raise ValueError(f"mlp_act must be one of {MLP_ACTS}, got {self.mlp_act!r}")
         if self.width % self.heads:
             raise ValueError(f"width={self.width} is not divisible by heads={self.heads}")
+        if not 0.0 <= float(self.drop_path_rate) < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     @property
     def num_protected(self) -> int:
@@ -169,11 +175,18 @@ class Block(nnx.Module):
         self.ls2 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
 
     def __call__(self, state: R.TokenState, *, reducer: Optional[R.Reducer] = None, info: Optional[dict] = None,
-                 prop_attn: bool = False) -> R.TokenState:
+                 prop_attn: bool = False, drop_path: Optional[tuple] = None) -> R.TokenState:
         """``state.x: [B, T, C] -> [B, K, C]`` (:func:`models.layers.reducing_block`). ``info``: the static LayerInfo
-        fields (layer, num_layers, num_protected, num_distill, rng)."""
+        fields (layer, num_layers, num_protected, num_distill, rng). ``drop_path``: ``(rate, key)`` for stochastic
+        depth on both residual branches (independent draws), ``None`` for none."""
+        dp = None
+        if drop_path is not None:
+            from models.layers import drop_path as _drop
+
+            rate, key = drop_path
+            dp = lambda y, branch: _drop(y, jax.random.fold_in(key, branch), rate)  # noqa: E731
         return reducing_block(state, attn=self.attn, norm1=self.norm1, mlp=self.mlp, norm2=self.norm2, ls1=self.ls1,
-                              ls2=self.ls2, reducer=reducer, info=info, prop_attn=prop_attn)
+                              ls2=self.ls2, reducer=reducer, info=info, prop_attn=prop_attn, drop_path=dp)
 
 
 def _as_reducers(reducers, depth: int) -> tuple:
@@ -436,7 +449,8 @@ class ViT(nnx.Module):
             mapping (``{"method": "tome", "r": 13}``). Static under ``jax.jit``.
           return_source: also track and return the ``[B, N]`` source map (``aux["source"]``), where ``N``
             counts every initial token (prefix and registers included).
-          deterministic: the model has no dropout; kept for API symmetry with training code.
+          deterministic: ``False`` with an ``rng`` turns stochastic depth on (``config.drop_path_rate > 0``); the
+            model has no other dropout.
           rng: PRNG key handed (folded with the layer index) to stochastic reducers.
           train: static; the mode of the learned reducers (:meth:`attach_reducer`): ``True`` training (e.g. the
             soft gate of :class:`reduction.nnx.LearnedATP`), ``False`` (default) inference (static capacity).
@@ -449,8 +463,9 @@ class ViT(nnx.Module):
           (``{layer: aux dict}`` of the learned reducers, empty without any) and ``reducer_loss`` (the sum of their
           ``aux["loss"]``, a float32 scalar, 0 without any).
         """
-        del deterministic
         cfg = self.config
+        dp_rate = float(cfg.drop_path_rate)
+        dp_on = dp_rate > 0 and not deterministic and rng is not None
         sink: dict = {}
         reducers = self._run_reducers(_as_reducers(reducers, cfg.depth), bool(train), sink)
         x = self.embed(images)
@@ -460,7 +475,11 @@ class ViT(nnx.Module):
             info = dict(layer=layer, num_layers=cfg.depth, num_protected=cfg.num_protected,
                         num_distill=int(cfg.distill_token), num_registers=cfg.num_registers,
                         rng=None if rng is None else jax.random.fold_in(rng, layer))
-            state = blk(state, reducer=red, info=info, prop_attn=props[layer])
+            dp = None
+            if dp_on:   # DeiT's linear rule: 0 at the first block, drop_path_rate at the last
+                rate = dp_rate * layer / max(cfg.depth - 1, 1)
+                dp = (rate, jax.random.fold_in(jax.random.fold_in(rng, DROP_PATH_SALT), layer)) if rate > 0 else None
+            state = blk(state, reducer=red, info=info, prop_attn=props[layer], drop_path=dp)
         tokens = self.norm(state.x)
         features = self.pool(tokens, state)
         if self.head is None:

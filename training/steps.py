@@ -27,9 +27,11 @@ def _global_norm(tree) -> jax.Array:
 
 def make_train_step(graphdef, task, tx, cfg, reducers, schedule) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``, pure; ``state`` = ``{"params", "rest", "opt",
-    "step"}`` where ``params``/``rest`` are the :func:`nnx.split` parts of the model."""
+    "step"}`` where ``params``/``rest`` are the :func:`nnx.split` parts of the model, plus ``"ema"`` (the
+    parameters' moving average, updated after each step) when ``train.ema_decay > 0``."""
 
     freezes = bool(cfg.optim.frozen or cfg.optim.trainable)
+    ema_decay = float(cfg.train.ema_decay) if "ema_decay" in cfg.train else 0.0
 
     def loss_fn(params, rest, batch, rng):
         if freezes:  # no gradient flows into frozen weights: their weight-gradient matmuls are never computed
@@ -47,7 +49,12 @@ def make_train_step(graphdef, task, tx, cfg, reducers, schedule) -> Callable:
         params = optax.apply_updates(state["params"], updates)
         metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads), update_norm=_global_norm(updates),
                        param_norm=_global_norm(params), lr=schedule(state["step"]))
-        return {"params": params, "rest": state["rest"], "opt": opt, "step": state["step"] + 1}, metrics
+        new = {"params": params, "rest": state["rest"], "opt": opt, "step": state["step"] + 1}
+        if "ema" in state:   # train.ema_decay > 0: the parameters' moving average (training.recipe.ema_update)
+            from training.recipe import ema_update
+
+            new["ema"] = ema_update(state["ema"], params, ema_decay)
+        return new, metrics
 
     return train_step
 

@@ -62,9 +62,11 @@ class ClassificationTask:
 
     num_classes: int
     label_smoothing: float = 0.0
+    mix: Any = None      # training.recipe.MixConfig: Mixup / CutMix in training (soft targets); None = off
 
-    def forward(self, model, batch, cfg, reducers, rng, train: bool):
-        logits, aux = model(batch_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train)
+    def forward(self, model, batch, cfg, reducers, rng, train: bool, images=None):
+        images = batch_images(batch, cfg) if images is None else images
+        logits, aux = model(images, reducers=reducers, deterministic=not train, rng=rng, train=train)
         return logits.astype(jnp.float32), aux
 
     def per_example(self, logits, batch, smoothing):
@@ -75,6 +77,15 @@ class ClassificationTask:
         return loss, correct
 
     def loss(self, model, batch, cfg, reducers, rng):
+        if self.mix is not None and self.mix.active:
+            from training.recipe import MIX_SALT, mix_batch
+
+            images, targets, lam, _ = mix_batch(jax.random.fold_in(rng, MIX_SALT), batch_images(batch, cfg),
+                                                batch["label"], self.num_classes, self.label_smoothing, self.mix)
+            logits, aux = self.forward(model, batch, cfg, reducers, rng, True, images=images)
+            loss = optax.softmax_cross_entropy(logits, targets)
+            correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)   # against the own label
+            return _with_reducers(jnp.mean(loss), {"accuracy": jnp.mean(correct), "mix_lam": lam}, aux)
         logits, aux = self.forward(model, batch, cfg, reducers, rng, True)
         loss, correct = self.per_example(logits, batch, self.label_smoothing)
         return _with_reducers(jnp.mean(loss), {"accuracy": jnp.mean(correct)}, aux)
@@ -83,6 +94,17 @@ class ClassificationTask:
         logits, aux = self.forward(model, batch, cfg, reducers, None, False)
         loss, correct = self.per_example(logits, batch, 0.0)
         return _eval_with_reducers(loss, correct, aux)
+
+
+def mix_config(cfg):
+    """The ``train.mixup_alpha`` / ``cutmix_alpha`` / ``mix_prob`` / ``mix_switch_prob`` fields as a
+    :class:`training.recipe.MixConfig` (``None`` when both alphas are 0 or absent)."""
+    from training.recipe import MixConfig
+
+    t = cfg.train
+    mix = MixConfig(mixup_alpha=float(_get(t, "mixup_alpha", 0.0)), cutmix_alpha=float(_get(t, "cutmix_alpha", 0.0)),
+                    prob=float(_get(t, "mix_prob", 1.0)), switch_prob=float(_get(t, "mix_switch_prob", 0.5)))
+    return mix if mix.active else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +269,7 @@ def chat_answers(src, max_count: int) -> list[str]:
 def make_task(cfg, model) -> Any:
     if cfg.task == "classification":
         return ClassificationTask(num_classes=int(cfg.model.vit.num_classes),
-                                  label_smoothing=float(cfg.train.label_smoothing))
+                                  label_smoothing=float(cfg.train.label_smoothing), mix=mix_config(cfg))
     if cfg.task == "dense":
         if _get(cfg.model.vit, "pool", "token") != "dense":
             raise ValueError(f"task='dense' needs model.vit.pool='dense' (a head on every token), got "

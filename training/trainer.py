@@ -176,6 +176,7 @@ class Trainer:
         ``train.tensorboard`` mirrors the metrics to ``<workdir>/tensorboard/``."""
         cfg = self.cfg
         configs.check_train_config(cfg)  # before anything is built or compiled
+        configs.check_data_provided(cfg)  # a preset on the user's data says where it goes, before the model
         guard = str(_get(cfg.train, "transfer_guard", "allow"))
         if guard not in TRANSFER_GUARDS:
             raise ValueError(f"train.transfer_guard must be one of {TRANSFER_GUARDS}, got {guard!r}")
@@ -236,6 +237,8 @@ class Trainer:
         tx = build_optimizer(cfg, params)
         schedule = learning_rate_schedule(cfg)
         state = {"params": params, "rest": rest, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
+        if float(_get(cfg.train, "ema_decay", 0.0)) > 0:   # model EMA: starts as a copy, saved with the state
+            state["ema"] = jax.tree.map(jnp.array, params)
         shardings = state_shardings(state, self.mesh, fsdp=bool(cfg.mesh.fsdp))
         state = put_global(state, shardings)
         n_params = sum(x.size for x in jax.tree.leaves(params))
@@ -271,7 +274,7 @@ class Trainer:
             prepare_metrics(metrics_path, start)
 
         self.skip_stats = getattr(source, "stats", None)
-        aug = data_lib.Augment(int(cfg.data.augment.crop_padding), bool(cfg.data.augment.flip))
+        aug = data_lib.augment_from_config(cfg.data.augment, cfg.data)
         ds = data_lib.train_dataset(source, batch_size=int(cfg.train.batch_size), seed=int(cfg.seed), augment=aug,
                                     num_threads=int(cfg.data.num_threads))
         it = iter(ds)
@@ -417,7 +420,8 @@ class Trainer:
         limit = int(cfg.data.eval_limit) or None
         t0 = time.time()
         for batch in data_lib.eval_batches(source, batch_size=int(cfg.train.eval_batch_size), limit=limit):
-            out = jax.device_get(eval_fn(state["params"], state["rest"], self._put_batch(batch)))
+            params = state["ema"] if "ema" in state else state["params"]   # train.ema_decay > 0: the EMA weights
+            out = jax.device_get(eval_fn(params, state["rest"], self._put_batch(batch)))
             for k in sums:
                 sums[k] += float(out[k])
             for k, v in out.get("extra", {}).items():
@@ -426,6 +430,8 @@ class Trainer:
         record = {"split": cfg.data.eval_split, "eval_loss": sums["loss"] / n, "eval_accuracy": sums["correct"] / n,
                   "eval_examples": int(sums["count"]), "eval_time_s": time.time() - t0}
         record.update({f"eval_{k}": v / n for k, v in extra.items()})
+        if "ema" in state:
+            record["eval_weights"] = "ema"
         return record
 
     def _check_finite(self, step, metrics) -> None:
