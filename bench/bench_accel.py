@@ -52,13 +52,18 @@ from bench.bench_vit import candidate_specs, pick_matched  # noqa: E402
 from models.vit import ViT  # noqa: E402
 
 SIZES = {
-    # variant, image size, batch, repeats, ToMe r per variant
-    "full": dict(vit=[("S/16", 224, 256, 13), ("B/16", 224, 256, 13), ("L/16", 224, 128, 8)], repeats=10,
-                 dtype_variant=("S/16", 224, 64, 13), timm_batch=256, op_batch=64, vlm=True),
-    "quick": dict(vit=[("Ti/16", 112, 8, 4)], repeats=5, dtype_variant=("S/16", 224, 8, 13), timm_batch=8,
-                  op_batch=8, vlm=True, eager_ops=("tome",)),
-    "smoke": dict(vit=[("mu/16", 64, 2, 2)], repeats=1, dtype_variant=("mu/16", 64, 2, 2), timm_batch=2,
-                  op_batch=2, vlm=False, eager_ops=("tome",)),
+    # vit: (variant, image size, batch, ToMe r, depth or None); dtype: (variant, image size, batch, ToMe r or None);
+    # share: seconds per section (a section stops starting compiles once its share or the total budget is spent)
+    "full": dict(vit=[("S/16", 224, 256, 13, None), ("B/16", 224, 256, 13, None), ("L/16", 224, 128, 8, None)],
+                 repeats=10, dtype=("S/16", 224, 64, 13), timm_batch=256, op_batch=64, vlm=True,
+                 eager_ops=("tome", "pitome", "dart"),
+                 share=dict(vit=110, dtype=25, timm=15, ops=15, profile=10, eager=15, vlm=60)),
+    "quick": dict(vit=[("Ti/16", 112, 8, 4, 4)], repeats=5, dtype=("S/16", 224, 8, None), timm_batch=8,
+                  op_batch=8, vlm=True, eager_ops=("tome",),
+                  share=dict(vit=90, dtype=45, timm=20, ops=40, profile=15, eager=30, vlm=60)),
+    "smoke": dict(vit=[("mu/16", 64, 2, 2, 2)], repeats=1, dtype=("mu/16", 64, 2, None), timm_batch=2,
+                  op_batch=2, vlm=False, eager_ops=("tome",),
+                  share=dict(vit=200, dtype=100, timm=100, ops=100, profile=100, eager=100, vlm=0)),
 }
 OP_SPECS = {"tome": {"method": "tome", "r": 13}, "pitome": {"method": "pitome", "keep_ratio": 0.9},
             "dart": {"method": "dart", "keep_ratio": 0.5, "layers": [1]}, "pool": {"method": "pool", "k": 2,
@@ -72,10 +77,11 @@ def machine() -> dict:
                 device_kind=getattr(dev, "device_kind", None))
 
 
-def build_vit(variant: str, size: int, *, dtype=None, num_classes: int = 1000):
-    """A ViT with filled weights, built without running its initialisers (``mu``: two blocks, so staged methods
-    have a layer to act at)."""
-    extra = dict(depth=2) if variant.startswith("mu") else {}
+def build_vit(variant: str, size: int, *, dtype=None, num_classes: int = 1000, depth=None):
+    """A ViT with filled weights, built without running its initialisers (``mu``: two blocks unless ``depth`` says,
+    so staged methods have a layer to act at)."""
+    depth = depth or (2 if variant.startswith("mu") else None)
+    extra = {} if depth is None else dict(depth=depth)
     return _filled(nnx.eval_shape(lambda: ViT.from_config(variant, image_size=size, num_classes=num_classes,
                                                           dtype=dtype, **extra)))
 
@@ -132,10 +138,13 @@ def images(batch, size, dtype=jnp.float32):
 # -- sections ---------------------------------------------------------------------------------------------
 
 
-def section_vit(sizes, dtype, log):
-    out = []
-    for variant, size, batch, r in sizes["vit"]:
-        model = build_vit(variant, size, dtype=dtype)
+def section_vit(sizes, dtype, log, until):
+    out, skipped = [], []
+    for variant, size, batch, r, depth in sizes["vit"]:
+        if time.perf_counter() > until:
+            skipped.append(f"{variant}: time guard")
+            continue
+        model = build_vit(variant, size, dtype=dtype, depth=depth)
         depth = model.config.depth
         base = model.flops(size)
         tome_spec = {"method": "tome", "r": r}
@@ -149,7 +158,11 @@ def section_vit(sizes, dtype, log):
                 runs[name] = best
         x = images(batch, size)
         fns, infos = {}, {}
-        for name, (spec, reducers, flops) in runs.items():
+        for name, (spec, reducers, flops) in list(runs.items()):
+            if name != "none" and time.perf_counter() > until:
+                skipped.append(f"{variant} {name}: time guard")
+                del runs[name]
+                continue
             compiled, params, info = compile_forward(model, reducers, x)
             fns[name], infos[name] = _runner(compiled, params, x), info
             log(f"  {variant} {name}: compiled in {info['compile_s']:.1f} s")
@@ -159,12 +172,13 @@ def section_vit(sizes, dtype, log):
             t = float(np.median(times[name]))
             paired = float(np.median(np.asarray(times["none"]) / np.asarray(times[name])))
             ratio = base / flops
-            out.append(dict(variant=variant, image_size=size, batch=batch, dtype=jnp.dtype(dtype).name,
+            out.append(dict(variant=variant, depth=model.config.depth, image_size=size, batch=batch,
+                            dtype=jnp.dtype(dtype).name,
                             method=name, spec=spec, images_per_s=batch / t, median_s=t, flop_ratio=ratio,
                             speedup=t0 / t, speedup_over_flop_ratio=t0 / t / ratio, paired_speedup=paired,
                             gflops_per_image=flops / 1e9, **infos[name]))
             log(f"  {variant} {name}: {batch / t:8.1f} img/s  speed-up {t0 / t:4.2f}x  FLOP ratio {ratio:4.2f}x")
-    return dict(rows=out, peak_bytes_in_use=peak_memory())
+    return dict(rows=out, peak_bytes_in_use=peak_memory(), skipped_parts=skipped)
 
 
 def _filled(model, seed=0):
@@ -180,31 +194,57 @@ def _filled(model, seed=0):
 
 def hlo_summary(compiled) -> dict:
     """What XLA made of the graph, from the optimised HLO: each dot / convolution / custom call (by target) as
-    ``op(first operand type) -> result type`` with its count, and the number of converts by result type."""
+    ``op(operand types) -> result type`` with its count, converts by ``from -> to`` type, and the library fusions
+    (``backend_config`` fusion kinds such as the CPU's ``__ynn_fusion``) by count."""
     import re
 
     counts: dict = {}
-    pat = re.compile(r"=\s*(\(?[a-z0-9]+)\[[^=]*?\s(dot|convolution|custom-call|convert)\((\w+)?")
+    types_: dict = {}
+    define = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\(?([a-z0-9]+)\[")
+    header = re.compile(r"^\s*(?:ENTRY\s+)?%[\w.\-]+\s*\((.*)\)\s*->.*\{\s*$")
+    call = re.compile(r"\s(dot|convolution|custom-call|convert)\(([^)]*)\)")
+
+    def bump(key):
+        counts[key] = counts.get(key, 0) + 1
+
     for line in compiled.as_text().splitlines():
-        m = pat.search(line)
-        if not m:
+        h = header.match(line)
+        if h:                                   # a new computation: its parameters' types
+            types_ = {n.strip().lstrip("%"): t for n, t in re.findall(r"([\w.\-]+):\s*([a-z0-9]+)\[", h.group(1))}
             continue
-        result, op, operand = m.group(1).lstrip("("), m.group(2), m.group(3) or "?"
+        d = define.match(line)
+        if not d:
+            continue
+        types_[d.group(1)] = d.group(2)
+        kind = re.search(r'"kind":"(__\w+)"', line)
+        if kind:
+            bump(f"fusion {kind.group(1)}")
+        c = call.search(line)
+        if not c:
+            continue
+        op = c.group(1)
+        operands = [types_.get(o.strip().lstrip("%"), "?") for o in c.group(2).split(",") if o.strip()]
         if op == "custom-call":
             t = re.search(r'custom_call_target="([^"]+)"', line)
             op = f"custom-call {t.group(1) if t else '?'}"
-        key = f"convert -> {result}" if op == "convert" else f"{op}({operand}) -> {result}"
-        counts[key] = counts.get(key, 0) + 1
+        if op == "convert":
+            bump(f"convert {operands[0] if operands else '?'} -> {d.group(2)}")
+        else:
+            bump(f"{op}({','.join(operands)}) -> {d.group(2)}")
     return dict(sorted(counts.items()))
 
 
-def section_dtype(sizes, log):
-    variant, size, batch, r = sizes["dtype_variant"]
+def section_dtype(sizes, log, until):
+    variant, size, batch, r = sizes["dtype"]
     x = images(batch, size)
     fns, rows, hlo = {}, [], {}
-    for dname, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
-        model = build_vit(variant, size, dtype=dt)
-        for mname, spec in (("none", None), (f"tome_r{r}", {"method": "tome", "r": r})):
+    methods = [("none", None)] + ([] if r is None else [(f"tome_r{r}", {"method": "tome", "r": r})])
+    for mname, spec in methods:
+        if mname != "none" and time.perf_counter() > until:
+            log(f"  dtype {mname}: skipped by the time guard")
+            continue
+        for dname, dt in (("float32", None), ("bfloat16", jnp.bfloat16)):
+            model = build_vit(variant, size, dtype=dt)
             compiled, params, info = compile_forward(model, model.build_reducers(spec), x)
             fns[(dname, mname)] = _runner(compiled, params, x)
             if mname == "none":
@@ -265,7 +305,7 @@ def _import_timm():
     return timm
 
 
-def section_timm(sizes, log):
+def section_timm(sizes, log, until):
     import importlib.util
 
     if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
@@ -273,7 +313,7 @@ def section_timm(sizes, log):
     import torch
 
     timm = _import_timm()
-    variant, size, _, _ = sizes["dtype_variant"]
+    variant, size, _, _ = sizes["dtype"]
     batch = sizes["timm_batch"]
     name = {"S/16": "vit_small_patch16_224", "mu/16": "vit_tiny_patch16_224", "Ti/16": "vit_tiny_patch16_224",
             "B/16": "vit_base_patch16_224"}[variant]
@@ -311,7 +351,7 @@ def section_timm(sizes, log):
 
 def _op_setup(sizes):
     """ViT-S shapes: ``x [B, 197, 384]``, a metric ``[B, 197, 64]`` and one ViT-S block (or tiny ones in smoke)."""
-    variant, size, _, _ = sizes["dtype_variant"]
+    variant, size, _, _ = sizes["dtype"]
     model = build_vit(variant, size, num_classes=0)
     t, c = model.num_tokens(size), model.config.width
     b = sizes["op_batch"]
@@ -334,7 +374,7 @@ def _op_fn(name, model, metric, r_small):
     return op
 
 
-def section_ops(sizes, log):
+def section_ops(sizes, log, until):
     model, x, metric = _op_setup(sizes)
     r_small = max(1, (x.shape[1] - 1) // 4)
     blk = model.blocks[0]
@@ -346,6 +386,9 @@ def section_ops(sizes, log):
 
     fns = {"block": lambda: jax.block_until_ready(block(bparams, x))}
     for name in OP_SPECS:
+        if time.perf_counter() > until:
+            log(f"  {name}: skipped by the time guard")
+            continue
         f = jax.jit(_op_fn(name, model, metric, r_small))
         fns[name] = (lambda f=f: jax.block_until_ready(f(x)))
     times = interleaved(fns, max(3, sizes["repeats"]))
@@ -359,11 +402,14 @@ def section_ops(sizes, log):
     return dict(rows=rows)
 
 
-def section_eager(sizes, log):
+def section_eager(sizes, log, until):
     model, x, metric = _op_setup(sizes)
     r_small = max(1, (x.shape[1] - 1) // 4)
     rows = []
-    for name in sizes.get("eager_ops", ("tome", "pitome", "dart")):
+    for name in sizes["eager_ops"]:
+        if time.perf_counter() > until:
+            log(f"  eager {name}: skipped by the time guard")
+            continue
         op = _op_fn(name, model, metric, r_small)
         jitted = jax.jit(op)
         jax.block_until_ready(jitted(x))
@@ -387,7 +433,7 @@ def section_eager(sizes, log):
     return dict(rows=rows)
 
 
-def section_profile(sizes, out_dir: pathlib.Path, log):
+def section_profile(sizes, out_dir: pathlib.Path, log, until):
     model, x, metric = _op_setup(sizes)
     red = R.build_layer_reducers(model.config.depth, {"method": "tome", "r": max(1, (x.shape[1] - 1) // 4)})[0]
     blk = model.blocks[0]
@@ -408,8 +454,14 @@ def section_profile(sizes, out_dir: pathlib.Path, log):
     return dict(dir=str(out_dir), files=files, shape=list(x.shape), reducer=repr(red))
 
 
-def section_vlm(sizes, quick: bool, out_dir: pathlib.Path, log):
+def section_vlm(sizes, quick: bool, out_dir: pathlib.Path, log, until):
     from bench import bench_vlm
+
+    if not sizes["vlm"]:
+        return dict(skipped="not run at this size")
+    if until - time.perf_counter() < 0.9 * sizes["share"]["vlm"]:
+        return dict(skipped=f"time guard: {max(0.0, until - time.perf_counter()):.0f} s left of the "
+                            f"{sizes['share']['vlm']} s the VLM runs need")
 
     if not quick:
         try:
@@ -468,7 +520,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     size = "smoke" if args.smoke else "quick" if args.quick else "full"
     sizes = SIZES[size]
-    budget = args.budget if args.budget is not None else {"full": 230.0, "quick": 270.0, "smoke": 120.0}[size]
+    budget = args.budget if args.budget is not None else {"full": 230.0, "quick": 270.0, "smoke": 900.0}[size]
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = out.with_suffix("")
@@ -478,14 +530,13 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     sections = {
-        "vit": lambda: section_vit(sizes, jnp.bfloat16, log),
-        "dtype": lambda: section_dtype(sizes, log),
-        "timm": lambda: section_timm(sizes, log),
-        "ops": lambda: section_ops(sizes, log),
-        "profile": lambda: section_profile(sizes, pathlib.Path(f"{stem}_profile"), log),
-        "eager": lambda: section_eager(sizes, log),
-        "vlm": (lambda: section_vlm(sizes, size != "full", pathlib.Path(f"{stem}_vlm"), log))
-        if sizes["vlm"] else (lambda: dict(skipped=f"not run at size {size!r}")),
+        "vit": lambda until: section_vit(sizes, jnp.bfloat16, log, until),
+        "dtype": lambda until: section_dtype(sizes, log, until),
+        "timm": lambda until: section_timm(sizes, log, until),
+        "ops": lambda until: section_ops(sizes, log, until),
+        "profile": lambda until: section_profile(sizes, pathlib.Path(f"{stem}_profile"), log, until),
+        "eager": lambda until: section_eager(sizes, log, until),
+        "vlm": lambda until: section_vlm(sizes, size != "full", pathlib.Path(f"{stem}_vlm"), log, until),
     }
     result = dict(size=size, budget_s=budget, machine=machine(), sections={})
     for name, fn in sections.items():
@@ -496,10 +547,11 @@ def main(argv=None) -> int:
             result["sections"][name] = dict(skipped=f"time guard: {spent:.0f} s of the {budget:.0f} s budget spent")
             log(f"[{name}] skipped by the time guard")
             continue
-        log(f"[{name}]")
         t0 = time.perf_counter()
+        until = min(start + budget, t0 + sizes["share"][name])
+        log(f"[{name}] (up to {until - t0:.0f} s)")
         try:
-            sec = fn()
+            sec = fn(until)
         except Exception as err:  # noqa: BLE001 - record and go on
             sec = dict(error=f"{type(err).__name__}: {err}", traceback=traceback.format_exc()[-2000:])
             log(f"  ERROR {type(err).__name__}: {err}")

@@ -165,3 +165,47 @@ def test_reducer_plans_read_bf16_metrics_in_float32():
         assert s16.dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(s32), np.asarray(s16), err_msg=specs[i // 2]["method"])
         np.testing.assert_array_equal(np.asarray(p32), np.asarray(p16), err_msg=specs[i // 2]["method"])
+
+
+# -- bench/bench_accel.py ----------------------------------------------------------------------------------
+
+
+def _bench():
+    sys.path.insert(0, str(REPO))
+    from bench import bench_accel
+
+    return bench_accel
+
+
+def test_bench_accel_time_guard_records_skips_and_writes_both_files(tmp_path):
+    """With no time left every section is recorded as skipped by the guard (nothing is silently dropped), and the
+    JSON and the markdown are written."""
+    out = tmp_path / "accel.json"
+    assert _bench().main(["--smoke", "--budget", "0", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["sections"]) == {"vit", "dtype", "timm", "ops", "profile", "eager", "vlm"}
+    assert all(v["skipped"].startswith("time guard") for v in res["sections"].values())
+    assert "## vit" in out.with_suffix(".md").read_text()
+
+
+def test_bench_accel_hlo_summary_reads_dot_operand_and_result_types():
+    """A bf16 x bf16 -> f32 dot and its f32 -> bf16 convert are named with their operand and result types."""
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    a = jnp.ones((8, 16), jnp.bfloat16)
+    got = _bench().hlo_summary(f.lower(a, a.T).compile())
+    assert got.get("dot(bf16,bf16) -> f32") == 1, got
+    assert got.get("convert f32 -> bf16") == 1, got
+
+
+@pytest.mark.long
+def test_bench_accel_smoke_run_has_no_section_errors(tmp_path):
+    out = tmp_path / "accel.json"
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_accel.py"), "--smoke", "--budget", "600",
+                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for name in ("vit", "dtype", "timm", "ops", "profile", "eager"):
+        assert "error" not in res["sections"][name] and "skipped" not in res["sections"][name], name
+    vit = {r["method"]: r for r in res["sections"]["vit"]["rows"]}
+    assert vit["none"]["flop_ratio"] == 1.0 and vit["tome_r2"]["flop_ratio"] > 1.0
+    assert res["sections"]["profile"]["files"]
