@@ -209,3 +209,14 @@ def test_bench_accel_smoke_run_has_no_section_errors(tmp_path):
     vit = {r["method"]: r for r in res["sections"]["vit"]["rows"]}
     assert vit["none"]["flop_ratio"] == 1.0 and vit["tome_r2"]["flop_ratio"] > 1.0
     assert res["sections"]["profile"]["files"]
+
+
+def test_eval_backbones_read_compute_dtype_with_float32_when_absent():
+    import ml_collections
+
+    from evaluation.builtin import _compute_dtype
+
+    assert _compute_dtype(ml_collections.ConfigDict(dict(image_size=56))) is None
+    assert _compute_dtype(ml_collections.ConfigDict(dict(compute_dtype="bfloat16"))) == jnp.bfloat16
+    with pytest.raises(ValueError, match="compute_dtype must be 'float32' or 'bfloat16'"):
+        _compute_dtype(ml_collections.ConfigDict(dict(compute_dtype="fp16")))
