@@ -152,6 +152,8 @@ def section_vit(sizes, dtype, log, until):
         runs = {"none": ({"method": "none"}, model.build_reducers(None), base),
                 f"tome_r{r}": (tome_spec, tome, model.flops(size, tome))}
         cands = candidate_specs(depth)
+        if depth <= 2:     # bench_vit's DART settings act at layer 2
+            cands["dart"] = [dict(spec, layers=[depth - 1]) for spec in cands["dart"]]
         for name in ("pitome", "dart", "pool"):
             best = pick_matched(model, size, runs[f"tome_r{r}"][2], cands[name])
             if best is not None:
@@ -371,14 +373,16 @@ def _op_setup(sizes):
     return model, x, metric
 
 
-def _op_fn(name, model, metric, r_small):
+def _op_fn(name, model, r_small):
+    """``op(x, metric) -> x'``: one reducer at layer 1 (both arrays are arguments: a closed-over array would be a
+    constant that XLA folds)."""
     spec = dict(OP_SPECS[name])
     if name == "tome":
         spec["r"] = min(spec["r"], r_small)
     depth = model.config.depth
     red = [v for v in R.build_layer_reducers(depth, spec) if v is not None][0]
 
-    def op(x):
+    def op(x, metric):
         info = R.LayerInfo(layer=1, num_layers=depth, num_protected=1, metric=metric, hidden=x, keys=metric)
         return red(R.init_state(x), info).x
     return op
@@ -399,8 +403,8 @@ def section_ops(sizes, log, until):
         if time.perf_counter() > until:
             log(f"  {name}: skipped by the time guard")
             continue
-        f = jax.jit(_op_fn(name, model, metric, r_small))
-        fns[name] = (lambda f=f: jax.block_until_ready(f(x)))
+        f = jax.jit(_op_fn(name, model, r_small))
+        fns[name] = (lambda f=f: jax.block_until_ready(f(x, metric)))
     times = interleaved(fns, max(3, sizes["repeats"]))
     tb = float(np.median(times["block"]))
     rows = []
@@ -420,21 +424,21 @@ def section_eager(sizes, log, until):
         if time.perf_counter() > until:
             log(f"  eager {name}: skipped by the time guard")
             continue
-        op = _op_fn(name, model, metric, r_small)
+        op = _op_fn(name, model, r_small)
         jitted = jax.jit(op)
-        jax.block_until_ready(jitted(x))
+        jax.block_until_ready(jitted(x, metric))
         t0 = time.perf_counter()
-        jax.block_until_ready(op(x))
+        jax.block_until_ready(op(x, metric))
         first = time.perf_counter() - t0
         warm = []
         for _ in range(3):
             t0 = time.perf_counter()
-            jax.block_until_ready(op(x))
+            jax.block_until_ready(op(x, metric))
             warm.append(time.perf_counter() - t0)
         jit_t = []
         for _ in range(3):
             t0 = time.perf_counter()
-            jax.block_until_ready(jitted(x))
+            jax.block_until_ready(jitted(x, metric))
             jit_t.append(time.perf_counter() - t0)
         w, j = float(np.median(warm)), float(np.median(jit_t))
         rows.append(dict(op=name, first_s=first, warm_ms=w * 1e3, jitted_ms=j * 1e3, warm_over_jitted=w / j))
@@ -445,7 +449,7 @@ def section_eager(sizes, log, until):
 
 def section_profile(sizes, out_dir: pathlib.Path, log, until):
     model, x, metric = _op_setup(sizes)
-    red = R.build_layer_reducers(model.config.depth, {"method": "tome", "r": max(1, (x.shape[1] - 1) // 4)})[0]
+    red = R.build_layer_reducers(model.config.depth, {"method": "tome", "r": max(1, min(13, (x.shape[1] - 1) // 4))})[0]
     blk = model.blocks[0]
     gdef, bparams = nnx.split(blk)
     info = dict(layer=0, num_layers=model.config.depth, num_protected=1, num_distill=0, num_registers=0, rng=None)
