@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--decode-steps", type=int, default=8)
     ap.add_argument("--out", default="results/bench/vlm")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                    help="compute dtype of the whole VLM (train.compute_dtype; parameters stay float32)")
     ap.add_argument("--quick", action="store_true", help="tiny random VLM (proves the script works)")
     args = ap.parse_args(argv)
 
@@ -45,6 +47,8 @@ def main(argv=None) -> int:
         cfg.methods.vision = ("tome",)
         cfg.methods.connector = ("pool",)
         cfg.methods.llm = ("dart", "fastv")
+        if args.dtype != "float32":
+            cfg.train_overrides = tuple(cfg.train_overrides) + (f"train.compute_dtype={args.dtype}",)
         if not pathlib.Path(str(cfg.projector)).exists():
             cfg.projector = ""          # timing does not depend on the projector's weights
     result = vlm_sweep.run(cfg, pathlib.Path(args.out), progress=True)

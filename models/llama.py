@@ -46,7 +46,8 @@ class LlamaConfig:
 
     ``dtype`` is the compute dtype of the projections and the embedding; ``param_dtype`` the storage dtype of
     every parameter (norm scales included). The default keeps float32 parameters whatever ``dtype`` is; a
-    bfloat16 checkpoint load sets both to ``jnp.bfloat16``.
+    bfloat16 checkpoint load sets both to ``jnp.bfloat16``. ``attn_implementation``: the fused attention kernel
+    (:func:`models.layers.choose_implementation`; ``None``: cuDNN on a GPU where it accepts the operands, else XLA).
     """
 
     vocab_size: int = 32000
@@ -61,6 +62,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    attn_implementation: Optional[str] = None
 
     @property
     def dh(self) -> int:
@@ -96,7 +98,8 @@ def attention(cfg: LlamaConfig, *, rngs: nnx.Rngs) -> Attention:
     ``num_kv_heads`` grouped heads, no biases and RoPE."""
     return Attention(cfg.dim, cfg.num_heads, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.dh, fused_qkv=False,
                      qkv_bias=False, out_bias=False, rope_theta=cfg.rope_theta, dtype=cfg.dtype,
-                     param_dtype=cfg.param_dtype, kernel_init=DEFAULT_INIT, rngs=rngs)
+                     param_dtype=cfg.param_dtype, kernel_init=DEFAULT_INIT, implementation=cfg.attn_implementation,
+                     rngs=rngs)
 
 
 def mlp(cfg: LlamaConfig, *, rngs: nnx.Rngs) -> Mlp:

@@ -82,9 +82,12 @@ class ViTConfig:
       pre_norm: a LayerNorm on the embedded tokens before the first block (``norm_pre``; CLIP's ``pre_layrnorm``).
       mlp_act: ``"gelu"`` (exact) or ``"quick_gelu"`` (CLIP).
       patch_bias: bias of the patch embedding (CLIP's has none).
-      dtype: compute dtype (parameters stay float32); ``None`` = float32.
+      dtype: compute dtype (parameters stay float32); ``None`` = float32. Similarities, sizes, the softmax and
+        the proportional-attention bias stay float32 whatever it is.
       drop_path_rate: stochastic depth of the last block (DeiT / timm: block ``i`` drops its residual branches
         with rate ``drop_path_rate * i / (depth - 1)``); active only with ``deterministic=False`` and an ``rng``.
+      attn_implementation: the fused attention kernel (:func:`models.layers.choose_implementation`): ``None``
+        (cuDNN on a GPU where it accepts the operands, else XLA), ``"xla"``, ``"cudnn"`` or ``"explicit"``.
     """
 
     width: int = 384
@@ -107,8 +110,13 @@ class ViTConfig:
     patch_bias: bool = True
     dtype: Optional[Any] = None
     drop_path_rate: float = 0.0
+    attn_implementation: Optional[str] = None
 
     def __post_init__(self):
+        from models.layers import IMPLEMENTATIONS
+
+        if self.attn_implementation not in IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {IMPLEMENTATIONS}, got {self.attn_implementation!r}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.pool in ("token", "cls+avg") and not self.class_token:
@@ -168,7 +176,8 @@ class Block(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
         c = cfg.width
         self.norm1 = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
-        self.attn = Attention(c, cfg.heads, qkv_bias=cfg.qkv_bias, dtype=cfg.dtype, rngs=rngs)
+        self.attn = Attention(c, cfg.heads, qkv_bias=cfg.qkv_bias, dtype=cfg.dtype,
+                              implementation=cfg.attn_implementation, rngs=rngs)
         self.norm2 = layer_norm(c, eps=cfg.ln_eps, dtype=cfg.dtype, rngs=rngs)
         self.mlp = Mlp(c, cfg.mlp_dim, act=cfg.mlp_act, dtype=cfg.dtype, rngs=rngs)
         self.ls1 = LayerScale(c, cfg.layer_scale) if cfg.layer_scale is not None else None
