@@ -488,7 +488,7 @@ def delete_gate_ref(hidden, w, b, scale):
     for i in range(hidden.shape[0]):
         for t in range(hidden.shape[1]):
             z = sum(hidden[i, t, c] * float(w[c]) for c in range(hidden.shape[2])) + float(b)
-            out[i, t] = scale / (1.0 + np.exp(z))
+            out[i, t] = scale / (1.0 + np.exp(min(z, 700.0)))
     return out
 
 
@@ -539,6 +539,7 @@ def llama_block_ref(x, positions, valid, key_bias, p, *, heads, kv_heads, eps, t
         k = (xn @ p["wk"]).reshape(t_, kv_heads, dh)
         v = (xn @ p["wv"]).reshape(t_, kv_heads, dh)
         o = np.zeros((t_, heads, dh))
+        kr = [[_rope(k[s, g], positions[b, s], theta) for g in range(kv_heads)] for s in range(t_)]
         for i in range(t_):
             for h in range(heads):
                 g = h // (heads // kv_heads)
@@ -546,7 +547,7 @@ def llama_block_ref(x, positions, valid, key_bias, p, *, heads, kv_heads, eps, t
                 logits, vals = [], []
                 for s in range(t_):
                     if (s <= i and valid[b, s]) or s == i:
-                        logits.append(qi @ _rope(k[s, g], positions[b, s], theta) / np.sqrt(dh) + key_bias[b, s])
+                        logits.append(qi @ kr[s][g] / np.sqrt(dh) + key_bias[b, s])
                         vals.append(v[s, g])
                 w = np.exp(np.array(logits) - max(logits))
                 o[i, h] = (w / w.sum()) @ np.array(vals)
