@@ -14,6 +14,9 @@ layer. The reducer of layer ``K`` runs during prefill just before layer ``K``, o
 last prompt queries' rows) and the image spans; :func:`reduction.apply_step` moves the tokens, and every later
 layer (and its KV cache) holds only the kept tokens. Several layers may reduce (staged pruning).
 
+A reducer with ``prop_attn`` (the learned delete gate's soft mode, whose identity step scales the token sizes by
+``exp(G)``) turns on a key bias ``log(sizes)`` in every later layer, so later attention sees ``+G`` on those keys.
+
 Attention uses ``jax.nn.dot_product_attention`` everywhere except in a layer whose outputs a reducer reads as
 probabilities; there they are computed explicitly, for the last ``reducer.text_rows`` queries only when the
 reducer reads text attention (FastV reads one row). A reducer that reads ``LAYER_ATTENTION`` gets the rows of the layer
