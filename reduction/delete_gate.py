@@ -146,8 +146,10 @@ class DeleteGate(Reducer):
     """The registered declaration of a delete gate (static, hashable): its options, its static counts and costs.
 
     It holds no weights: a model that meets it in a plan attaches a :class:`reduction.nnx.DeleteGateModule` built
-    by :meth:`make_module` (``VLM.attach_learned``) and runs that instead; :meth:`plan` alone refuses with a named
-    error."""
+    by :meth:`make_module` (``VLM.attach_learned``) and runs that instead. Run alone (no module attached, e.g. in a
+    sweep over every registered method), :meth:`plan` is the hard mode of the gate at its initialisation (kernel 0:
+    every candidate gets ``G = scale * sigmoid(-init_bias)``, so the capacity keeps the first image tokens): a
+    placeholder that runs, not the method."""
 
     side: str = "image"
     scale: float = -30.0
@@ -172,9 +174,13 @@ class DeleteGate(Reducer):
         return num_tokens
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
-        raise ValueError("delete_gate is a learned reducer: its weights live in a module the model attaches "
-                         "(VLM.attach_learned(plan), done by train.py for model.plan.method=delete_gate; evaluate a "
-                         "trained gate with train.py's evaluation or VLM(..., plan=plan) after attaching it)")
+        if not info.in_spans or info.image_starts is None:
+            raise ValueError("delete_gate runs inside the LLM (it needs the image span: info.image_starts, image_len)")
+        b, t = state.x.shape[:2]
+        g = jnp.full((b, t), self.scale * float(jax.nn.sigmoid(-self.init_bias)), jnp.float32)
+        cand = candidate_mask(t, side=self.side, image_starts=info.image_starts, image_len=info.image_len,
+                              valid=state.valid, protect_last=self.protect_last)
+        return hard_delete_step(g, cand, threshold=self.threshold, capacity=self.num_out(t, info), valid=state.valid)
 
     def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
         return 2 * num_tokens * dim

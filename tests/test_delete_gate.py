@@ -255,7 +255,7 @@ def test_vlm_learned_slot_trains_the_gate_through_the_task_loss():
     assert float(aux["reducer_loss"]) == 0.0 and aux["tokens_per_layer"][1] < aux["tokens_per_layer"][0]
 
 
-def test_bad_options_and_an_unattached_gate_are_named_errors():
+def test_bad_options_are_named_errors_and_an_unattached_gate_runs_at_its_init():
     with pytest.raises(ValueError, match="side"):
         R.build_layer_reducers(3, {"method": "delete_gate", "side": "audio"}, point="llm")
     with pytest.raises(ValueError, match="threshold"):
@@ -265,5 +265,6 @@ def test_bad_options_and_an_unattached_gate_are_named_errors():
     decl = R.build_layer_reducers(3, {"method": "delete_gate", "layers": [1], "keep_ratio": 0.5}, point="llm")[1]
     info = R.LayerInfo(image_len=IMG, image_starts=jnp.array([PRE]), hidden=jnp.zeros((1, T, C)))
     assert decl.num_out(T, info) == T - IMG // 2
-    with pytest.raises(ValueError, match="learned reducer"):
-        decl(R.init_state(jnp.zeros((1, T, C))), info)
+    # alone (no module attached) it is the gate at its initialisation: equal gates, the first image tokens kept
+    out = decl(R.init_state(jnp.zeros((1, T, C))), info)
+    np.testing.assert_array_equal(np.asarray(out.positions[0]), list(range(PRE + IMG // 2)) + list(range(PRE + IMG, T)))
