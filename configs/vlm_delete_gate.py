@@ -8,9 +8,10 @@ gate is below the threshold, up to the capacity ``keep_ratio`` of the image toke
 
     python train.py --config configs/vlm_delete_gate.py --workdir runs/delete_gate
     python train.py --config configs/vlm_delete_gate.py --workdir runs/delete_gate model.plan.side=text
-    # the same deletion at random, for comparison (no training: train.steps=0)
-    python train.py --config configs/vlm_delete_gate.py --workdir runs/random_del train.steps=0 \
-        model.plan.method=random model.plan.keep=32 "model.plan.layers=[2]"
+    # the same deletion at random, for comparison (one step at lr 1e-12: an evaluation of the shipped projector)
+    python train.py --config configs/vlm_delete_gate.py --workdir runs/random_del train.steps=1 optim.lr=1e-12 \
+        optim.warmup_steps=0 "optim.trainable=('^multi_modal_projector/',)" model.plan.method=random \
+        model.plan.keep=21 "model.plan.layers=[2]"
 
 Every setting here is a **GUESS** sized for a 2-core CPU (a few dozen steps at batch 4).
 """
