@@ -58,6 +58,7 @@ The learned module is :class:`reduction.nnx.DeleteGateModule`; the registered sp
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar, Optional
 
 import jax
@@ -177,7 +178,7 @@ class DeleteGate(Reducer):
         if not info.in_spans or info.image_starts is None:
             raise ValueError("delete_gate runs inside the LLM (it needs the image span: info.image_starts, image_len)")
         b, t = state.x.shape[:2]
-        g = jnp.full((b, t), self.scale * float(jax.nn.sigmoid(-self.init_bias)), jnp.float32)
+        g = jnp.full((b, t), self.scale / (1.0 + math.exp(min(self.init_bias, 700.0))), jnp.float32)
         cand = candidate_mask(t, side=self.side, image_starts=info.image_starts, image_len=info.image_len,
                               valid=state.valid, protect_last=self.protect_last)
         return hard_delete_step(g, cand, threshold=self.threshold, capacity=self.num_out(t, info), valid=state.valid)

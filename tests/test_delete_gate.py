@@ -264,7 +264,7 @@ def test_bad_options_are_named_errors_and_an_unattached_gate_runs_at_its_init():
     info = R.LayerInfo(image_len=IMG, image_starts=jnp.array([PRE]), hidden=jnp.zeros((1, T, C)))
     assert decl.num_out(T, info) == T - IMG // 2
     # alone (no module attached) it is the gate at its initialisation: equal gates, the first image tokens kept
-    out = decl(R.init_state(jnp.zeros((1, T, C))), info)
+    out = jax.jit(lambda x: decl(R.init_state(x), info))(jnp.zeros((1, T, C)))
     np.testing.assert_array_equal(np.asarray(out.positions[0]), list(range(PRE + IMG // 2)) + list(range(PRE + IMG, T)))
 
 
