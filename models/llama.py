@@ -14,6 +14,9 @@ layer. The reducer of layer ``K`` runs during prefill just before layer ``K``, o
 last prompt queries' rows) and the image spans; :func:`reduction.apply_step` moves the tokens, and every later
 layer (and its KV cache) holds only the kept tokens. Several layers may reduce (staged pruning).
 
+A reducer with ``prop_attn`` (the learned delete gate's soft mode, whose identity step scales the token sizes by
+``exp(G)``) turns on a key bias ``log(sizes)`` in every later layer, so later attention sees ``+G`` on those keys.
+
 Attention uses ``jax.nn.dot_product_attention`` everywhere except in a layer whose outputs a reducer reads as
 probabilities; there they are computed explicitly, for the last ``reducer.text_rows`` queries only when the
 reducer reads text attention (FastV reads one row). A reducer that reads ``LAYER_ATTENTION`` gets the rows of the layer
@@ -118,14 +121,15 @@ class Block(nnx.Module):
         self.mlp = mlp(cfg, rngs=rngs)
 
     def prefill(self, x: jax.Array, positions: jax.Array, mask: jax.Array, *, probs: str = "none",
-                rows: Optional[int] = None):
+                rows: Optional[int] = None, bias: Optional[jax.Array] = None):
         """``x: [B, T, C]``, ``mask: [B, 1, T, T]`` bool -> ``(y [B, T, C], k, v [B, T, G, D], p)``.
+        ``bias``: an optional additive key bias ``[B, 1, 1, T]`` (the log token sizes after a ``prop_attn`` reducer).
 
         ``probs``: ``"none"`` (fused attention, ``p = None``), ``"rows"`` (fused attention plus explicit
         probabilities of the last ``rows`` queries) or ``"all"`` (explicit attention, ``p: [B, H, T, T]``).
         """
         q, k, v = self.self_attn.project(self.input_layernorm(x), positions)
-        o, p = self.self_attn.attend(q, k, v, mask=mask, probs=probs, rows=rows)
+        o, p = self.self_attn.attend(q, k, v, mask=mask, bias=bias, probs=probs, rows=rows)
         x = x + self.self_attn.out(o)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, k, v, p
@@ -155,6 +159,13 @@ class Block(nnx.Module):
         x = x + self.self_attn.out(o)
         x = x + self.mlp(self.post_attention_layernorm(x))
         return x, cache
+
+
+def _is_bound_learned(red) -> bool:
+    """A model's binding of a learned reducer (:class:`models.vit._Bound`): it carries the module it runs."""
+    from reduction.nnx import LearnedReducer
+
+    return isinstance(getattr(red, "module", None), LearnedReducer)
 
 
 def prefill_mask(valid: jax.Array) -> jax.Array:
@@ -208,7 +219,7 @@ class Llama(nnx.Module):
         if reducers[0] is not None:
             raise ValueError("a reducer in the LLM acts before layer K >= 1 (on layer K - 1's outputs), not at layer 0")
         for i, red in enumerate(reducers):
-            if red is not None and not isinstance(red, Reducer):
+            if red is not None and not isinstance(red, Reducer) and not _is_bound_learned(red):
                 raise ValueError(f"reducers[{i}] must be a reduction.Reducer or None, got {type(red).__name__}")
         return reducers
 
@@ -278,6 +289,7 @@ class Llama(nnx.Module):
         state = init_state(x, valid=valid, positions=positions)
         kv, counts = [], []
         prev_keys = prev_probs = None
+        key_bias = False            # after a prop_attn reducer: log(sizes) is a key bias in every later layer
         for layer, block in enumerate(self.layers):
             red = reducers[layer]
             if red is not None:
@@ -294,6 +306,7 @@ class Llama(nnx.Module):
                     rng=None if rng is None else jax.random.fold_in(rng, layer))
                 t_in = state.num_tokens
                 state = red(state, info)
+                key_bias = key_bias or bool(red.prop_attn)
                 # span methods keep every text token, so each image span shrinks by the same static count
                 removed = (t_in - state.num_tokens) // num_images
                 image_len -= removed
@@ -305,7 +318,9 @@ class Llama(nnx.Module):
                 probs = "all"
             elif nxt is not None and TEXT_ATTENTION in nxt.needs:
                 probs, rows = "rows", min(nxt.text_rows, state.num_tokens)
-            h, k, v, p = block.prefill(state.x, state.positions, prefill_mask(state.valid), probs=probs, rows=rows)
+            bias = jnp.log(state.sizes.astype(jnp.float32))[:, None, None, :] if key_bias else None
+            h, k, v, p = block.prefill(state.x, state.positions, prefill_mask(state.valid), probs=probs, rows=rows,
+                                       bias=bias)
             prev_probs = p
             prev_keys = None
             if nxt is not None and KEYS in nxt.needs:

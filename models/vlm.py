@@ -150,6 +150,58 @@ class VLM(nnx.Module):
         """:func:`build_plan` with this model's layer counts."""
         return build_plan(spec, vision_layers=self.vision_layers, llm_layers=self.llm_layers)
 
+    # -- learned reducers in the LLM ------------------------------------------------------------------------
+
+    def attach_reducer(self, layer: int, module) -> "VLM":
+        """Attach a trainable reducer (:class:`reduction.nnx.LearnedReducer`) before LLM layer ``layer >= 1``.
+
+        The module goes to ``self.learned`` (``nnx.Dict`` keyed ``str(layer)``; parameter paths ``learned/<layer>/...``,
+        so ``optim.trainable=("^learned/",)`` trains only the learned reducers) and runs there in the mode
+        ``model(..., train=)`` picks, in place of the plan's declaration at that layer. Returns ``self``."""
+        from reduction.nnx import LearnedReducer
+
+        layer = int(layer)
+        if not 1 <= layer < self.llm_layers:
+            raise ValueError(f"attach_reducer: LLM layer {layer} out of range [1, {self.llm_layers})")
+        if not isinstance(module, LearnedReducer):
+            raise ValueError(f"attach_reducer needs a reduction.nnx.LearnedReducer, got {type(module).__name__}")
+        current = dict(self.learned.items()) if getattr(self, "learned", None) is not None else {}
+        current[str(layer)] = module
+        self.learned = nnx.Dict({k: current[k] for k in sorted(current, key=int)})
+        return self
+
+    def attach_learned(self, plan: ReductionPlan, *, rngs: Optional[nnx.Rngs] = None, seed: int = 0) -> "VLM":
+        """For every learned declaration in ``plan.llm`` (a reducer with ``learned = True`` and ``make_module``, e.g.
+        ``delete_gate``) without a module at its layer yet, build its module (``make_module(dim, rngs=)``) and
+        :meth:`attach_reducer` it. Returns ``self``."""
+        rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        have = set(self.learned_layers)
+        for i, red in enumerate(plan.llm or ()):
+            if red is not None and getattr(red, "learned", False) and i not in have:
+                self.attach_reducer(i, red.make_module(self.cfg.text.dim, rngs=rngs))
+        return self
+
+    @property
+    def learned_layers(self) -> tuple:
+        """LLM layers with an attached learned reducer (:meth:`attach_reducer`), ascending."""
+        learned = getattr(self, "learned", None)
+        return () if learned is None else tuple(sorted(int(k) for k in learned.keys()))
+
+    def llm_reducers(self, plan: ReductionPlan, *, train: bool = False, sink: Optional[dict] = None):
+        """``plan.llm`` with the attached learned reducers bound to the mode at their layers (replacing the plan's
+        learned declaration there; a static reducer at such a layer is refused). A learned declaration without a
+        module is left in place (its ``plan`` raises a named error)."""
+        learned = self.learned_layers
+        if not learned:
+            return plan.llm
+        from models.vit import _Bound
+
+        reds = tuple(plan.llm) if plan.llm is not None else (None,) * self.llm_layers
+        clash = [i for i in learned if reds[i] is not None and not getattr(reds[i], "learned", False)]
+        if clash:
+            raise ValueError(f"plan.llm reducers at layers {clash} collide with the learned reducers attached there")
+        return tuple(_Bound(self.learned[str(i)], train, sink) if i in learned else red for i, red in enumerate(reds))
+
     def num_image_tokens(self, plan: ReductionPlan = ReductionPlan()) -> int:
         """Static image tokens per image entering the LLM under ``plan``."""
         return connector_num_out(plan.connector, self.cfg.num_tiles * self.vision_tower.num_features(plan.vision),
@@ -230,17 +282,25 @@ class VLM(nnx.Module):
                     total=int(tower + conn + prefill), cache_lengths=lengths, image_tokens=k)
 
     def __call__(self, ids: jax.Array, images: jax.Array, *, valid: Optional[jax.Array] = None,
-                 plan: ReductionPlan = ReductionPlan(), last_logits: bool = False):
+                 plan: ReductionPlan = ReductionPlan(), last_logits: bool = False, train: bool = False):
         """Scoring forward: ``-> (logits [B, T', V] float32, aux)``; ``T' < T`` under in-LLM pruning.
-        ``last_logits``: the head runs on the last position only (``[B, 1, V]``)."""
+        ``last_logits``: the head runs on the last position only (``[B, 1, V]``). ``train`` (static): the mode of the
+        attached learned reducers (:meth:`attach_reducer`); ``aux`` then has ``reducer_aux`` (``{layer: aux dict}``)
+        and ``reducer_loss`` (the sum of their ``loss``)."""
         valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
         x, is_image, token_valid = self.embed(ids, images, plan, return_valid=True)
         if token_valid is not None:
             valid = valid & token_valid
         lm = self.language_model
-        h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid, reducers=plan.llm,
+        sink: dict = {}
+        h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid,
+                                      reducers=self.llm_reducers(plan, train=train, sink=sink),
                                       image_starts=image_starts_from_mask(is_image),
                                       image_len=self.num_image_tokens(plan))
+        if self.learned_layers:
+            aux["reducer_aux"] = {layer: sink[layer] for layer in sorted(sink)}
+            aux["reducer_loss"] = sum((jnp.asarray(a["loss"], jnp.float32) for a in aux["reducer_aux"].values()),
+                                      jnp.zeros((), jnp.float32))
         return lm.logits(h[:, -1:] if last_logits else h), aux
 
     def generate(self, ids: jax.Array, images: jax.Array, *, valid: Optional[jax.Array] = None,
@@ -249,6 +309,9 @@ class VLM(nnx.Module):
                  return_info: bool = False):
         """Batched generation: ``ids: [B, T]`` (left-padded, ``valid: [B, T]``), ``images: [B, H, W, 3]`` ->
         ``tokens [B, R]`` (see :func:`models.generate.generate_from_embeds`)."""
+        if self.learned_layers:
+            raise NotImplementedError("VLM.generate with attached learned reducers is not wired (the generation jit "
+                                      "takes reducers as static values); score with VLM(...) instead")
         valid = jnp.ones(ids.shape, bool) if valid is None else jnp.asarray(valid, bool)
         n_img = self.num_image_tokens(plan)
         x, starts, token_valid = self.prompt_embeddings(ids, images, plan)

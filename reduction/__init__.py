@@ -85,6 +85,7 @@ from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_
 from reduction.todre import ToDRELLM, todre_scores  # noqa: E402
 from reduction.globalcom2 import GlobalCom2, globalcom2_keep  # noqa: E402
 from reduction.hot import HoTPrune, dpc_knn_scores, hot_prune_step, sincos_2d  # noqa: E402
+from reduction.delete_gate import DeleteGate  # noqa: E402
 from reduction.atp import (  # noqa: E402
     budget_loss,
     compact_keep,

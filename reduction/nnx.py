@@ -342,4 +342,75 @@ class HoTRecovery(LearnedReducer):
         return out, {"loss": jnp.zeros((), jnp.float32)}
 
 
-__all__ = ["ATPModule", "LearnedReducer", "LearnedATP", "HoTRecovery"]
+__all__ = ["ATPModule", "LearnedReducer", "LearnedATP", "HoTRecovery", "DeleteGateModule"]
+
+
+class DeleteGateModule(LearnedReducer):
+    """MrT5-style learned delete gate in the LLM (see :mod:`reduction.delete_gate` for the method, its contracts and
+    its guesses). Parameters: ``gate`` (``nnx.Linear(dim, 1)``, kernel zeros, bias ``init_bias``).
+
+    * ``train=True``: every token stays; the identity step with ``size_scale = exp(G)`` on the candidates
+      (:func:`reduction.delete_gate.soft_delete_step`), so the later layers add ``G`` to the candidates' key logits.
+      ``aux``: ``loss = weight * deletion_loss``, ``deletion`` (the loss before the weight), ``deleted_soft`` and
+      ``deleted_hard`` (per-example deleted fractions of the candidates, soft ``G / scale`` and hard
+      ``G <= threshold``), ``[B]``.
+    * ``train=False``: hard deletion to the static capacity :meth:`num_out`
+      (:func:`reduction.delete_gate.hard_delete_step`). ``aux``: ``loss = 0``, ``deleted_hard`` (the threshold's
+      choice) and ``deleted`` (the candidates actually removed, capacity included), ``kept_tokens``.
+    """
+
+    needs: ClassVar[frozenset] = frozenset({"hidden"})
+    prop_attn: ClassVar[bool] = True
+
+    def __init__(self, *, dim: int, side: str = "image", scale: float = -30.0, threshold: float = -15.0,
+                 keep_ratio: float = 0.75, keep: Optional[int] = None, target: float = 0.5, weight: float = 10.0,
+                 init_bias: float = 2.0, protect_last: int = 1, rngs: nnx.Rngs):
+        from reduction import delete_gate as dg
+
+        dg.check_options(side, scale, threshold, keep_ratio, keep, target, weight, protect_last)
+        self.decl = dg.DeleteGate(side=str(side), scale=float(scale), threshold=float(threshold),
+                                  keep_ratio=float(keep_ratio), keep=None if keep is None else int(keep),
+                                  target=float(target), weight=float(weight), init_bias=float(init_bias),
+                                  protect_last=int(protect_last))
+        self.gate = nnx.Linear(check_count(dim, "dim", allow_zero=False), 1,
+                               kernel_init=nnx.initializers.zeros_init(),
+                               bias_init=nnx.initializers.constant(float(init_bias)), rngs=rngs)
+
+    def num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return self.decl.num_out(num_tokens, info)
+
+    def train_num_out(self, num_tokens: int, info: LayerInfo) -> int:
+        return num_tokens
+
+    def flops(self, num_tokens: int, *, dim: int, heads: int) -> int:
+        return self.decl.flops(num_tokens, dim=dim, heads=heads)
+
+    def gates(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [B, T, C] -> G [B, T]`` (:func:`reduction.delete_gate.gate_values`)."""
+        from reduction import delete_gate as dg
+
+        return dg.gate_values(hidden, self.gate.kernel[...][:, 0], self.gate.bias[...][0], scale=self.decl.scale)
+
+    def __call__(self, state: TokenState, info: LayerInfo, *, train: bool) -> tuple[TokenState, dict]:
+        from reduction import delete_gate as dg
+
+        d = self.decl
+        hidden = info.require("hidden", "delete_gate")
+        if not info.in_spans or info.image_starts is None:
+            raise ValueError("delete_gate runs inside the LLM (it needs the image span: info.image_starts, image_len)")
+        t = state.num_tokens
+        cand = dg.candidate_mask(t, side=d.side, image_starts=info.image_starts, image_len=info.image_len,
+                                 valid=state.valid, protect_last=d.protect_last)
+        g = self.gates(hidden)
+        hard = dg.deletion_fraction(g, cand, scale=d.scale, threshold=d.threshold)
+        if train:
+            loss = dg.deletion_loss(g, cand, scale=d.scale, target=d.target)
+            return apply_step(state, dg.soft_delete_step(g, cand)), {
+                "loss": d.weight * loss, "deletion": loss, "deleted_soft": dg.deletion_fraction(g, cand, scale=d.scale),
+                "deleted_hard": hard}
+        step = dg.hard_delete_step(g, cand, threshold=d.threshold, capacity=self.num_out(t, info), valid=state.valid)
+        out = apply_step(state, step)
+        n_c = jnp.maximum(jnp.sum(cand, axis=-1), 1).astype(jnp.float32)
+        kept_c = jnp.sum(jnp.take_along_axis(cand, step.anchor, axis=1) & out.valid, axis=-1).astype(jnp.float32)
+        return out, {"loss": jnp.zeros((), jnp.float32), "deleted_hard": hard, "deleted": 1.0 - kept_c / n_c,
+                     "kept_tokens": jnp.sum(out.valid, axis=-1).astype(jnp.float32)}

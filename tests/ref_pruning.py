@@ -476,3 +476,83 @@ def script_code_ref(kernel, k, valid=None):
             d = [v - p * p for v, p in zip(d, proj)]
             d[j] = -math.inf
     return order, min(gaps or [math.inf])
+
+
+# -- MrT5-style delete gate (reduction/delete_gate.py), written from the MrT5 paper / official code --------------
+
+
+def delete_gate_ref(hidden, w, b, scale):
+    """``G[b, t] = scale * sigmoid(-(sum_c hidden[b, t, c] w[c] + b))``, one token at a time."""
+    hidden = np.asarray(hidden, np.float64)
+    out = np.zeros(hidden.shape[:2])
+    for i in range(hidden.shape[0]):
+        for t in range(hidden.shape[1]):
+            z = sum(hidden[i, t, c] * float(w[c]) for c in range(hidden.shape[2])) + float(b)
+            out[i, t] = scale / (1.0 + np.exp(min(z, 700.0)))
+    return out
+
+
+def hard_delete_ref(gate, candidates, threshold, capacity, valid=None):
+    """Keep every non-candidate and each candidate with ``G > threshold``; if more than ``capacity`` survive, the
+    lowest-gate candidates go first; a candidate invalid in ``valid`` never survives. Returns ``(slot indices
+    ascending, slot used)`` per example, unused slots holding the lowest unkept indices (a stable compaction)."""
+    idx_out, valid_out = [], []
+    for i in range(gate.shape[0]):
+        t = gate.shape[1]
+        forced = [j for j in range(t) if not candidates[i, j]]          # padding included: it takes a slot
+        passing = [j for j in range(t) if candidates[i, j] and gate[i, j] > threshold
+                   and (valid is None or valid[i, j])]
+        passing = sorted(passing, key=lambda j: (-gate[i, j], j))[:max(capacity - len(forced), 0)]
+        chosen = forced + passing
+        rest = [j for j in range(t) if j not in chosen]
+        slots = sorted(chosen + rest[:capacity - len(chosen)])
+        keep = set(passing) | set(forced)
+        idx_out.append(slots)
+        valid_out.append([j in keep for j in slots])
+    return np.array(idx_out), np.array(valid_out)
+
+
+def _rms(x, scale, eps):
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
+
+
+def _rope(x, pos, theta):
+    d = x.shape[-1]
+    inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
+    ang = pos * inv
+    cos, sin = np.cos(np.concatenate([ang, ang])), np.sin(np.concatenate([ang, ang]))
+    rot = np.concatenate([-x[d // 2:], x[:d // 2]])
+    return x * cos + rot * sin
+
+
+def llama_block_ref(x, positions, valid, key_bias, p, *, heads, kv_heads, eps, theta):
+    """One pre-norm Llama block (RMSNorm, RoPE attention with grouped KV heads, SwiGLU), a query at a time, with an
+    additive ``key_bias[b, s]`` on every logit of key ``s`` (MrT5's soft deletion). ``p``: numpy weights
+    ``ln1, wq, wk, wv, wo, ln2, wg, wu, wd`` with ``y = x @ W``. ``x: [B, T, C]``."""
+    x = np.asarray(x, np.float64)
+    b_, t_, c = x.shape
+    dh = p["wq"].shape[1] // heads
+    out = np.zeros_like(x)
+    for b in range(b_):
+        xn = _rms(x[b], p["ln1"], eps)
+        q = (xn @ p["wq"]).reshape(t_, heads, dh)
+        k = (xn @ p["wk"]).reshape(t_, kv_heads, dh)
+        v = (xn @ p["wv"]).reshape(t_, kv_heads, dh)
+        o = np.zeros((t_, heads, dh))
+        kr = [[_rope(k[s, g], positions[b, s], theta) for g in range(kv_heads)] for s in range(t_)]
+        for i in range(t_):
+            for h in range(heads):
+                g = h // (heads // kv_heads)
+                qi = _rope(q[i, h], positions[b, i], theta)
+                logits, vals = [], []
+                for s in range(t_):
+                    if (s <= i and valid[b, s]) or s == i:
+                        logits.append(qi @ kr[s][g] / np.sqrt(dh) + key_bias[b, s])
+                        vals.append(v[s, g])
+                w = np.exp(np.array(logits) - max(logits))
+                o[i, h] = (w / w.sum()) @ np.array(vals)
+        y = x[b] + o.reshape(t_, heads * dh) @ p["wo"]
+        yn = _rms(y, p["ln2"], eps)
+        gate = yn @ p["wg"]
+        out[b] = y + ((gate / (1 + np.exp(-gate))) * (yn @ p["wu"])) @ p["wd"]
+    return out

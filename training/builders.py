@@ -224,6 +224,15 @@ def build_vlm(cfg) -> nnx.Module:
         image_token_id = text.vocab_size - 1
     model = VLM(VLMConfig(vision=vcfg, text=text, image_token_id=image_token_id, projector_dtype=dtype),
                 rngs=rngs, vision_tower=tower, language_model=lm)
+    # learned reducers of model.plan (e.g. delete_gate) get their modules before any weights are loaded
+    model.attach_learned(model.build_plan(reduction_spec_vlm(cfg)), rngs=nnx.Rngs(int(cfg.seed) + 3))
+    if model.learned_layers:
+        log.info("attached learned LLM reducers at layers %s", model.learned_layers)
+    projector = str(_get(v, "projector", "") or "")
+    if projector:
+        from evaluation.vlm_sweep import load_projector
+
+        log.info("projector: %s", load_projector(model, projector))
     pretrained = _get(cfg.model, "pretrained", "")
     if pretrained:
         load_params_from_run(model, pretrained)

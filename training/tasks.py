@@ -216,9 +216,10 @@ class VQATask:
         valid = jnp.concatenate([jnp.ones((b, self.image_tokens), bool), q != 0, jnp.ones((b, 1), bool)], axis=1)
         return ids, valid
 
-    def forward(self, model, batch, cfg):
+    def forward(self, model, batch, cfg, train: bool = False):
         ids, valid = self.prompt(batch)
-        logits, aux = model(ids, batch_images(batch, cfg), valid=valid, plan=self.plan, last_logits=True)
+        logits, aux = model(ids, batch_images(batch, cfg), valid=valid, plan=self.plan, last_logits=True,
+                            train=train)          # train: the mode of the VLM's learned reducers
         answer_logits = logits[:, -1, jnp.asarray(self.answer_ids)]
         return answer_logits.astype(jnp.float32), aux
 
@@ -229,7 +230,7 @@ class VQATask:
         return loss, (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
 
     def loss(self, model, batch, cfg, reducers, rng):
-        logits, aux = self.forward(model, batch, cfg)
+        logits, aux = self.forward(model, batch, cfg, train=True)
         loss, correct = self.per_example(logits, batch, self.label_smoothing)
         return _with_reducers(jnp.mean(loss), {"accuracy": jnp.mean(correct)}, aux)
 
