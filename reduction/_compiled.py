@@ -22,13 +22,15 @@ wraps a public op so that an eager call runs one compiled program instead:
 
 ``trace_count(fn)`` returns how many times the wrapped ``fn`` has been traced for eager calls (the tests check
 that new data of the same shape does not trace again). ``eager_jit_disabled()`` is a context manager that makes
-every wrapped op run un-jitted (the old primitive-by-primitive behaviour), for debugging with prints.
+every wrapped op run un-jitted (the old primitive-by-primitive behaviour), for debugging with prints; the
+environment variable ``TOKENREDUCE_EAGER_JIT=0`` does the same for the whole process.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import threading
 import warnings
 from typing import Any, Callable, Optional
@@ -44,14 +46,17 @@ def _is_dynamic(leaf: Any) -> bool:
     return isinstance(leaf, (jax.Array, np.ndarray))
 
 
+_DEFAULT_DISABLED = os.environ.get("TOKENREDUCE_EAGER_JIT", "1") == "0"
+
+
 def _enabled() -> bool:
-    return not getattr(_state, "disabled", False)
+    return not getattr(_state, "disabled", _DEFAULT_DISABLED)
 
 
 @contextlib.contextmanager
 def eager_jit_disabled():
     """Inside this context every :func:`eager_jit` op runs un-jitted, primitive by primitive."""
-    before = getattr(_state, "disabled", False)
+    before = getattr(_state, "disabled", _DEFAULT_DISABLED)
     _state.disabled = True
     try:
         yield
