@@ -4,7 +4,8 @@ call jitted by the user.
 For every case ``name -> (call, args)`` (``call`` calls one public op on concrete arrays, its counts static):
 
 * ``first_call_s``: the first eager call in this process (trace + compile + run, ``reduction._compiled``), next to
-  ``jitted_first_call_s``, the first call of the same call under the user's ``jax.jit`` (the same compile);
+  ``jitted_first_call_s``, the first call of the same call under the user's ``jax.jit`` (the same compile), and
+  the process CPU seconds of both (``*_cpu_s``: steadier than wall time on a shared machine);
 * ``eager_warm_ms`` and ``jitted_ms``: medians of interleaved calls (eager, jitted, eager, ...) with
   ``block_until_ready``; ``warm_ratio`` is the median over rounds of ``eager_i / jitted_i`` (target <= 3);
 * ``uncompiled_*`` (with ``uncompiled=True``; slow): the same op with ``eager_jit_disabled()``, primitive by primitive
@@ -33,19 +34,28 @@ def _time(fn, args) -> float:
     return time.perf_counter() - t0
 
 
+def _time_cpu(fn, args) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process): on a shared machine the CPU time of a compile is the steadier
+    figure (wall time stretches with the other processes' load)."""
+    c0 = time.process_time()
+    wall = _time(fn, args)
+    return wall, time.process_time() - c0
+
+
 def eager_columns(cases: dict, repeats: int, *, uncompiled: bool = False) -> dict:
     rows = {}
     for name, (call, args) in cases.items():
-        first = _time(call, args)
+        first, first_cpu = _time_cpu(call, args)
         jitted = jax.jit(call)
-        jit_first = _time(jitted, args)
+        jit_first, jit_first_cpu = _time_cpu(jitted, args)
         for _ in range(2):
             _time(call, args), _time(jitted, args)
         eager_t, jit_t = [], []
         for _ in range(repeats):
             eager_t.append(_time(call, args))
             jit_t.append(_time(jitted, args))
-        row = dict(first_call_s=first, jitted_first_call_s=jit_first, eager_warm_ms=statistics.median(eager_t) * 1e3,
+        row = dict(first_call_s=first, first_call_cpu_s=first_cpu, jitted_first_call_s=jit_first,
+                   jitted_first_call_cpu_s=jit_first_cpu, eager_warm_ms=statistics.median(eager_t) * 1e3,
                    jitted_ms=statistics.median(jit_t) * 1e3,
                    warm_ratio=statistics.median([e / j for e, j in zip(eager_t, jit_t)]))
         if uncompiled:
@@ -64,7 +74,8 @@ def report(rows: dict, title: str) -> dict:
           + (", and uncompiled (primitive by primitive)" if rows and "uncompiled_warm_ms" in next(iter(rows.values()))
              else ""))
     for name, r in rows.items():
-        line = (f"  {name:24s} first {r['first_call_s']:6.3f} s (jitted {r['jitted_first_call_s']:6.3f} s)   eager {r['eager_warm_ms']:8.3f} ms   "
+        line = (f"  {name:24s} first {r['first_call_s']:6.3f} s, CPU {r['first_call_cpu_s']:5.2f} s (jitted "
+                f"{r['jitted_first_call_s']:6.3f} s, CPU {r['jitted_first_call_cpu_s']:5.2f} s)   eager {r['eager_warm_ms']:8.3f} ms   "
                 f"jitted {r['jitted_ms']:8.3f} ms   eager/jitted {r['warm_ratio']:5.2f}x")
         if "uncompiled_warm_ms" in r:
             line += (f"   uncompiled first {r['uncompiled_first_call_s']:6.3f} s, warm {r['uncompiled_warm_ms']:8.3f} ms"

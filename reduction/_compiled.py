@@ -9,11 +9,12 @@ wraps a public op so that an eager call runs one compiled program instead:
   (``jax.Array``, ``numpy.ndarray``) are the traced inputs, every other leaf (Python ints such as ``r`` or
   ``keep``, floats, strings, flags, callables, a frozen ``Reducer``) is static and part of the cache key, with
   its type (so ``r=1`` and ``r=True`` stay distinct and ``True`` still gets its named error);
-* one ``jax.jit`` per static configuration, cached here; ``jax.jit`` itself caches per input shape and dtype, so
-  a second call with new data of the same shape runs the compiled program without tracing again;
+* one ``jax.jit`` per static configuration and input shapes and dtypes, cached here (at most 256 per op), so a
+  second call with new data of the same shape runs the compiled program without tracing again;
 * shape and type checks run while tracing, so a bad argument raises its named ``ValueError`` before anything is
   compiled; checks that read values (image spans that run outside the sequence) are given as ``check``, which
-  runs on the concrete arguments before every eager call;
+  runs on the concrete arguments before every eager call; warnings raised while tracing are recorded and
+  repeated on every later call of the same program, as the uncompiled op would raise them;
 * when any array argument is a tracer (the op is called inside a user's ``jax.jit``, ``vmap``, ``grad`` or
   ``lax.scan``) the wrapper calls the function directly: the jaxpr is exactly the unwrapped one, nothing is
   nested and nothing is cached;
