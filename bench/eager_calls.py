@@ -74,12 +74,13 @@ def report(rows: dict, title: str) -> dict:
           + (", and uncompiled (primitive by primitive)" if rows and "uncompiled_warm_ms" in next(iter(rows.values()))
              else ""))
     for name, r in rows.items():
-        line = (f"  {name:24s} first {r['first_call_s']:6.3f} s, CPU {r['first_call_cpu_s']:5.2f} s (jitted "
-                f"{r['jitted_first_call_s']:6.3f} s, CPU {r['jitted_first_call_cpu_s']:5.2f} s)   eager {r['eager_warm_ms']:8.3f} ms   "
-                f"jitted {r['jitted_ms']:8.3f} ms   eager/jitted {r['warm_ratio']:5.2f}x")
+        line = (f"  {name:24s} first {r['first_call_s']:6.3f} s, CPU {r['first_call_cpu_s']:5.2f} s "
+                f"(jitted {r['jitted_first_call_s']:6.3f} s, CPU {r['jitted_first_call_cpu_s']:5.2f} s)   "
+                f"eager {r['eager_warm_ms']:8.3f} ms   jitted {r['jitted_ms']:8.3f} ms   "
+                f"eager/jitted {r['warm_ratio']:5.2f}x")
         if "uncompiled_warm_ms" in r:
-            line += (f"   uncompiled first {r['uncompiled_first_call_s']:6.3f} s, warm {r['uncompiled_warm_ms']:8.3f} ms"
-                     f" ({r['uncompiled_ratio']:.1f}x)")
+            line += (f"   uncompiled first {r['uncompiled_first_call_s']:6.3f} s, "
+                     f"warm {r['uncompiled_warm_ms']:8.3f} ms ({r['uncompiled_ratio']:.1f}x)")
         print(line)
     slow_warm = [n for n, r in rows.items() if r["warm_ratio"] > TARGET_WARM_RATIO]
     slow_first = [n for n, r in rows.items() if r["first_call_s"] > TARGET_FIRST_CALL_S]
