@@ -17,6 +17,10 @@ times each op after 20 ms of idle and after a 64 MB cache sweep: on the 2-vCPU V
 as the sweep or slower, so what makes an op slower after the block is mostly waking the second CPU for
 XLA's parallel loops, not cold data.
 
+Eager columns (``bench/eager_calls.py``, run first; ``--eager-only`` runs just these): each public merge op called
+outside any jit, first call and warm call, against the same call jitted, as ratios (targets: warm <= 3x jitted,
+first call < 1 s).
+
 ``on_block_out_ratio_*`` runs the block (returning its output and a metric) and then the op on those
 fresh outputs, two dispatches, as a model run layer by layer would; it is divided by that block's time.
 
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import reduction as R  # noqa: E402
+from bench.eager_calls import eager_columns, report as eager_report  # noqa: E402
 
 
 def make_block_params(key, dim=384, mlp=1536):
@@ -80,6 +85,23 @@ def pitome_step(x, sizes, metric):
     state = R.TokenState(x=x, sizes=sizes, positions=jnp.zeros(sizes.shape, jnp.int32))
     out = R.pitome_merge(state, metric, ratio=0.9, margin=0.9)
     return out.x, out.sizes
+
+
+def eager_cases(x, sizes, metric):
+    """The public merge ops called eagerly (``bench/eager_calls.py``), on the benchmark's ToMe / PiToMe setting."""
+    state = R.TokenState(x=x, sizes=sizes, positions=jnp.zeros(sizes.shape, jnp.int32))
+    step = jax.jit(lambda m: R.bipartite_soft_matching(m, r=13, class_token=True))(metric)   # traced: no eager cache
+    tome, pitome = R.ToMe(r=13), R.build_layer_reducers(12, {"method": "pitome", "keep_ratio": 0.9})[0]
+    info = R.LayerInfo(num_protected=1, metric=metric)
+    return {
+        "bipartite_soft_matching": (lambda m: R.bipartite_soft_matching(m, r=13, class_token=True), (metric,)),
+        "apply_step (merge)": (lambda s, st: R.apply_step(s, st), (state, step)),
+        "tome_merge": (lambda s, m: R.tome_merge(s, m, r=13, class_token=True), (state, metric)),
+        "ToMe(r=13)(state, info)": (lambda s, i: tome(s, i), (state, info)),
+        "pitome_matching": (lambda m: R.pitome_matching(m, ratio=0.9, margin=0.9), (metric,)),
+        "pitome_merge": (lambda s, m: R.pitome_merge(s, m, ratio=0.9, margin=0.9), (state, metric)),
+        "PiToMe(0.9)(state, info)": (lambda s, i: pitome(s, i), (state, info)),
+    }
 
 
 def block_with_metric(params, x):
@@ -125,6 +147,10 @@ def main(argv=None):
                          "marginal cost inside one jit")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default="results/bench/merge_ops.json")
+    ap.add_argument("--eager-only", action="store_true",
+                    help="only the eager-call columns (each public op called outside a jit vs jitted)")
+    ap.add_argument("--uncompiled", action="store_true",
+                    help="also time each op eagerly primitive by primitive (as before reduction._compiled; slow)")
     args = ap.parse_args(argv)
     repeats, warmup = (3, 1) if args.quick else (args.repeats, 5)
     fused_repeats = 3 if args.quick else args.fused_repeats
@@ -136,6 +162,18 @@ def main(argv=None):
     metric = jax.random.normal(km, (b, t, 64), jnp.float32)
     sizes = jnp.ones((b, t), jnp.float32)
     params = make_block_params(kp)
+
+    # Eager calls first, so that each op's first call is the first in this process.
+    eager = eager_report(eager_columns(eager_cases(x, sizes, metric), 3 if args.quick else args.repeats,
+                                       uncompiled=args.uncompiled), f"B={b} T={t} C={c}, ToMe r=13, PiToMe 0.9")
+    machine = dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
+                   backend=jax.default_backend(), devices=[str(d) for d in jax.devices()], jax=jax.__version__)
+    if args.eager_only:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(dict(quick=args.quick, machine=machine, eager=eager), indent=2))
+        print(f"wrote {out}")
+        return eager
 
     fns = {
         "block": (jax.jit(vit_block), (params, x)),
@@ -228,9 +266,8 @@ def main(argv=None):
         # what a trivial separately dispatched function costs right after the block (fixed per call)
         dispatch_floor_ratio=paired_dispatch,
         targets=dict(tome=0.03, pitome=0.08),
-        machine=dict(processor=platform.processor() or platform.machine(), cpu_count=os.cpu_count(),
-                     backend=jax.default_backend(), devices=[str(d) for d in jax.devices()],
-                     jax=jax.__version__),
+        eager=eager,
+        machine=machine,
     )
     print(f"machine: {result['machine']['processor']}, {os.cpu_count()} CPUs, backend {jax.default_backend()}")
     for name in samples:

@@ -20,6 +20,9 @@ fused attention), prefill of T = 576 image + 64 text tokens (image span at 0..57
 start 0), B=1. DART selection at budget 128 (132 kept) with both pivot orders, and FastV selection from
 the last query row. Target: DART selection <= 5% of the layer.
 
+Eager columns (``bench/eager_calls.py``; ``--eager-only`` runs just these): each public op called outside any jit
+(first call and warm call) against the same call jitted, as ratios.
+
 Every function is jitted and warmed up; the timed calls are interleaved (layer, op, layer, op, ...) with
 ``block_until_ready``; a ratio is the median over rounds of ``op_i / layer_i`` (paired within a round, so
 drifts of a shared machine cancel); the JSON written to ``--out`` holds medians (ms), ratios and the machine.
@@ -44,6 +47,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import reduction as R  # noqa: E402
 from reduction.dart import dart_vit_keep_indices  # noqa: E402
 from reduction.zerotprune import ZeroTPruneConfig  # noqa: E402
+from bench.eager_calls import eager_columns, report as eager_report  # noqa: E402
 
 
 def _ln(x, scale, bias):
@@ -165,6 +169,10 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny shapes and 2 repeats")
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", default="results/bench/prune_ops.json")
+    ap.add_argument("--eager-only", action="store_true",
+                    help="only the eager-call columns (each public op called outside a jit vs jitted)")
+    ap.add_argument("--uncompiled", action="store_true",
+                    help="also time each op eagerly primitive by primitive (as before reduction._compiled; slow)")
     args = ap.parse_args(argv)
     repeats = 2 if args.quick else args.repeats
 
@@ -203,7 +211,7 @@ def main(argv=None):
     vit_args = {"vit_block": (x,), "zerotprune_1it": zt_args, "zerotprune_10it": zt_args, "zerotprune_30it": zt_args,
                 "topk_cls": (state, attn), "random": (state, jax.random.key(1)), "pool_2x2": (state,),
                 "dart_vit": (state, metric)}
-    vit_ms, vit_ratio = timeit(vit_ops, vit_args, repeats)
+    vit_ms, vit_ratio = ({}, {}) if args.eager_only else timeit(vit_ops, vit_args, repeats)
 
     # ---- Zero-TPrune inside the block it runs in (one jit): attention with explicit probabilities, the
     # pruning step on those probabilities, the MLP on the kept tokens. The same block that keeps the first K
@@ -225,9 +233,11 @@ def main(argv=None):
 
     fused_ops = {"vit_block": vit_ops["vit_block"], "probs_block": in_block(-1), "probs_block+first_K": in_block(-2),
                  "probs_block+zerotprune_10it": in_block(10), "probs_block+zerotprune_30it": in_block(30)}
-    fused_ms, fused_ratio = timeit(fused_ops, {k: (x,) for k in fused_ops}, repeats)
-    in_model = {f"zerotprune_{n}it": fused_ratio[f"probs_block+zerotprune_{n}it"] - fused_ratio["probs_block+first_K"]
-                for n in (10, 30)}
+    fused_ms, fused_ratio, in_model = {}, {}, {}
+    if not args.eager_only:
+        fused_ms, fused_ratio = timeit(fused_ops, {k: (x,) for k in fused_ops}, repeats)
+        in_model = {f"zerotprune_{n}it": fused_ratio[f"probs_block+zerotprune_{n}it"]
+                    - fused_ratio["probs_block+first_K"] for n in (10, 30)}
 
     # ---- decoder layer and the LLM-side selections
     bl, img, txt, cl, hl, ml = (1, 48, 16, 128, 4, 256) if args.quick else (1, 576, 64, 1024, 16, 2816)
@@ -250,7 +260,40 @@ def main(argv=None):
     }
     llm_args = {"decoder_layer": (xl,), "dart_ascending": (xl, keys, starts), "dart_cpython_set": (xl, keys, starts),
                 "fastv": (last_rows, starts)}
-    llm_ms, llm_ratio = timeit(llm_ops, llm_args, repeats)
+    llm_ms, llm_ratio = ({}, {}) if args.eager_only else timeit(llm_ops, llm_args, repeats)
+
+    # ---- eager calls: each public op outside any jit (one compiled program per configuration and shape)
+    cfg1 = ZeroTPruneConfig(iterations=1)
+    step = jax.jit(lambda a: R.prune_step(R.topk_keep_indices(a[:, :, 0, :].mean(1), keep=keep, num_protected=1),
+                                          t))(attn)
+    cls_scores = attn[:, :, 0, :].mean(1)
+    eager_cases = {
+        "topk_keep_indices": (lambda sc: R.topk_keep_indices(sc, keep=keep, num_protected=1), (cls_scores,)),
+        "random_keep_indices": (lambda k: R.random_keep_indices(k, b, t, keep=keep, num_protected=1),
+                                (jax.random.key(1),)),
+        "prune_step": (lambda i: R.prune_step(i, t), (step.anchor,)),
+        "apply_step (prune)": (lambda s, st: R.apply_step(s, st), (state, step)),
+        "pool_tokens": (lambda s: R.pool_tokens(s, k=2, num_protected=1), (state,)),
+        "dart_vit_keep_indices": (lambda s, m: dart_vit_keep_indices(s.x, keep=keep, num_protected=1, keys=m),
+                                  (state, metric)),
+        "zerotprune (1 it)": (lambda s, a, m: R.zerotprune(s, a, m, r_similarity=r_s, r_importance=r_i, config=cfg1),
+                              (state, attn, metric)),
+        "dart_keep_indices (LLM)": (lambda h, k, s: R.dart_keep_indices(h, k, image_starts=s, image_len=img,
+                                                                         budget=budget), (xl, keys, starts)),
+        "fastv_keep_indices (LLM)": (lambda a, s: R.fastv_keep_indices(a, image_starts=s, image_len=img,
+                                                                        budget=budget), (last_rows, starts)),
+    }
+    eager = eager_report(eager_columns(eager_cases, repeats, uncompiled=args.uncompiled),
+                         f"ViT B={b} T={t} C={c}; LLM B={bl} T={tl} C={cl}")
+    machine = {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+               "jax": jax.__version__, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
+    if args.eager_only:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"quick": args.quick, "repeats": repeats, "machine": machine, "eager": eager},
+                                  indent=2))
+        print(f"wrote {out}")
+        return eager
 
     # ---- every registered method at the ViT block (one reducer call on the block's outputs) and before the
     # decoder layer (prefill; the rows of the last text queries as the LLM point hands them over)
@@ -273,9 +316,8 @@ def main(argv=None):
 
     result = {
         "quick": args.quick, "repeats": repeats,
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "jax": jax.__version__, "backend": jax.default_backend(),
-                    "devices": [str(d) for d in jax.devices()]},
+        "machine": machine,
+        "eager": eager,
         "vit": {"shapes": dict(B=b, T=t, C=c, H=heads, mlp=mlp, keep=keep, r_similarity=r_s, r_importance=r_i),
                 "median_ms": vit_ms, "ratio_to_block": vit_ratio,
                 "in_block_median_ms": fused_ms, "in_block_ratio_to_block": fused_ratio,

@@ -2,6 +2,9 @@
 
 No Flax import here: every op takes and returns arrays (or the small pytrees ``TokenState`` and
 ``ReductionStep``), with counts as static Python ints.
+
+Eager calls: the public ops (and ``reducer(state, info)``) called outside a ``jax.jit`` run one compiled program per
+static configuration and shape (``reduction._compiled.eager_jit``); under a user's jit they are traced as is.
 """
 
 from reduction.attention import combine_biases, key_mask_bias, proportional_attention_bias

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reduction._compiled import eager_jit
+from reduction.spans import check_concrete_spans
 from reduction import flops as flops_lib
 from reduction.reducers import (ATTENTION, TEXT_ATTENTION, LayerInfo, Reducer, candidates_kept, pruned_count,
                                 register)
@@ -42,6 +44,7 @@ from reduction.validate import check_count, check_leading, check_rank, check_rat
 # -- generic top-k pruning -------------------------------------------------------------------------------
 
 
+@eager_jit
 def topk_keep_indices(scores: jax.Array, *, keep: int, num_protected: int = 0,
                       valid: Optional[jax.Array] = None) -> jax.Array:
     """Keep the protected prefix plus the highest-scoring other tokens.
@@ -81,6 +84,7 @@ def cls_attention_scores(attention: jax.Array, *, query: int = 0) -> jax.Array:
     return jnp.mean(attention[:, :, query, :].astype(jnp.float32), axis=1)
 
 
+@eager_jit
 def random_keep_indices(rng: jax.Array, batch: int, num_tokens: int, *, keep: int, num_protected: int = 0,
                         valid: Optional[jax.Array] = None) -> jax.Array:
     """Uniformly random kept subset per example (protected prefix always kept): ``[B, keep]`` int32."""
@@ -91,6 +95,13 @@ def random_keep_indices(rng: jax.Array, batch: int, num_tokens: int, *, keep: in
 # -- FastV (VLM contract) ----------------------------------------------------------------------------------
 
 
+def _check_fastv_spans(attention, *, image_starts, image_len, **_):
+    """Eager value check (reduction._compiled): the image spans lie inside the sequence."""
+    if getattr(attention, "ndim", 0) == 4:
+        check_concrete_spans(image_starts, image_len, attention.shape[3], attention.shape[0])
+
+
+@eager_jit(check=_check_fastv_spans)
 def fastv_keep_indices(attention: jax.Array, *, image_starts: jax.Array, image_len: int, budget: int,
                        valid: Optional[jax.Array] = None) -> jax.Array:
     """FastV's kept positions: image tokens ranked by the attention they receive from the last valid
@@ -186,6 +197,7 @@ def pool_step(batch: int, num_tokens: int, *, k: int, num_protected: int = 1,
                       jnp.broadcast_to(jnp.asarray(anchor), (batch, anchor.shape[0])))
 
 
+@eager_jit
 def pool_tokens(state: TokenState, *, k: int, num_protected: int = 1,
                 grid: Optional[tuple[int, int]] = None) -> TokenState:
     """Pool a token grid: ``x: [B, P + h*w, C] -> [B, P + ceil(h/k)*ceil(w/k), C]``; sizes add up (a window

@@ -74,6 +74,8 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
+from reduction.spans import check_concrete_spans
 from reduction import flops as flops_lib
 from reduction.reducers import (HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count,
                                 register)
@@ -166,6 +168,7 @@ def dpp_greedy_order(kernel: jax.Array, kept: int, valid: Optional[jax.Array] = 
     return jax.lax.fori_loop(0, kept, body, init)[3]
 
 
+@eager_jit
 def dpp_select(x: jax.Array, kept: int, relevance: Optional[jax.Array] = None,
                valid: Optional[jax.Array] = None) -> jax.Array:
     """CDPruner's kept tokens of one image: ``x: [N, C]``, ``relevance: [N]`` or ``None`` -> ``[kept]`` int32
@@ -219,6 +222,13 @@ def dpp_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, valid: 
                                num_protected=num_protected, valid=valid)
 
 
+def _check_cdpruner_spans(hidden, image_starts, *, image_len, **_):
+    """Eager value check (reduction._compiled): the image spans lie inside the sequence."""
+    if getattr(hidden, "ndim", 0) == 3:
+        check_concrete_spans(image_starts, image_len, hidden.shape[1], hidden.shape[0])
+
+
+@eager_jit(check=_check_cdpruner_spans)
 def cdpruner_keep_indices(hidden: jax.Array, image_starts: jax.Array, *, image_len: int, kept: int,
                           valid: Optional[jax.Array] = None, relevance: str = "similarity",
                           theta: Optional[float] = None) -> jax.Array:

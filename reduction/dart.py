@@ -61,6 +61,8 @@ from typing import ClassVar, Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
+from reduction.spans import check_concrete_spans
 from reduction import flops as flops_lib
 from reduction.reducers import HIDDEN, KEYS, LayerInfo, Reducer, candidates_kept, pruned_count, register
 from reduction.spans import (assemble as _assemble, check_span_bounds as _check_span_bounds,
@@ -159,6 +161,7 @@ def _reinsert(old: jax.Array, values: jax.Array, new_size: int) -> jax.Array:
     return table
 
 
+@eager_jit
 def cpython_set_order(values: jax.Array) -> jax.Array:
     """Iteration order of ``list(set(values).copy())`` for distinct non-negative ints, on device.
 
@@ -248,6 +251,13 @@ def _select_one_image(hn: jax.Array, norm_l1: jax.Array, text_ok: jax.Array, pos
     return start + local
 
 
+def _check_dart_spans(hidden, keys, *, image_starts, image_len, **_):
+    """Eager value check (reduction._compiled): the image spans lie inside the sequence."""
+    if getattr(hidden, "ndim", 0) == 3:
+        check_concrete_spans(image_starts, image_len, hidden.shape[1], hidden.shape[0])
+
+
+@eager_jit(check=_check_dart_spans)
 def dart_keep_indices(
     hidden: jax.Array,
     keys: jax.Array,
@@ -345,6 +355,7 @@ def dart_keep_indices(
 # -- ViT variant -----------------------------------------------------------------------------------------
 
 
+@eager_jit
 def dart_vit_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 1, num_pivots: int = 8,
                           keys: Optional[jax.Array] = None) -> jax.Array:
     """DART-style duplicate removal on ViT tokens.

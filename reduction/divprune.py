@@ -71,6 +71,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction import flops as flops_lib
 from reduction.reducers import (HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count,
                                 register)
@@ -180,6 +181,7 @@ def divprune_order(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *
     return order
 
 
+@eager_jit
 def divprune_select(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *,
                     criterion: str = "max_min", seed: str = "isolated") -> jax.Array:
     """DivPrune's kept tokens of one example: ``x: [N, C]`` (``valid: [N]`` or ``None``) -> ``[kept]`` int32
@@ -187,6 +189,7 @@ def divprune_select(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, 
     return jnp.sort(divprune_order(x, kept, valid, criterion=criterion, seed=seed))
 
 
+@eager_jit
 def divprune_keep_indices(x: jax.Array, *, keep: int, num_protected: int = 0, valid: Optional[jax.Array] = None,
                           criterion: str = "max_min", seed: str = "isolated") -> jax.Array:
     """Batched DivPrune: the first ``num_protected`` tokens always survive, ``keep`` are selected among the rest.

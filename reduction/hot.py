@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reduction._compiled import eager_jit
 from reduction.reducers import HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count, register
 from reduction.state import TokenState
 from reduction.step import ReductionStep, identity_step
@@ -74,6 +75,7 @@ def _check_represent(represent: str) -> str:
     return represent
 
 
+@eager_jit
 def dpc_knn_scores(x: jax.Array, *, knn: int = 2, valid: Optional[jax.Array] = None, ties: str = "lower_index"):
     """DPC-kNN of one example: ``x: [N, C]``, ``valid: [N]`` bool or ``None`` -> ``(score [N], dist [N, N])``
     float32. ``score = delta * rho`` (steps 1-4 of the module docstring), ``-inf`` on invalid tokens;
@@ -133,6 +135,7 @@ def dpc_knn(x: jax.Array, kept: int, *, knn: int = 2, valid: Optional[jax.Array]
     return centres, slot
 
 
+@eager_jit
 def hot_prune_step(x: jax.Array, *, keep: int, num_protected: int = 0, knn: int = 2,
                    valid: Optional[jax.Array] = None, represent: str = "cluster") -> ReductionStep:
     """TPC as a step: the first ``num_protected`` tokens and the ``keep`` DPC-kNN centres of the rest survive.

@@ -59,6 +59,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction.reducers import METRIC, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count, register
 from reduction.state import TokenState
 from reduction.step import ReductionStep, identity_step, merge_step
@@ -127,6 +128,7 @@ def kmeans_assign(metric: jax.Array, weights: jax.Array, clusters: int, *, itera
     return assign(c, anchor), anchor
 
 
+@eager_jit
 def kmeans_step(metric: jax.Array, *, clusters: int, num_protected: int = 0, sizes: Optional[jax.Array] = None,
                 valid: Optional[jax.Array] = None, iterations: int = DEFAULT_ITERATIONS) -> ReductionStep:
     """The k-means merge step: ``metric: [B, T, d]`` -> a merge step to ``num_protected + clusters`` slots.

@@ -46,6 +46,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction import flops as flops_lib
 from reduction.reducers import METRIC, LayerInfo, Reducer, check_layers, register
 from reduction.schedule import ratio_to_r
@@ -110,6 +111,7 @@ def _similarity(metric: jax.Array) -> jax.Array:
     return jnp.where(jnp.isnan(sim), -jnp.inf, sim)
 
 
+@eager_jit
 def pitome_energy(metric: jax.Array, *, margin: float, alpha: float = 1.0, energy_fn: str = "paper") -> jax.Array:
     """Energy scores ``metric: [B, T, Cm] -> [B, T]`` float32 (pass the non-protected tokens only).
 
@@ -150,6 +152,7 @@ def _pitome_one(metric, r: int, p: int, margin: float, alpha: float, energy_fn: 
     return jnp.concatenate([front, p + rest]), jnp.concatenate([front, p + keep])
 
 
+@eager_jit
 def pitome_matching(
     metric: jax.Array,
     *,
@@ -186,6 +189,7 @@ def pitome_matching(
     return merge_step(assign, anchor)
 
 
+@eager_jit
 def pitome_merge(
     state: TokenState,
     metric: jax.Array,

@@ -39,7 +39,9 @@ from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 import jax
 
 from reduction import flops as flops_lib
+from reduction._compiled import eager_jit
 from reduction.schedule import tome_clamp, tome_r_schedule
+from reduction.spans import check_concrete_spans
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step
 from reduction.tome import bipartite_soft_matching
@@ -123,6 +125,21 @@ class LayerInfo:
         return value
 
 
+# A pytree: the arrays are its children and the counts are static, so a LayerInfo passes through ``jax.jit`` (and an
+# eager ``reducer(state, info)`` compiles once per static configuration, see reduction._compiled).
+jax.tree_util.register_dataclass(
+    LayerInfo,
+    data_fields=["metric", "attention", "keys", "hidden", "text_attention", "layer_attention", "image_starts", "rng"],
+    meta_fields=["layer", "num_layers", "num_protected", "num_distill", "num_registers", "image_len", "num_images"],
+)
+
+
+def _check_call(reducer, state: TokenState, info: LayerInfo) -> None:
+    """Value checks of an eager reducer call (image spans inside the sequence), before the compiled plan runs."""
+    if info.image_starts is not None and getattr(state.x, "ndim", 0) == 3:
+        check_concrete_spans(info.image_starts, info.image_len, state.x.shape[1], state.x.shape[0])
+
+
 @dataclasses.dataclass(frozen=True)
 class Reducer:
     """Base class of every method. Subclasses set ``needs`` and implement :meth:`num_out` and :meth:`plan`.
@@ -150,6 +167,7 @@ class Reducer:
         """The step that reduces ``state`` (``[B, T, C] -> [B, num_out(T), C]``)."""
         raise NotImplementedError
 
+    @eager_jit(check=_check_call)
     def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
         return apply_step(state, self.plan(state, info))
 

@@ -57,6 +57,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction.cdpruner import (check_relevance, check_theta, cosine_similarity, dpp_flops, dpp_greedy_order,
                                 dpp_kernel, query_relevance, relevance_flops)
 from reduction.reducers import (HIDDEN, LayerInfo, Reducer, candidates_kept, default_layers, pruned_count,
@@ -168,6 +169,7 @@ def script_order(x: jax.Array, kept: int, relevance: Optional[jax.Array] = None,
     return dpp_greedy_order(kernel, kept, ok & ~removed)
 
 
+@eager_jit
 def script_select(x, kept, relevance=None, valid=None, **options) -> jax.Array:
     """Script's kept tokens of one image, ascending: ``[kept]`` int32 (options: see :func:`script_order`)."""
     return jnp.sort(script_order(x, kept, relevance, valid, **options))

@@ -62,6 +62,23 @@ def check_span_bounds(starts: jax.Array, image_len: int, num_tokens: int) -> jax
     return jnp.clip(starts, 0, num_tokens - image_len)
 
 
+def check_concrete_spans(image_starts, image_len, num_tokens: int, batch: int) -> None:
+    """Before an eager call of a compiled op (:mod:`reduction._compiled`): run :func:`check_span_bounds` on
+    concrete ``image_starts`` so that spans outside the sequence raise their named error, as an uncompiled call
+    would. Anything else wrong (rank, dtype, a bad ``image_len``) is left to the op's own checks while it traces."""
+    if image_starts is None or isinstance(image_starts, jax.core.Tracer):
+        return
+    if isinstance(image_len, bool) or not isinstance(image_len, int) or image_len <= 0:
+        return
+    shape = getattr(image_starts, "shape", None)
+    dtype = getattr(image_starts, "dtype", None)
+    if shape is None or len(shape) not in (1, 2) or shape[0] != batch or not jnp.issubdtype(dtype, jnp.integer):
+        return
+    starts = np.asarray(image_starts).reshape(batch, -1)
+    if starts.shape[1] * image_len <= num_tokens:
+        check_span_bounds(starts, image_len, num_tokens)
+
+
 def span_mask(starts: jax.Array, image_len: int, num_tokens: int) -> jax.Array:
     """``starts: [M]`` -> ``[T]`` bool, True on every image token of one example."""
     pos = jnp.arange(num_tokens)[:, None]
@@ -156,5 +173,5 @@ def prefix_keep_indices(select: Callable[[jax.Array, jax.Array], jax.Array], x: 
     return jnp.concatenate([prefix, sel + p], axis=1)
 
 
-__all__ = ["check_starts", "check_span_bounds", "span_mask", "assemble", "span_keep_indices", "prefix_keep_indices",
-           "require_spans", "span_num_out"]
+__all__ = ["check_starts", "check_span_bounds", "check_concrete_spans", "span_mask", "assemble", "span_keep_indices",
+           "prefix_keep_indices", "require_spans", "span_num_out"]

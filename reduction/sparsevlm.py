@@ -63,6 +63,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction.crossattn import (check_rows, resolve_stages, rows_attention_flops, scaled_layers, stage_count,
                                  text_row_mask, weighted_row_scores)
 from reduction.reducers import TEXT_ATTENTION, LayerInfo, Reducer, register
@@ -108,6 +109,7 @@ def sparsevlm_counts(image_len: int, target: int, merge: bool = True) -> tuple[i
 # -- DPC-kNN ---------------------------------------------------------------------------------------------------
 
 
+@eager_jit
 def dpc_knn(x: jax.Array, num_clusters: int) -> tuple[jax.Array, jax.Array]:
     """Density-peak clustering with a kNN density, as SparseVLM's ``cluster_and_merge`` (without its noise).
 
@@ -161,6 +163,7 @@ def rater_weights(x: jax.Array, starts: jax.Array, image_len: int, tq: int, vali
     return jax.vmap(one)(xf, text, starts, cand).astype(jnp.float32)
 
 
+@eager_jit
 def sparsevlm_step(x: jax.Array, rows: jax.Array, image_starts: jax.Array, *, image_len: int, kept: int,
                    recycled: int, clusters: int, valid=None, raters: str = "relevant") -> ReductionStep:
     """SparseVLM's step for one stage.

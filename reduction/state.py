@@ -17,6 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction.validate import check_leading, check_rank
 
 
@@ -91,12 +92,14 @@ def init_state(
     return TokenState(x=x, sizes=sizes, positions=positions, valid=valid, source=source)
 
 
+@eager_jit
 def source_matrix(source: jax.Array, num_tokens: int) -> jax.Array:
     """Expand a ``[B, N]`` source map to ToMe's ``[B, T, N]`` 0/1 matrix (row t = members of token t)."""
     check_rank(source, 2, "source")
     return (source[:, None, :] == jnp.arange(num_tokens, dtype=source.dtype)[None, :, None]).astype(jnp.float32)
 
 
+@eager_jit
 def unmerge(y: jax.Array, source: jax.Array, *, fill_value: float = 0.0) -> jax.Array:
     """Broadcast reduced tokens back to the original positions, for dense outputs.
 

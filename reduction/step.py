@@ -32,6 +32,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction.state import TokenState
 from reduction.validate import check_rank
 
@@ -62,6 +63,7 @@ def identity_step(batch: int, num_tokens: int) -> ReductionStep:
     return ReductionStep(assign=idx, anchor=idx, num_out=num_tokens, merges=False)
 
 
+@eager_jit
 def prune_step(keep_idx: jax.Array, num_tokens: int, valid: Optional[jax.Array] = None) -> ReductionStep:
     """Pruning step from kept indices.
 
@@ -191,6 +193,7 @@ def remap_source(source: Optional[jax.Array], assign: jax.Array) -> Optional[jax
     return jnp.where(source >= 0, moved, -1)
 
 
+@eager_jit
 def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
     """Apply a step to every field of the state.
 
@@ -239,6 +242,7 @@ def apply_step(state: TokenState, step: ReductionStep) -> TokenState:
     )
 
 
+@eager_jit
 def compose_steps(first: ReductionStep, second: ReductionStep) -> ReductionStep:
     """One step equivalent to applying ``first`` then ``second`` (for the bookkeeping fields)."""
     if second.num_in != first.num_out:
@@ -248,6 +252,7 @@ def compose_steps(first: ReductionStep, second: ReductionStep) -> ReductionStep:
     return ReductionStep(assign=assign, anchor=anchor, num_out=second.num_out, merges=first.merges or second.merges)
 
 
+@eager_jit
 def apply_to_tokens(values: jax.Array, step: ReductionStep, sizes: Optional[jax.Array] = None) -> jax.Array:
     """Apply a step to an extra per-token array ``[B, T, ...] -> [B, K, ...]`` (e.g. a key cache).
 

@@ -31,6 +31,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction.crossattn import (check_rows, last_row_scores, rows_attention_flops, span_topk_keep, text_row_mask,
                                  weighted_row_scores)
 from reduction.reducers import TEXT_ATTENTION, LayerInfo, Reducer, register
@@ -42,6 +43,7 @@ from reduction.validate import check_count, check_ratio
 QUERIES = ("text", "last")
 
 
+@eager_jit
 def todre_scores(rows: jax.Array, image_starts: jax.Array, *, image_len: int, valid=None, query: str = "text"
                  ) -> jax.Array:
     """Cross-modal relevance ``[B, M, T]``: head-mean attention from the text rows after each image (``"text"``;

@@ -49,6 +49,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction import flops as flops_lib
 from reduction.atp import compact_keep
 from reduction.reducers import ATTENTION, METRIC, LayerInfo, Reducer, pruned_count, register
@@ -76,6 +77,7 @@ def tokencorr_counts(metric: jax.Array, valid: Optional[jax.Array] = None, *, th
     return redundant, jnp.sum(ok.astype(jnp.int32), axis=-1)
 
 
+@eager_jit
 def tokencorr_keep(cls_attention: jax.Array, metric: jax.Array, *, capacity: int, num_protected: int = 1,
                    valid: Optional[jax.Array] = None, threshold: float = 0.9, min_similar: int = 1
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from reduction._compiled import eager_jit
 from reduction.schedule import tome_clamp
 from reduction.state import TokenState
 from reduction.step import ReductionStep, apply_step, identity_step, merge_step
@@ -52,6 +53,7 @@ from reduction.validate import check_count, check_leading, check_rank
 _EPS = 1e-12
 
 
+@eager_jit
 def cosine_normalize(metric: jax.Array) -> jax.Array:
     """``[..., C] -> [..., C]`` float32 unit vectors; zero vectors stay zero (no NaN)."""
     m = metric.astype(jnp.float32)
@@ -181,6 +183,7 @@ def _protected_split(class_token: bool, distill_token: bool, num_protected: Opti
     return (p + 1) // 2, p // 2
 
 
+@eager_jit
 def bipartite_soft_matching(
     metric: jax.Array, *, r: int, class_token: bool = False, distill_token: bool = False,
     num_protected: Optional[int] = None,
@@ -215,6 +218,7 @@ def _best_partner(a: jax.Array, b: jax.Array) -> jax.Array:
     return _first_argmax(scores, jnp.max(scores, axis=-1))
 
 
+@eager_jit
 def kth_bipartite_soft_matching(metric: jax.Array, *, k: int) -> ReductionStep:
     """ToMe's ``kth_bipartite_soft_matching``: ``metric: [B, T, Cm]`` -> a step ``T -> T // k`` slots.
 
@@ -245,6 +249,7 @@ def kth_bipartite_soft_matching(metric: jax.Array, *, k: int) -> ReductionStep:
     return merge_step(assign, jnp.broadcast_to(jnp.asarray(b_pos), (bsz, groups)))
 
 
+@eager_jit
 def random_bipartite_soft_matching(
     metric: jax.Array,
     *,
@@ -299,6 +304,7 @@ def random_bipartite_soft_matching(
     return merge_step(assign, anchor)
 
 
+@eager_jit
 def tome_merge(
     state: TokenState,
     metric: jax.Array,

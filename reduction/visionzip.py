@@ -69,6 +69,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction import flops as flops_lib
 from reduction.reducers import ATTENTION, METRIC, LayerInfo, Reducer, candidates_kept, pruned_count, register
 from reduction.state import TokenState
@@ -94,6 +95,7 @@ def visionzip_counts(num_candidates: int, kept: int, contextual: Optional[int]) 
     return kept - m, m
 
 
+@eager_jit
 def visionzip_step(cls_attention: jax.Array, metric: jax.Array, *, dominant: int, contextual: int,
                    num_protected: int = 1, valid: Optional[jax.Array] = None) -> ReductionStep:
     """VisionZip's merge step.
@@ -232,6 +234,7 @@ class VisionZip(Reducer):
         return visionzip_step(attn[:, :, 0, :], info.require(METRIC, "visionzip"), dominant=d, contextual=m,
                               num_protected=p, valid=state.valid)
 
+    @eager_jit
     def __call__(self, state: TokenState, info: LayerInfo) -> TokenState:
         step = self.plan(state, info)
         if self.merge == "mean":

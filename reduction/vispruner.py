@@ -58,6 +58,7 @@ from typing import ClassVar, Optional
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction import flops as flops_lib
 from reduction.reducers import (ATTENTION, HIDDEN, LayerInfo, Reducer, candidates_kept, pruned_count, register)
 from reduction.state import TokenState
@@ -112,6 +113,7 @@ def vispruner_select(scores: jax.Array, feats: jax.Array, *, important: int, div
     return jnp.sort(jnp.concatenate([imp, res]))
 
 
+@eager_jit
 def vispruner_keep_indices(cls_attention: jax.Array, feats: jax.Array, *, keep: int, important_ratio: float = 0.5,
                            num_protected: int = 1, valid: Optional[jax.Array] = None) -> jax.Array:
     """Batched VisPruner: ``cls_attention: [B, H, T]`` (or ``[B, T]`` already head-averaged), ``feats: [B, T, C]``

@@ -48,6 +48,7 @@ from typing import Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 
+from reduction._compiled import eager_jit
 from reduction import flops as flops_lib
 from reduction.reducers import ATTENTION, KEYS, METRIC, LayerInfo, Reducer, register
 from reduction.schedule import keep_count
@@ -220,6 +221,7 @@ def _i_stage_one(attn, valid, survivors, keep: int, num_protected: int, cfg: Zer
     return jnp.nonzero(kept, size=keep)[0].astype(jnp.int32)
 
 
+@eager_jit
 def zerotprune_step(attention: jax.Array, metric: jax.Array, *, r_similarity: int, r_importance: int,
                     num_protected: int = 1, valid: Optional[jax.Array] = None,
                     config: ZeroTPruneConfig = ZeroTPruneConfig()) -> ReductionStep:
@@ -275,6 +277,7 @@ def zerotprune_step(attention: jax.Array, metric: jax.Array, *, r_similarity: in
     return prune_step(keep, t)
 
 
+@eager_jit
 def zerotprune(state: TokenState, attention: jax.Array, metric: jax.Array, *, r_similarity: int,
                r_importance: int, num_protected: int = 1,
                config: ZeroTPruneConfig = ZeroTPruneConfig()) -> TokenState:
