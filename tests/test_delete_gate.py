@@ -148,6 +148,7 @@ def test_gate_candidates_and_hard_step_match_loop_references_and_jit_equals_eage
         np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.long   # ~10 s; the hard step and the gradients are checked by default
 def test_soft_forward_matches_the_loop_reference_and_zero_gates_equal_the_unreduced_lm():
     """Training mode: layer 1 adds G to the image tokens' key logits; gradients reach the gate; a gate that deletes
     nothing (G = 0) is the plain LM (the reference with no bias)."""

@@ -214,6 +214,7 @@ def _tokens(model, images, plan=ReductionPlan()):
     return model.image_tokens(images, plan)
 
 
+@pytest.mark.long   # ~35 s (two tiny VLMs); the loop-reference tests are default
 def test_tiling_none_unchanged_tile_order_flops_and_batch(models):
     plain, tiled = models
     img = jax.random.normal(jax.random.key(3), (2, 32, 32, 3)) * 2.0

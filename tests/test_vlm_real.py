@@ -155,6 +155,7 @@ def _tiny_chat_overrides():
 
 @pytest.mark.assets
 @needs_smollm2
+@pytest.mark.long   # ~50 s with the real tokenizer; projector-only training and its resume stay default (test_vlm_ckpt)
 def test_chat_vqa_trains_only_the_projector_and_eval_sweeps_it(tmp_path):
     from configs import load_config
     from evaluation.vlm_sweep import export_projector
