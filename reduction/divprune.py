@@ -162,8 +162,8 @@ def divprune_order(x: jax.Array, kept: int, valid: Optional[jax.Array] = None, *
     else:
         # Seed: second smallest of every column (diagonal kept), invalid rows are not neighbours.
         cols = jnp.where(ok[:, None], d, jnp.inf).T                # row j of cols = column j of D
-        neg, _ = jax.lax.top_k(-cols, 2)
-        isolation = -neg[:, 1]
+        first = jnp.argmin(cols, axis=1)                          # drop one smallest entry, take the min again
+        isolation = jnp.min(cols.at[jnp.arange(n), first].set(jnp.inf), axis=1)
         seed = jnp.argmax(jnp.where(ok, isolation, _LOW)).astype(jnp.int32)
 
     order = jnp.zeros((kept,), jnp.int32).at[0].set(seed)
