@@ -237,8 +237,7 @@ def test_bench_accel_hlo_summary_reads_dot_operand_and_result_types():
     assert got.get("convert f32 -> bf16") == 1, got
 
 
-@pytest.mark.long
-def test_bench_accel_smoke_run_has_no_section_errors(tmp_path):
+def test_bench_accel_smoke_run_has_no_section_errors(tmp_path):   # the benchmark command, CI-sized (~35 s)
     out = tmp_path / "accel.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_accel.py"), "--smoke", "--budget", "600",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)
