@@ -36,8 +36,6 @@ recorded as ``attention_fallback``).
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import pathlib
@@ -45,7 +43,6 @@ import platform
 import sys
 import time
 import traceback
-import types
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -277,59 +274,14 @@ def section_dtype(sizes, log, until):
     return dict(rows=rows, hlo=hlo)
 
 
-class _StubModule(types.ModuleType):
-    """Any attribute is a do-nothing class (``InterpolationMode`` an enum of torchvision's names)."""
-
-    def __init__(self, name):
-        super().__init__(name)
-        self.__path__ = []
-
-    def __getattr__(self, attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        if attr == "InterpolationMode":
-            import enum
-
-            return enum.Enum("InterpolationMode", "NEAREST NEAREST_EXACT BILINEAR BICUBIC BOX HAMMING LANCZOS")
-        return type(attr, (), {"__init__": lambda self, *a, **k: None})
-
-
-class _NoTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """timm imports torchvision at module level but its ViT never calls it; this stands in when it is absent."""
-
-    def find_spec(self, name, path, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        return _StubModule(spec.name)
-
-    def exec_module(self, module):
-        pass
-
-
-def _import_timm():
-    stub = None
-    if importlib.util.find_spec("torchvision") is None:
-        stub = _NoTorchvision()
-        sys.meta_path.insert(0, stub)
-    try:
-        import timm
-    finally:
-        if stub is not None:
-            sys.meta_path.remove(stub)
-    return timm
-
-
 def section_timm(sizes, log, until):
-    import importlib.util
+    from loaders.timm_import import import_timm, timm_available
 
-    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None:
+    if not timm_available():
         return dict(skipped="torch or timm not installed (the test extra has both)")
     import torch
 
-    timm = _import_timm()
+    timm = import_timm()
     variant, size, _, _ = sizes["dtype"]
     batch = sizes["timm_batch"]
     name = {"S/16": "vit_small_patch16_224", "mu/16": "vit_tiny_patch16_224", "Ti/16": "vit_tiny_patch16_224",

