@@ -232,6 +232,8 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
             dec_ms = _decode_ms(model, t, tcfg, batches[0], int(cfg.repeats), int(cfg.decode_steps))
         rows.append(dict(
             label=s.label, point=s.point, method=s.method, fraction=s.fraction, spec=s.spec, accuracy=acc,
+            accuracy_se=float(np.sqrt(acc * (1 - acc) / max(1, int(mask.sum())))),
+            correct=correct[mask].astype(int).tolist(),
             image_tokens=fl["image_tokens"], image_keep=fl["image_tokens"] / base_k,
             llm_tokens_after=fl["cache_lengths"][-1], tower_flops=fl["tower"], connector_flops=fl["connector"],
             prefill_flops=fl["prefill"], total_flops=fl["total"], decode_flops=fl["decode"],
@@ -271,10 +273,11 @@ def write_csv(rows, path) -> None:
     import csv
 
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[c for c in rows[0] if c != "spec"], extrasaction="ignore")
+        skip = ("spec", "correct")
+        w = csv.DictWriter(f, fieldnames=[c for c in rows[0] if c not in skip], extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: v for k, v in r.items() if k != "spec"})
+            w.writerow({k: v for k, v in r.items() if k not in skip})
 
 
 def _fmt(v) -> str:
@@ -294,6 +297,31 @@ def markdown_table(result) -> str:
         vals = [r.get(c) for c in COLUMNS]
         vals[COLUMNS.index("total_flops")] = f"{r['total_flops'] / 1e9:.2f} G"
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
+    return head + "\n".join(lines) + "\n" + paired_table(result["points"])
+
+
+def paired_table(rows) -> str:
+    """Every setting against random pruning at the same budget, on the same examples (:mod:`evaluation.paired`):
+    the accuracy difference, its paired standard error, wins / losses and the exact McNemar p-value. Random at the
+    same insertion point is the reference where the sweep has it, else random at the connector."""
+    from evaluation.paired import paired_difference
+
+    randoms = {(r["point"], round(r["fraction"], 6)): r for r in rows if r["method"] == "random" and r.get("correct")}
+    lines = []
+    for r in rows:
+        if r["method"] in ("none", "random") or not r.get("correct"):
+            continue
+        key = round(r["fraction"], 6)
+        ref = randoms.get((r["point"], key)) or randoms.get(("connector", key))
+        if ref is None or len(ref["correct"]) != len(r["correct"]):
+            continue
+        d = paired_difference(r["correct"], ref["correct"])
+        lines.append(f"| {r['label']} | {ref['label']} | {100 * d['diff']:+.1f} | {100 * d['se']:.1f} | "
+                     f"{d['wins']} / {d['losses']} | {d['p']:.3g} |")
+    if not lines:
+        return ""
+    head = ("\nPaired against random at the same budget (same examples; points of accuracy):\n\n"
+            "| setting | against | difference | paired SE | wins / losses | McNemar p |\n|---|---|---|---|---|---|\n")
     return head + "\n".join(lines) + "\n"
 
 
@@ -322,4 +350,5 @@ def plot_pareto(rows, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["Setting", "settings_for", "run", "load_projector", "export_projector", "markdown_table", "plot_pareto"]
+__all__ = ["Setting", "settings_for", "run", "load_projector", "export_projector", "markdown_table", "paired_table",
+           "plot_pareto"]
