@@ -313,7 +313,7 @@ class ViT(nnx.Module):
                    seed: int = 0, **options) -> "ViT":
         """Convenience: one :class:`reduction.nnx.LearnedATP` (``capacity_ratio`` plus ``options``: ``stride``,
         ``hidden``, ``temperature``, ``init_theta``, ``self_weight``, ``straight_through``, ``target_keep``,
-        ``budget_weight``, ``budget_kind``) per block of ``layers``, each attached with :meth:`attach_reducer`.
+        ``budget_weight``, ``budget_kind``, ``features``; ``dim`` defaults to the width) per block of ``layers``, each attached with :meth:`attach_reducer`.
         Returns ``self``."""
         from reduction.nnx import LearnedATP
 
@@ -326,6 +326,8 @@ class ViT(nnx.Module):
         if bad:
             raise ValueError(f"attach_atp: layers {bad} out of range for depth={self.config.depth}")
         rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        if options.get("features", "stats") != "stats":
+            options.setdefault("dim", self.config.width)
         for v in layers:
             self.attach_reducer(v, LearnedATP(capacity_ratio=capacity_ratio, rngs=rngs, **options))
         return self
