@@ -18,6 +18,7 @@ def _model(**options):
     return m.attach_atp([1], capacity_ratio=1.0, stride=0, **options)
 
 
+@pytest.mark.long
 def test_constant_theta_topk_and_bisection_on_a_tiny_model():
     model = _model(init_theta=0.9)
     rng = np.random.default_rng(0)

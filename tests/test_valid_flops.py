@@ -59,6 +59,7 @@ def test_valid_flops_count_each_images_kept_tokens():
         model.valid_flops(counts[:, :2], 28, reds)
 
 
+@pytest.mark.long
 def test_sweep_counts_valid_tokens_for_adaptive_methods_and_xla_checks_capacity():
     model = _model()
     bb = vit_backbone(model, image_size=28, name="tiny")
