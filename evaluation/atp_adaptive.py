@@ -138,6 +138,40 @@ def evaluate(model, images: np.ndarray, labels: np.ndarray, *, reducers=None, ba
             "gflops": model.valid_flops(counts, size, reducers) / 1e9}
 
 
+FEATURE_NAMES = ("score_mean", "score_std", "score_max", "self_sum", "cross_sum")
+
+
+def mlp_inputs(model, images: np.ndarray, layer: int, *, batch_size: int = 500, mean=(0.0,), std=(1.0,)) -> np.ndarray:
+    """``[N, 5]`` the pooled score statistics the ATP MLP at ``layer`` reads (:data:`FEATURE_NAMES`), per image.
+    Only for the first learned layer (no reduction before it)."""
+    import reduction as R
+    from reduction import atp
+    from evaluation.data import batches, to_rgb
+
+    if layer != model.learned_layers[0]:
+        raise ValueError("mlp_inputs reads the first learned ATP layer only")
+    mod = model.learned[str(layer)]
+    p = model.config.num_protected
+
+    @jax.jit
+    def feats(x):
+        tok = model.embed(x)
+        state = R.init_state(tok)
+        for blk in model.blocks[:layer]:
+            state = blk(state)
+        blk = model.blocks[layer]
+        _, _, probs = blk.attn(blk.norm1(state.x), bias=None, need_probs=True)
+        b, t = tok.shape[:2]
+        cand = jnp.broadcast_to(jnp.arange(t) >= p, (b, t))
+        self_r, cross_r, score = atp.vit_atp_inputs(probs, cand, self_weight=mod.self_weight)
+        return mod.features(score, self_r, cross_r, cand)
+
+    out = []
+    for start, stop in batches(len(images), batch_size):
+        out.append(np.asarray(feats(to_rgb(np.asarray(images[start:stop]), model.config.image_size, mean, std))))
+    return np.concatenate(out)
+
+
 def kept_at(result: dict, layer: int) -> np.ndarray:
     """``[N]`` valid tokens after the reducer of ``layer`` (class token included)."""
     return result["counts"][:, layer, 1]
@@ -245,6 +279,15 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
             w = mean_patches - ks[0]
             interpolated[name] = (1 - w) * by_k[ks[0]]["accuracy"] + w * by_k[ks[1]]["accuracy"]
 
+    mlp_stats = {}
+    try:
+        f = mlp_inputs(model, images, layer, **kw)
+        mlp_stats = {n: _dist(f[:, i]) for i, n in enumerate(FEATURE_NAMES)}
+        corr = [float(np.corrcoef(f[:, i], learned["theta"][layer])[0, 1]) if f[:, i].std() > 0 else None
+                for i in range(f.shape[1])]
+        mlp_stats["corr_with_theta"] = dict(zip(FEATURE_NAMES, corr))
+    except ValueError:
+        pass
     kept_l = kept_at(learned, layer)
     kept_c = kept_at(const, layer)
     more = kept_l > kept_c
@@ -264,6 +307,9 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
             **{f"kept_tokens_L{l}": _dist(kept_at(const, l)) for l in layers},
             f"kept_tokens_hist_L{layer}": {str(int(v)): int(c) for v, c in zip(*np.unique(kept_c, return_counts=True))},
         },
+        "kept_tokens_by_label_L%d" % layer: {
+            str(c): {"learned": float(kept_l[labels == c].mean()), "constant": float(kept_c[labels == c].mean())}
+            for c in np.unique(labels)},
         "learned_minus_constant_accuracy": float(learned["correct"].mean() - const["correct"].mean()),
         "where_learned_keeps_more": {"images": int(more.sum()),
                                      "learned_acc": float(learned["correct"][more].mean()) if more.any() else None,
@@ -272,6 +318,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
                                       "learned_acc": float(learned["correct"][fewer].mean()) if fewer.any() else None,
                                       "constant_acc": float(const["correct"][fewer].mean()) if fewer.any() else None},
         "static_interpolated_accuracy_at_learned_mean": interpolated,
+        "mlp_inputs_L%d" % layer: mlp_stats,
         "learned_mean_kept_patches_L%d" % layer: mean_patches,
         "rows": rows,
     }
