@@ -39,28 +39,30 @@ def test_constant_theta_topk_and_bisection_on_a_tiny_model():
     assert (A.kept_at(A.evaluate(plain, images, labels, **kw), 1) == 17).all()
 
 
+@pytest.mark.long
 def test_stats_cls_features_make_theta_depend_on_the_class_token():
-    with pytest.raises(ValueError, match="features must be one of"):
-        _model(features="cls_only")
-    model = _model(features="stats+cls")
-    mod = model.learned["1"]
-    assert mod.fc1.kernel[...].shape == (5 + 32, 16)
-    mod.fc2.kernel[...] = np.full_like(np.asarray(mod.fc2.kernel[...]), 0.05)   # a nonzero head
     import jax.numpy as jnp
 
+    from reduction.nnx import LearnedATP
+
+    with pytest.raises(ValueError, match="features must be one of"):
+        LearnedATP(capacity_ratio=1.0, features="cls_only", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="needs dim"):
+        LearnedATP(capacity_ratio=1.0, features="stats+cls", rngs=nnx.Rngs(0))
+    mod = LearnedATP(capacity_ratio=1.0, features="stats+cls", dim=32, rngs=nnx.Rngs(0))
+    assert mod.fc1.kernel[...].shape == (5 + 32, 16)
+    mod.fc2.kernel[...] = jnp.full_like(mod.fc2.kernel[...], 0.05)       # a nonzero head
     rng = np.random.default_rng(0)
-    score = jnp.asarray(rng.uniform(size=(2, 17)), jnp.float32)
-    cand = jnp.asarray(np.arange(17) >= 1)[None].repeat(2, 0)
-    cls = jnp.asarray(rng.normal(size=(1, 32)), jnp.float32).repeat(2, 0)
-    same = mod.threshold(score, score, score, cand, cls)
-    assert float(same[0]) != float(same[1])                             # the stats differ between the rows
-    a = mod.threshold(score[:1], score[:1], score[:1], cand[:1], cls[:1])
-    b = mod.threshold(score[:1], score[:1], score[:1], cand[:1], cls[:1] * 3.0 + 1.0)
-    np.testing.assert_allclose(a, b, rtol=1e-5)                         # standardised: scale and shift do not count
-    c = mod.threshold(score[:1], score[:1], score[:1], cand[:1], -cls[:1])
-    assert abs(float(a[0]) - float(c[0])) > 1e-4
+    s1 = rng.uniform(size=(1, 17))
+    score = jnp.asarray(np.concatenate([s1, s1, s1, rng.uniform(size=(1, 17))]), jnp.float32)
+    cand = jnp.asarray(np.arange(17) >= 1)[None].repeat(4, 0)
+    z = rng.normal(size=(1, 32))
+    cls = jnp.asarray(np.concatenate([z, 3.0 * z + 1.0, -z, z]), jnp.float32)
+    theta = np.asarray(nnx.jit(lambda m, s, c, k: m.threshold(s, s, s, c, k))(mod, score, cand, cls))
+    np.testing.assert_allclose(theta[0], theta[1], rtol=1e-5)           # standardised: scale and shift do not count
+    assert abs(theta[0] - theta[2]) > 1e-4                              # another class token, another threshold
+    assert abs(theta[0] - theta[3]) > 1e-4                              # other score statistics, too
     with pytest.raises(ValueError, match="needs the class token"):
         mod.threshold(score, score, score, cand)
-    stats = _model().learned["1"]
+    stats = LearnedATP(capacity_ratio=1.0, rngs=nnx.Rngs(0))
     assert stats.fc1.kernel[...].shape == (5, 16) and stats.features_kind == "stats"
-    assert isinstance(nnx.state(model), nnx.State)
