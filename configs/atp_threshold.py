@@ -44,6 +44,7 @@ def get_config():
         target_keep=0.5,        # budget: kept fraction of the 49 patch candidates
         budget_weight=2.0,      # weight of the (candidate-normalised) budget loss, summed over ATP layers
         budget_kind="abs",      # "abs" | "square"
+        features="stats",       # threshold MLP inputs: "stats" (5 pooled score statistics) | "stats+cls" (+ class token)
         train_backbone="yes",   # "yes" (backbone adapts too) | "auto" (frozen iff model.pretrained is set) | "no"
     ))
     c.train.steps = 400

@@ -40,7 +40,10 @@ class CostModel:
     * ``flops(reducers) -> int``: analytic FLOPs per example;
     * ``tokens_per_layer(reducers) -> [(attention tokens, MLP tokens), ...]``;
     * ``elementwise(reducers) -> int`` (optional): the stated elementwise estimate used only for the XLA
-      cross-check.
+      cross-check;
+    * ``valid_flops(reducers, counts [B, depth, 2]) -> [B]`` (optional): FLOPs per example counted on the valid
+      tokens each example keeps (attention and MLP tokens per layer), for capacity-padded (instance-adaptive)
+      methods whose static count is only an upper bound. The solver never calls it (it has no data).
     """
 
     depth: int
@@ -49,6 +52,7 @@ class CostModel:
     flops: Callable[[tuple], int]
     tokens_per_layer: Callable[[tuple], list]
     elementwise: Optional[Callable[[tuple], int]] = None
+    valid_flops: Optional[Callable[[tuple, Any], Any]] = None
 
     @property
     def num_candidates(self) -> int:

@@ -84,9 +84,12 @@ def vit_cost(model, image_size: int = None, *, head: bool = True, gelu: str = "e
     def tokens(reducers):
         return [(int(a), int(m)) for a, m in model.tokens_per_layer(size, reducers)]
 
+    def valid_flops(reducers, counts):
+        return model.valid_flops(counts, size, reducers) - head_flops
+
     return budget.CostModel(
         depth=cfg.depth, num_tokens=num_tokens, num_protected=cfg.num_protected, flops=flops,
-        tokens_per_layer=tokens,
+        tokens_per_layer=tokens, valid_flops=valid_flops,
         elementwise=lambda reducers: vit_elementwise_flops(cfg, num_tokens, tokens(reducers), gelu=gelu))
 
 
@@ -118,9 +121,22 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
     def source_map(p, images, reducers, rng):
         return _source(p, images, rng, reducers)
 
+    def valid_counts(p, images, reducers, rng):
+        _, aux = nnx.merge(graphdef, p)(images, reducers=reducers, rng=rng)
+        return aux["valid_tokens_per_layer"]
+
+    def adaptive(reducers) -> bool:
+        """Whether ``reducers`` leave a validity mask (capacity-padded, instance-adaptive): traced abstractly."""
+        valid = jax.eval_shape(
+            lambda p, x, r: nnx.merge(graphdef, p)(x, reducers=tuple(reducers), rng=r)[1]["valid"], params,
+            jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32),
+            jax.ShapeDtypeStruct((2,), jnp.uint32))
+        return valid is not None
+
     # the pooled features skip the head, so count the model without it
     return Backbone(name=name, cost=vit_cost(model, image_size, head=False), image_size=image_size,
-                    features=features, params=params, source_map=source_map)
+                    features=features, params=params, source_map=source_map, valid_counts=valid_counts,
+                    adaptive=adaptive)
 
 
 def _compute_dtype(cfg):

@@ -40,6 +40,10 @@ def check_methods(cfg) -> None:
 
     for name in (cfg.get("options") or {}):
         method_info(name)
+    if cfg.get("kind", "vit") == "atp_adaptive":    # static controls at one ATP layer
+        for name in tuple(cfg.static_methods):
+            method_info(name)
+        return
     if cfg.get("kind", "vit") == "vlm_anyres":      # explicit specs: checked when each plan is built
         for setting in cfg.settings:
             if setting[2] is not None:
@@ -69,6 +73,13 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
         from evaluation import vlm_anyres
 
         return vlm_anyres.run(cfg, out_dir, progress=progress)
+    if cfg.get("kind", "vit") == "atp_adaptive":
+        from configs import save_config
+        from evaluation import atp_adaptive
+
+        result = atp_adaptive.run(cfg, out_dir, progress=progress)
+        save_config(cfg, out_dir)
+        return {"meta": {"total_s": result["total_s"]}, "summary": result}
     if cfg.get("kind", "vit") == "vlm":
         from evaluation import vlm_sweep
 
@@ -123,13 +134,20 @@ def main(argv=None) -> int:
     except SpecError as err:           # an unknown requested method fails the run, named, before any work
         print(f"eval.py: error: {err}", file=sys.stderr)
         return 2
-    out_dir = pathlib.Path(args.out or cfg.out_dir or pathlib.Path("results") / "eval" / cfg.config_name)
+    default = pathlib.Path("results") / "eval" / cfg.config_name
+    if cfg.get("kind", "vit") == "atp_adaptive":
+        default = pathlib.Path("results") / "atp_adaptive" / pathlib.Path(str(cfg.checkpoint)).name
+    out_dir = pathlib.Path(args.out or cfg.out_dir or default)
     result = run(cfg, out_dir, progress=not args.quiet)
     if not args.quiet:
         if cfg.get("kind", "vit") == "vlm":
             from evaluation.vlm_sweep import markdown_table
 
             print(markdown_table(result))
+        elif cfg.get("kind", "vit") == "atp_adaptive":
+            from evaluation.atp_adaptive import markdown_table
+
+            print(markdown_table(result["summary"]))
         elif cfg.get("kind", "vit") == "vlm_anyres":
             from evaluation.vlm_anyres import markdown_table
 

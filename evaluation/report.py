@@ -8,7 +8,9 @@ import math
 import pathlib
 from typing import Optional
 
-COLUMNS = ("method", "target", "flops_fraction", "analytic_gflops", "elementwise_gflops", "xla_gflops", "xla_rel_diff",
+COLUMNS = ("method", "target", "flops_fraction", "analytic_gflops", "flop_count", "capacity_flops_fraction",
+           "capacity_gflops", "valid_gflops_std", "valid_gflops_min", "valid_gflops_max", "valid_tokens_per_layer",
+           "final_tokens_valid", "elementwise_gflops", "xla_gflops", "xla_rel_diff",
            "xla_rel_diff_matmul_only", "flops_flag",
            "accuracy", "acc_retained", "images_per_s", "batch_ms", "throughput_batch", "final_tokens",
            "tokens_per_layer", "compile_s", "eval_s", "spec", "error")
@@ -57,6 +59,14 @@ def best_per_target(points: list) -> dict:
     return best
 
 
+def _tokens_out(p: dict) -> str:
+    """Final tokens: the static count, and for a valid-counted point the mean valid count after it."""
+    out = str(p.get("final_tokens", "-"))
+    if p.get("final_tokens_valid") is not None:
+        out += f" ({p['final_tokens_valid']:.1f} valid)"
+    return out
+
+
 def markdown_table(result: dict) -> str:
     meta, points = result["meta"], result["points"]
     lines = [
@@ -68,24 +78,27 @@ def markdown_table(result: dict) -> str:
          f"Accuracy of the trained classifier's own head on {meta['num_test']} test images. ")
         + f"Unreduced: {_fmt(meta['base_accuracy'], '.2f', 100)}% at {meta['base_gflops']:.3f} GFLOPs/image.",
         f"FLOPs = 2 x MACs over the matrix products (GFLOPs column; the budget solver uses this count), "
-        f"from the model's static token schedule. XLA = "
+        f"from the model's static token schedule; for a capacity-padded method (ATP, tokencorr: count `valid`) "
+        f"from the tokens each test image keeps valid, averaged (the static capacity count in `cap. frac`). XLA = "
         f"`jax.jit(f).lower(x).compile().cost_analysis()['flops']` / batch, compared with GFLOPs plus a stated "
-        f"elementwise estimate (LayerNorm, softmax, GELU, bias and residual adds in XLA's counting; "
+        f"elementwise estimate at the static capacity (LayerNorm, softmax, GELU, bias and residual adds in XLA's counting; "
         f"`evaluation.builtin.vit_elementwise_flops`); diff = XLA / (GFLOPs + elementwise) - 1, flagged beyond "
         f"{meta['flop_tolerance']:.0%}. Throughput: median of {meta['repeats']} timed runs after warm-up, "
         f"batch {meta['throughput_batch']}, device {meta['device']}.",
         "",
-        "| method | target | FLOPs frac | GFLOPs | XLA GFLOPs | diff | accuracy % | retained % | img/s | tokens out | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | target | FLOPs frac | count | cap. frac | GFLOPs | XLA GFLOPs | diff | accuracy % | retained % | img/s "
+        "| tokens out | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         note = p.get("error") or p.get("flops_flag") or ""
         lines.append(
             f"| {p['method']} | {_fmt(p.get('target'), '.2f')} | {_fmt(p.get('flops_fraction'), '.3f')} | "
+            f"{p.get('flop_count', '-')} | {_fmt(p.get('capacity_flops_fraction'), '.3f')} | "
             f"{_fmt(p.get('analytic_gflops'), '.3f')} | {_fmt(p.get('xla_gflops'), '.3f')} | "
             f"{_fmt(p.get('xla_rel_diff'), '+.1f', 100)}% | {_fmt(p.get('accuracy'), '.2f', 100)} | "
             f"{_fmt(p.get('acc_retained'), '.1f', 100)} | {_fmt(p.get('images_per_s'), '.1f')} | "
-            f"{p.get('final_tokens', '-')} | {note} |"
+            f"{_tokens_out(p)} | {note} |"
         )
     best = best_per_target(points)
     if best:

@@ -40,6 +40,10 @@ class Backbone:
       mean, std: input normalisation (ImageNet by default).
       source_map: optional ``(params, images, reducers, rng) -> [B, N]`` final token of every original
         token (``-1`` if pruned), for the visualisations.
+      valid_counts: optional ``(params, images, reducers, rng) -> [B, depth, 2]`` valid tokens entering each
+        layer's attention and MLP per image (priced by ``cost.valid_flops``).
+      adaptive: optional ``reducers -> bool``: the setting leaves a validity mask (a capacity-padded,
+        instance-adaptive method such as ``atp`` or ``tokencorr``), so its FLOPs are counted on the valid tokens.
     """
 
     name: str
@@ -49,6 +53,8 @@ class Backbone:
     params: Any = None
     source_map: Optional[Callable] = None
     classifier: bool = False
+    valid_counts: Optional[Callable] = None
+    adaptive: Optional[Callable] = None
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
 
@@ -58,6 +64,11 @@ class Backbone:
     def elementwise_flops(self, reducers: tuple) -> int:
         """The stated elementwise estimate (XLA counting) added to the analytic count for the cross-check."""
         return 0 if self.cost.elementwise is None else int(self.cost.elementwise(reducers))
+
+    def counts_valid(self, reducers: tuple) -> bool:
+        """Whether this setting's FLOPs are counted on the valid tokens (see :func:`valid_flop_stats`)."""
+        return (self.valid_counts is not None and self.adaptive is not None and self.cost.valid_flops is not None
+                and bool(self.adaptive(reducers)))
 
     def token_counts(self, reducers: tuple) -> list:
         return [tuple(int(v) for v in pair) for pair in self.cost.tokens_per_layer(reducers)]
@@ -110,15 +121,23 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
     row.update(
         analytic_gflops=analytic / 1e9,
         flops_fraction=analytic / base_flops,
+        capacity_gflops=analytic / 1e9,
+        capacity_flops_fraction=analytic / base_flops,
+        flop_count="static",
         tokens_per_layer=[a for a, _ in counts],
         final_tokens=counts[-1][1] if counts else backbone.cost.num_tokens,
     )
+    if backbone.counts_valid(reducers):
+        stats = valid_flop_stats(backbone, reducers, images, settings)
+        row.update(stats, flop_count="valid",
+                   analytic_gflops=stats["valid_gflops_mean"], flops_fraction=stats["valid_gflops_mean"] * 1e9 / base_flops)
     comp = measure.compile_setting(backbone.features, reducers, batch_size=settings.batch_size,
                                    image_size=backbone.image_size, params=backbone.params,
                                    mean=backbone.mean, std=backbone.std)
     row["compile_s"] = comp.compile_s
     elementwise = backbone.elementwise_flops(reducers)
     row["elementwise_gflops"] = elementwise / 1e9
+    # XLA counts the compiled program, which runs at the static capacity: compare it with the capacity count.
     if comp.xla_flops_per_image is None:
         row.update(xla_gflops=None, xla_rel_diff=None, flops_flag="no cost analysis")
     else:
@@ -142,6 +161,34 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
     row.update(images_per_s=timing.images_per_s, batch_ms=timing.median_batch_s * 1e3,
                throughput_batch=timing.batch_size)
     return row
+
+
+def valid_token_counts(backbone: Backbone, reducers: tuple, images: np.ndarray, settings: SweepSettings) -> np.ndarray:
+    """``[N, depth, 2]`` valid tokens entering each layer's attention and MLP, for each of the ``N`` images."""
+    comp = measure.compile_setting(backbone.valid_counts, reducers, batch_size=settings.batch_size,
+                                   image_size=backbone.image_size, params=backbone.params,
+                                   mean=backbone.mean, std=backbone.std)
+    return measure.extract(comp, images, seed=settings.seed)
+
+
+def valid_flop_stats(backbone: Backbone, reducers: tuple, images: np.ndarray, settings: SweepSettings, *,
+                     counts: Optional[np.ndarray] = None) -> dict:
+    """FLOPs of a capacity-padded setting counted on the tokens each image keeps valid, over ``images`` (or the
+    precomputed ``counts`` of :func:`valid_token_counts`).
+
+    Returns ``valid_gflops_mean`` / ``_std`` / ``_min`` / ``_max`` (per image), ``valid_tokens_per_layer`` (mean
+    valid attention tokens per layer) and ``final_tokens_valid`` (mean valid tokens after the last layer). The
+    sweep reports the mean as the point's FLOPs; the static capacity count stays in ``capacity_gflops`` (what
+    the jitted program computes, and what the XLA cross-check compares with)."""
+    if counts is None:
+        counts = valid_token_counts(backbone, reducers, images, settings)    # [N, depth, 2]
+    per_image = np.asarray(backbone.cost.valid_flops(reducers, counts), np.float64) / 1e9
+    return {
+        "valid_gflops_mean": float(per_image.mean()), "valid_gflops_std": float(per_image.std()),
+        "valid_gflops_min": float(per_image.min()), "valid_gflops_max": float(per_image.max()),
+        "valid_tokens_per_layer": [float(v) for v in counts[:, :, 0].mean(0)],
+        "final_tokens_valid": float(counts[:, -1, 1].mean()),
+    }
 
 
 class ArgmaxProbe:
@@ -236,7 +283,9 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
         "throughput_batch": settings.throughput_batch,
         "repeats": settings.repeats,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
-        "flop_convention": "FLOPs = 2 x MACs (matrix products); XLA cost_analysis flops per image as cross-check",
+        "flop_convention": ("FLOPs = 2 x MACs (matrix products); capacity-padded methods (flop_count='valid') are "
+                            "counted on each image's valid tokens (mean over the test set), their static capacity "
+                            "count in capacity_gflops; XLA cost_analysis flops per image (at capacity) as cross-check"),
         "flop_tolerance": settings.flop_tolerance,
     }
     return {"points": points, "meta": meta, "probe": probe}

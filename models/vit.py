@@ -34,6 +34,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import reduction as R
@@ -312,7 +313,7 @@ class ViT(nnx.Module):
                    seed: int = 0, **options) -> "ViT":
         """Convenience: one :class:`reduction.nnx.LearnedATP` (``capacity_ratio`` plus ``options``: ``stride``,
         ``hidden``, ``temperature``, ``init_theta``, ``self_weight``, ``straight_through``, ``target_keep``,
-        ``budget_weight``, ``budget_kind``) per block of ``layers``, each attached with :meth:`attach_reducer`.
+        ``budget_weight``, ``budget_kind``, ``features``; ``dim`` defaults to the width) per block of ``layers``, each attached with :meth:`attach_reducer`.
         Returns ``self``."""
         from reduction.nnx import LearnedATP
 
@@ -325,6 +326,8 @@ class ViT(nnx.Module):
         if bad:
             raise ValueError(f"attach_atp: layers {bad} out of range for depth={self.config.depth}")
         rngs = rngs if rngs is not None else nnx.Rngs(seed)
+        if options.get("features", "stats") != "stats":
+            options.setdefault("dim", self.config.width)
         for v in layers:
             self.attach_reducer(v, LearnedATP(capacity_ratio=capacity_ratio, rngs=rngs, **options))
         return self
@@ -384,6 +387,40 @@ class ViT(nnx.Module):
         return R.vit_flops([a for a, _ in counts], mlp_tokens=[m for _, m in counts], dim=cfg.width,
                            mlp_dim=cfg.mlp_dim, patch_size=cfg.patch_size, num_patches=n,
                            num_classes=cfg.num_classes, reduction_flops=red_flops)
+
+    def valid_flops(self, counts, image_size: Union[int, Sequence[int]] = None, reducers=None) -> np.ndarray:
+        """Analytic FLOPs per image counted on the tokens each image actually keeps valid.
+
+        ``counts: [B, depth, 2]`` (``aux["valid_tokens_per_layer"]``: valid tokens entering each block's attention and
+        MLP) -> ``[B]`` float64: :meth:`flops`'s formula with these counts instead of the static schedule, each
+        reducer's own cost priced at the valid tokens entering its block. A run that physically dropped the invalid
+        slots (batch 1, or a compacted layout) would cost this; the jitted program still computes the static
+        capacity (:meth:`flops`, what XLA counts). With ``counts`` equal to the static schedule it equals
+        :meth:`flops` exactly."""
+        cfg = self.config
+        image_size = cfg.image_size if image_size is None else image_size
+        reducers = self._run_reducers(_as_reducers(reducers, cfg.depth), False)
+        counts = np.asarray(counts)
+        if counts.ndim != 3 or counts.shape[1:] != (cfg.depth, 2):
+            raise ValueError(f"counts must be [B, depth={cfg.depth}, 2] (attention, MLP) valid tokens, "
+                             f"got shape {counts.shape}")
+        h, w = _hw(image_size)
+        n = (h // cfg.patch_size) * (w // cfg.patch_size)
+        t0 = self.num_tokens(image_size)
+        out = np.zeros(counts.shape[0], np.float64)
+        cache: dict = {}
+        for i, row in enumerate(counts.astype(np.int64)):
+            key = row.tobytes()
+            if key not in cache:
+                attn, mlp = [int(v) for v in row[:, 0]], [int(v) for v in row[:, 1]]
+                entering = [t0] + mlp[:-1]
+                red_flops = [0 if red is None else red.flops(t, dim=cfg.width, heads=cfg.heads)
+                             for red, t in zip(reducers, entering)]
+                cache[key] = R.vit_flops(attn, mlp_tokens=mlp, dim=cfg.width, mlp_dim=cfg.mlp_dim,
+                                         patch_size=cfg.patch_size, num_patches=n, num_classes=cfg.num_classes,
+                                         reduction_flops=red_flops)
+            out[i] = cache[key]
+        return out
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -468,7 +505,9 @@ class ViT(nnx.Module):
           ``(out, aux)``: ``out`` = logits ``[B, num_classes]`` if the model has a head, else the pooled
           features. ``aux``: ``tokens_per_layer`` (static list of ``(attention, MLP)`` tokens), ``features``
           (pooled, pre-head), ``tokens`` (final normed ``[B, K, C]``), ``sizes`` ``[B, K]``, ``positions``,
-          ``valid`` (or ``None``), with ``return_source``, ``source`` ``[B, N]``, ``reducer_aux``
+          ``valid`` (or ``None``), ``valid_tokens_per_layer`` ``[B, depth, 2]`` int32 (the valid tokens entering each
+          block's attention and its MLP, per image: what :meth:`valid_flops` prices; equal to ``tokens_per_layer``
+          unless a capacity-padded reducer invalidates slots), with ``return_source``, ``source`` ``[B, N]``, ``reducer_aux``
           (``{layer: aux dict}`` of the learned reducers, empty without any) and ``reducer_loss`` (the sum of their
           ``aux["loss"]``, a float32 scalar, 0 without any).
         """
@@ -480,7 +519,9 @@ class ViT(nnx.Module):
         x = self.embed(images)
         state = R.init_state(x, track_source=return_source)
         props = prop_attn_flags(reducers)
+        valid_counts = []
         for layer, (blk, red) in enumerate(zip(self.blocks, reducers)):
+            n_in = _valid_count(state)
             info = dict(layer=layer, num_layers=cfg.depth, num_protected=cfg.num_protected,
                         num_distill=int(cfg.distill_token), num_registers=cfg.num_registers,
                         rng=None if rng is None else jax.random.fold_in(rng, layer))
@@ -489,6 +530,9 @@ class ViT(nnx.Module):
                 rate = dp_rate * layer / max(cfg.depth - 1, 1)
                 dp = (rate, jax.random.fold_in(jax.random.fold_in(rng, DROP_PATH_SALT), layer)) if rate > 0 else None
             state = blk(state, reducer=red, info=info, prop_attn=props[layer], drop_path=dp)
+            n_out = _valid_count(state)
+            before = red is not None and red.position == "before_attention"
+            valid_counts.append(jnp.stack([n_out if before else n_in, n_out], axis=-1))
         tokens = self.norm(state.x)
         features = self.pool(tokens, state)
         if self.head is None:
@@ -505,6 +549,7 @@ class ViT(nnx.Module):
             "sizes": state.sizes,
             "positions": state.positions,
             "valid": state.valid,
+            "valid_tokens_per_layer": jnp.stack(valid_counts, axis=1),
         }
         if return_source:
             aux["source"] = state.source
@@ -512,6 +557,14 @@ class ViT(nnx.Module):
         aux["reducer_loss"] = sum((jnp.asarray(a["loss"], jnp.float32) for a in aux["reducer_aux"].values()),
                                   jnp.zeros((), jnp.float32))
         return out, aux
+
+
+def _valid_count(state: R.TokenState) -> jax.Array:
+    """``[B]`` int32: the valid tokens of ``state`` (all ``T`` when it has no validity mask)."""
+    b, t = state.x.shape[:2]
+    if state.valid is None:
+        return jnp.full((b,), t, jnp.int32)
+    return jnp.sum(state.valid, axis=-1).astype(jnp.int32)
 
 
 def _hw(image_hw) -> tuple[int, int]:

@@ -140,13 +140,19 @@ class LearnedReducer(nnx.Module):
         return 0
 
 
+FEATURE_KINDS = ("stats", "stats+cls")
+
+
 class LearnedATP(LearnedReducer):
     """ATP-style pruning in a ViT block with an instance-wise learned threshold and a budget loss.
 
     The score is :func:`reduction.atp.vit_atp_inputs` on the block's attention (self: the other patches, cross: the
     class token, token 0); a spatial grid of patches (``stride``, :func:`reduction.atp.patch_grid_mask`) and the
     ``num_protected`` prefix are always kept. ``theta [B] = sigmoid(mlp(pooled score statistics))`` as in
-    :class:`ATPModule` (parameters ``fc1``, ``fc2``).
+    :class:`ATPModule` (parameters ``fc1``, ``fc2``). ``features="stats+cls"`` (an option of this port, off by default:
+    the paper's MLP inputs are not public) also feeds the MLP the class token after this block's attention,
+    standardised over its ``dim`` channels and detached, so the threshold can depend on what the image shows and
+    not only on five pooled score statistics, which barely vary between images (docs/training.md).
 
     * ``train=True``: every token stays; the identity step with ``size_scale = max(m, 1e-6)`` (the clamp in the
       forward pass only) gates them through proportional attention in the later blocks, where
@@ -166,8 +172,15 @@ class LearnedATP(LearnedReducer):
 
     def __init__(self, *, capacity_ratio: float, stride: int = 4, hidden: int = 16, temperature: float = 10.0,
                  init_theta: float = 0.3, self_weight: float = 0.5, straight_through: bool = False,
-                 target_keep: float = 0.5, budget_weight: float = 1.0, budget_kind: str = "abs", rngs: nnx.Rngs):
+                 target_keep: float = 0.5, budget_weight: float = 1.0, budget_kind: str = "abs",
+                 features: str = "stats", dim: Optional[int] = None, rngs: nnx.Rngs):
         self.capacity_ratio = float(check_ratio(capacity_ratio, "capacity_ratio"))
+        if features not in FEATURE_KINDS:
+            raise ValueError(f"features must be one of {FEATURE_KINDS}, got {features!r}")
+        if features == "stats+cls" and (dim is None or int(dim) < 1):
+            raise ValueError("features='stats+cls' needs dim (the token width) >= 1")
+        self.features_kind = str(features)
+        n_in = 5 + (int(dim) if features == "stats+cls" else 0)
         self.stride = int(check_count(stride, "stride"))
         if not 0.0 < float(init_theta) < 1.0:
             raise ValueError(f"init_theta must be in (0, 1), got {init_theta}")
@@ -185,13 +198,24 @@ class LearnedATP(LearnedReducer):
         self.target_keep = float(target_keep)
         self.budget_weight = float(budget_weight)
         self.budget_kind = str(budget_kind)
-        self.fc1 = nnx.Linear(5, int(hidden), rngs=rngs)
+        self.fc1 = nnx.Linear(n_in, int(hidden), rngs=rngs)
         self.fc2 = nnx.Linear(int(hidden), 1, kernel_init=nnx.initializers.zeros_init(),
                               bias_init=nnx.initializers.constant(float(np.log(init_theta / (1 - init_theta)))),
                               rngs=rngs)
 
     features = ATPModule.features
-    threshold = ATPModule.threshold
+
+    def threshold(self, score, self_received, cross_received, candidates, cls=None):
+        """``theta [B]`` in (0, 1). ``cls [B, C]``: the class token after this block's attention (used by
+        ``features="stats+cls"``, standardised over channels and detached)."""
+        f = self.features(score, self_received, cross_received, candidates)
+        if self.features_kind == "stats+cls":
+            if cls is None:
+                raise ValueError("features='stats+cls' needs the class token")
+            z = jax.lax.stop_gradient(cls.astype(jnp.float32))
+            z = (z - jnp.mean(z, -1, keepdims=True)) / jnp.sqrt(jnp.var(z, -1, keepdims=True) + 1e-6)
+            f = jnp.concatenate([f, z], axis=-1)
+        return jax.nn.sigmoid(self.fc2(jax.nn.gelu(self.fc1(f)))[:, 0])
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
         return keep_count(num_tokens, self.capacity_ratio, protected=info.num_protected)
@@ -212,7 +236,7 @@ class LearnedATP(LearnedReducer):
         if state.valid is not None:
             cand = cand & state.valid
         self_r, cross_r, score = atp.vit_atp_inputs(probs, cand, self_weight=self.self_weight)
-        theta = self.threshold(score, self_r, cross_r, cand)
+        theta = self.threshold(score, self_r, cross_r, cand, state.x[:, 0])
         grid = jnp.asarray(atp.patch_grid_mask(t, p, self.stride)) & cand
         n_ex = jnp.sum(cand, axis=-1).astype(jnp.float32)                      # [B] candidates per example
         if train:

@@ -113,7 +113,8 @@ def attach_atp_from_config(model, cfg):
                      temperature=float(a.temperature), init_theta=float(a.init_theta),
                      self_weight=float(a.self_weight), straight_through=bool(_get(a, "straight_through", False)),
                      target_keep=float(_get(a, "target_keep", 0.5)), budget_weight=float(_get(a, "budget_weight", 1.0)),
-                     budget_kind=str(_get(a, "budget_kind", "abs")), rngs=nnx.Rngs(int(cfg.seed) + 1))
+                     budget_kind=str(_get(a, "budget_kind", "abs")), features=str(_get(a, "features", "stats")),
+                     rngs=nnx.Rngs(int(cfg.seed) + 1))
     log.info("attached learned ATP reducers at layers %s (capacity_ratio %.2f, stride %d)", layers,
              float(a.capacity_ratio), int(a.stride))
     return model
