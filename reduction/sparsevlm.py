@@ -64,8 +64,8 @@ import jax
 import jax.numpy as jnp
 
 from reduction._compiled import eager_jit
-from reduction.crossattn import (check_rows, resolve_stages, rows_attention_flops, scaled_layers, stage_count,
-                                 text_row_mask, weighted_row_scores)
+from reduction.crossattn import (check_rows, last_valid_row, resolve_stages, rows_attention_flops, scaled_layers,
+                                 stage_count, text_row_mask)
 from reduction.reducers import TEXT_ATTENTION, LayerInfo, Reducer, register
 from reduction.spans import check_starts, require_spans, span_mask, span_num_out
 from reduction.state import TokenState
@@ -163,6 +163,21 @@ def rater_weights(x: jax.Array, starts: jax.Array, image_len: int, tq: int, vali
     return jax.vmap(one)(xf, text, starts, cand).astype(jnp.float32)
 
 
+def rater_relevance(rows: jax.Array, weights: jax.Array, valid=None) -> jax.Array:
+    """``rows: [B, H, Tq, T]``, ``weights: [B, M, Tq]`` 0/1 -> ``[B, M, T]``: the head-mean attention of each image's
+    rater rows, averaged over the raters (an image without raters: the last valid row). One contraction over heads
+    and rows together (``crossattn.weighted_row_scores`` first forms the ``[B, Tq, T]`` head mean, a strided
+    reduction that cost XLA CPU about as much again); a non-finite score becomes 0."""
+    b, h, tq, t = rows.shape
+    w = weights.astype(jnp.float32)
+    total = jnp.sum(w, axis=-1, keepdims=True)
+    last = jax.nn.one_hot(last_valid_row(valid, b, tq, t), tq, dtype=jnp.float32)[:, None, :]
+    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), last) / h
+    rel = jnp.einsum("bmq,bhqt->bmt", w, jax.lax.stop_gradient(rows).astype(jnp.float32),
+                     precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(jnp.isfinite(rel), rel, 0.0)
+
+
 @eager_jit
 def sparsevlm_step(x: jax.Array, rows: jax.Array, image_starts: jax.Array, *, image_len: int, kept: int,
                    recycled: int, clusters: int, valid=None, raters: str = "relevant") -> ReductionStep:
@@ -192,7 +207,7 @@ def sparsevlm_step(x: jax.Array, rows: jax.Array, image_starts: jax.Array, *, im
     if raters not in RATER_MODES:
         raise ValueError(f"raters must be one of {RATER_MODES}, got {raters!r}")
     w = rater_weights(x, starts, image_len, tq, valid, raters)
-    rel = weighted_row_scores(rows, w, valid)                                       # [B, M, T]
+    rel = rater_relevance(rows, w, valid)                                           # [B, M, T]
     num_out = t - m * (image_len - kept - clusters)
     xf = jax.lax.stop_gradient(x).astype(jnp.float32)
 
