@@ -146,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill sweep (interleaved decode only)")
     ap.add_argument("--out", default="results/bench/vlm")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                    help="compute dtype of the whole VLM (train.compute_dtype; parameters stay float32)")
+                    help="compute dtype of the whole VLM (train.compute_dtype; the tower and LM parameters too, the projector's stay float32)")
     ap.add_argument("--quick", action="store_true", help="tiny random VLM (proves the script works)")
     args = ap.parse_args(argv)
     if args.decode_only and args.decode != "interleaved":

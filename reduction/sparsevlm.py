@@ -24,8 +24,10 @@ What the official code does (v1.5 path @ 26a5f48, ``modelling_sparse_llama.py``,
 raters once, from the LLM *input embeddings*; prunes after layers 2, 6, 15 (0-based) using that layer's attention
 probabilities; keeps ``min(schedule[stage], v - 1)`` with fixed schedules (``RETAIN_TOKN=64``: [66, 30, 17]); merges
 as above with ``1e-6 * U(0, 1)`` noise on the densities; places the merged tokens after the kept image tokens and
-compacts the position ids; batch size 1 only. (v1 picked ``k`` from the rank of the rater-image attention matrix;
-that count is data dependent and not ported.)
+compacts the position ids; batch size 1 only. v1 (@ b72c5d6) picked ``k`` from the rank of the rater-image attention
+matrix, ``min(int(rank * scale + bias), v - 1)`` (all tokens when the rank is ``v``): ``count="rank"`` here
+(:func:`sparsevlm_rank_step`: the count is data dependent, so each span has a static capacity, the stage's budget,
+and a validity mask; every guess is listed in docs/pruning.md).
 
 This port differs where the framework requires it:
 
