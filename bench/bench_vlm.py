@@ -49,6 +49,8 @@ def _bench_config(args):
         cfg.methods.vision = ("tome",)
         cfg.methods.connector = ("pool",)
         cfg.methods.llm = ("dart", "fastv")
+        if args.fractions:
+            cfg.fractions = tuple(float(f) for f in args.fractions.split(","))
         if args.dtype != "float32":
             cfg.train_overrides = tuple(cfg.train_overrides) + (f"train.compute_dtype={args.dtype}",)
         if not pathlib.Path(str(cfg.projector)).exists():
@@ -144,6 +146,7 @@ def main(argv=None) -> int:
                     help="decode timing: paired rounds over every setting (default) or the sweep's own")
     ap.add_argument("--decode-rounds", type=int, default=24)
     ap.add_argument("--decode-only", action="store_true", help="skip the prefill sweep (interleaved decode only)")
+    ap.add_argument("--fractions", default="", help="comma-separated kept fractions (default: 1/3, 2/9, 1/9)")
     ap.add_argument("--out", default="results/bench/vlm")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                     help="compute dtype of the whole VLM (train.compute_dtype; the tower and LM parameters too, the projector's stay float32)")
