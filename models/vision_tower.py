@@ -78,6 +78,12 @@ class ViTTower(nnx.Module):
     def __init__(self, cfg: ViTTowerConfig, *, rngs: Optional[nnx.Rngs] = None, vit: Optional[ViT] = None):
         if vit is None:
             vit = ViT(cfg.vit, rngs=rngs if rngs is not None else nnx.Rngs(0))
+            dt = jnp.dtype(cfg.vit.dtype) if cfg.vit.dtype is not None else None
+            if dt is not None and jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4:
+                # a random tower lands in its narrow compute dtype (bf16), as a loaded one does (place_params)
+                from loaders.common import place_params
+
+                place_params(vit, dtype=dt)
         elif vit.config.width != cfg.vit.width or vit.config.depth != cfg.vit.depth:
             raise ValueError(f"the given ViT ({vit.config.width} wide, {vit.config.depth} deep) does not match "
                              f"cfg.vit ({cfg.vit.width}, {cfg.vit.depth})")

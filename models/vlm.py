@@ -123,6 +123,14 @@ def make_tower(cfg: ViTTowerConfig, rngs: nnx.Rngs) -> nnx.Module:
                     f"LLaVA's CLIP tower), got {type(cfg).__name__}")
 
 
+def _narrow_dtype(dtype):
+    """``dtype`` when it is a floating dtype narrower than float32 (bfloat16, float16), else ``None``."""
+    if dtype is None:
+        return None
+    dt = jnp.dtype(dtype)
+    return dt if jnp.issubdtype(dt, jnp.floating) and dt.itemsize < 4 else None
+
+
 class VLM(nnx.Module):
     """``VLM(cfg, rngs=nnx.Rngs(0))``: vision tower, LLaVA-1.5 projector, Llama LM.
 
@@ -133,10 +141,17 @@ class VLM(nnx.Module):
                  language_model: Optional[Llama] = None, projector: Optional[Projector] = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
+        # a random tower (models.vision_tower.ViTTower) and LM land in a narrow compute dtype (bf16), as loaded ones do
         self.vision_tower = vision_tower if vision_tower is not None else make_tower(cfg.vision, rngs)
         self.multi_modal_projector = projector if projector is not None else Projector(
             cfg.vision.dim, cfg.text.dim, dtype=cfg.projector_dtype, rngs=rngs)
-        self.language_model = language_model if language_model is not None else Llama(cfg.text, rngs=rngs)
+        if language_model is None:
+            text = cfg.text
+            low = _narrow_dtype(text.dtype)
+            if low is not None and jnp.dtype(text.param_dtype) == jnp.float32:
+                text = dataclasses.replace(text, param_dtype=low)   # as a bf16 checkpoint load sets it
+            language_model = Llama(text, rngs=rngs)
+        self.language_model = language_model
 
     @property
     def vision_layers(self) -> int:

@@ -84,7 +84,7 @@ from reduction.kmeans_merge import KMeansMerge, kmeans_step  # noqa: E402
 from reduction.tokencorr import TokenCorr, tokencorr_keep  # noqa: E402
 from reduction.vispruner import VisPruner, vispruner_keep_indices  # noqa: E402
 from reduction.pyramiddrop import PyramidDrop, pyramiddrop_official_counts  # noqa: E402
-from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_step  # noqa: E402
+from reduction.sparsevlm import SparseVLM, dpc_knn, sparsevlm_counts, sparsevlm_rank_step, sparsevlm_step  # noqa: E402
 from reduction.todre import ToDRELLM, todre_scores  # noqa: E402
 from reduction.globalcom2 import GlobalCom2, globalcom2_keep  # noqa: E402
 from reduction.hot import HoTPrune, dpc_knn_scores, hot_prune_step, sincos_2d  # noqa: E402

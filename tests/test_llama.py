@@ -214,3 +214,26 @@ def test_tied_embeddings_and_bad_config():
         LlamaConfig(num_heads=4, num_kv_heads=3)
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(tied, [[1]], max_new_tokens=0)
+
+
+def test_pruned_layers_cache_only_the_kept_tokens(lm):
+    """In-LLM pruning before layer K: layers < K cache every prompt token, layers >= K are allocated at the kept
+    count (+ the free decode slots), not at the prompt's length with a mask; decode appends to each at its own index.
+    Shapes only (``jax.eval_shape``: nothing runs)."""
+    import reduction as R
+
+    n, image_len, keep, extra, k = 20, 12, 3, 4, 1
+    reds = tuple(R.build_layer_reducers(CFG.num_layers, {"method": "random", "keep": keep, "layers": [k]},
+                                        point="llm"))
+    x = jnp.zeros((2, n, CFG.dim))
+    valid = jnp.ones((2, n), bool)
+
+    def run(m, x):
+        _, cache, _ = m.prefill_cache(x, positions_from_valid(valid), valid, extra=extra, reducers=reds,
+                                      image_starts=jnp.array([2, 5]), image_len=image_len, rng=jax.random.key(0))
+        return m.decode_step(jnp.zeros((2,), jnp.int32), cache)[1]
+
+    cache = jax.eval_shape(run, lm, x)
+    want = [n + extra] * k + [n - image_len + keep + extra] * (CFG.num_layers - k)
+    assert [c.k.shape[1] for c in cache.layers] == want
+    assert [c.valid.shape[1] for c in cache.layers] == want

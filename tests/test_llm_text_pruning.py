@@ -349,3 +349,107 @@ def test_selection_cost_against_one_llava_decoder_layer(red, bound):
     assert ratio <= bound
     if isinstance(red, PyramidDrop) and red.attention == "layer":
         assert ratio > 0.05                         # the documented cost above the 5% target
+
+
+# -- SparseVLM v1: the rank-adaptive count ---------------------------------------------------------------------
+
+
+def sparsevlm_rank_ref(x, rows, valid, starts, length, target, scale, bias):
+    """v1's ``attn_postprocess_rank`` + recycling for one example, in loops: ``(real slots in order, features)``."""
+    from reduction.sparsevlm import rank_capacity
+
+    k_min, k_max = rank_capacity(length, target)[:2]
+    h, tq, t = rows.shape
+    spans = {s + i for s in starts for i in range(length)}
+    out_slots = set(range(t)) - spans
+    feats = {j: x[j].astype(np.float64) for j in out_slots}
+    counts = []
+    for m, s in enumerate(starts):
+        cand = _text_rows(t, tq, valid, starts, length, m)
+        rs = cand
+        if cand:
+            v = x[s:s + length].astype(np.float64)
+            p = x[[t - tq + r for r in cand]].astype(np.float64)
+            sm = np.exp(v @ p.T - (v @ p.T).max(1, keepdims=True))
+            sm /= sm.sum(1, keepdims=True)
+            score = sm.mean(0)
+            rs = [r for r, sc in zip(cand, score) if sc > score.mean()] or cand
+        rs = rs or [_last_row(t, tq, valid)]
+        mat = np.array([[sum(rows[hh, r, s + i] for hh in range(h)) / h for i in range(length)] for r in rs])
+        rank = int(np.linalg.matrix_rank(mat.astype(np.float32)))     # torch's default tolerance, in float32
+        k = length if rank == length else min(int(rank * scale + bias), length - 1)
+        k = max(k_min, min(k, k_max))
+        rel = [sum(mat[j, i] for j in range(len(rs))) / len(rs) for i in range(length)]
+        order = sorted(range(length), key=lambda i: (-rel[i], i))
+        for i in order[:k]:
+            out_slots.add(s + i)
+            feats[s + i] = x[s + i].astype(np.float64)
+        rec_n, c = recycle_counts(length - k)
+        counts.append((rank, k, c))
+        if c:
+            rec = order[k:k + rec_n]
+            centres, assign = dpc_ref(x[[s + i for i in rec]], c)
+            for kk, ctr in enumerate(centres):
+                out_slots.add(s + rec[ctr])
+                feats[s + rec[ctr]] = np.mean([x[s + rec[j]].astype(np.float64) for j in range(len(rec))
+                                               if assign[j] == kk], axis=0)
+    slots = sorted(out_slots)
+    return slots, np.stack([feats[j] for j in slots]), counts
+
+
+def test_rank_count_matches_loop_reference_batched_left_padded():
+    """v1's count from the rank of the rater x image attention: per example and image, against the loop reference;
+    rows duplicated in example 0 lower its rank, so the counts differ across the batch (static capacity + mask)."""
+    from reduction.sparsevlm import rank_capacity, sparsevlm_rank_step
+
+    x, rows, valid, starts, length = _batch(seed=3)
+    rows = rows.copy()
+    rows[0, :, 14:] = rows[0, :, 13:14]          # example 0: the last text rows repeat one row (rank 1 there)
+    target = 14
+    assert rank_capacity(length, target)[:3] == (1, 13, 14)
+    def run(x, r, v, s, scale, bias):
+        step = sparsevlm_rank_step(x, r, s, image_len=length, target=target, scale=scale, bias=bias, valid=v)
+        return R.apply_step(R.init_state(x, valid=v), step), step.valid
+
+    run = jax.jit(run)                           # scale and bias traced: one compile for both settings
+    seen = set()
+    for scale, bias in ((0.5, 1.0), (1.5, 0.0)):
+        out, step_valid = run(x, rows, valid, starts, jnp.float32(scale), jnp.float32(bias))
+        assert out.x.shape == (3, 100 - 2 * (length - 14), 8)
+        for e in range(3):
+            slots, feats, counts = sparsevlm_rank_ref(x[e], rows[e], valid[e], list(starts[e]), length, target,
+                                                      scale, bias)
+            real = np.asarray(step_valid[e])
+            assert np.asarray(out.positions[e])[real].tolist() == slots
+            np.testing.assert_allclose(np.asarray(out.x[e])[real], feats, atol=1e-5)
+            assert np.all(np.diff(np.asarray(out.positions[e])) > 0)          # position order, fillers included
+            seen.add(tuple(k for _, k, _ in counts))
+    assert len(seen) >= 3                        # the count moved with the data and the scale
+
+
+@pytest.mark.long
+def test_rank_count_inside_the_llm_runs_staged_with_a_mask():
+    from reduction.sparsevlm import SparseVLM
+
+    lm = _lm()
+    b, n, length = 2, 40, 20
+    x = jax.random.normal(jax.random.key(0), (b, n, 32))
+    valid = jnp.ones((b, n), bool).at[1, :3].set(False)
+    starts = jnp.array([5, 8])
+    reds = R.build_layer_reducers(4, {"method": "sparsevlm", "count": "rank", "scale": 0.5, "keep": [10, 5],
+                                      "layers": [1, 2], "rows": 12}, point="llm")
+    assert isinstance(reds[1], SparseVLM) and reds[1].count == "rank"
+    from models.llama import positions_from_valid
+
+    h, kv, aux = jax.jit(lambda x: lm.prefill_embeds(x, positions_from_valid(valid), valid, reducers=reds,
+                                                     image_starts=starts, image_len=length))(x)
+    assert aux["tokens_per_layer"] == [40, 30, 25, 25]
+    assert np.isfinite(np.asarray(h)).all()
+    kept = np.asarray(aux["valid"]).sum(1)
+    assert np.all(kept <= 25) and np.all(kept >= 20 - 3)
+    v1 = R.build_layer_reducers(30, {"method": "sparsevlm", "count": "rank"}, point="llm")
+    assert [i for i, r in enumerate(v1) if r is not None] == scaled_layers(30, (3, 7, 16, 20))
+    with pytest.raises(ValueError, match="count must be one of"):
+        R.build_layer_reducers(8, {"method": "sparsevlm", "count": "adaptive"}, point="llm")
+    with pytest.raises(ValueError, match="scale must be"):
+        R.build_layer_reducers(8, {"method": "sparsevlm", "count": "rank", "scale": 0}, point="llm")

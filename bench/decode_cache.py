@@ -1,0 +1,55 @@
+"""Decode step vs KV-cache layout on a random SmolLM2-135M-shaped Llama (30 layers, dim 576, 9 / 3 heads, MLP 1536,
+tied 49152 vocabulary), no weights needed: the unreduced 121-token prompt, the same prompt 4x longer, a prompt as
+short as a tower-reduced one (64 tokens), and DART keeping 7 of 65 image tokens before layer 2 (layers 0-1 at full
+length, 2-29 at the kept count). Interleaved rounds, one decode step of each per round; median ms and speed-up.
+
+    python bench/decode_cache.py [rounds] [batch]      # e.g. 12 64
+"""
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+import statistics
+import time
+import jax, jax.numpy as jnp, numpy as np
+from flax import nnx
+import reduction as R
+from models.llama import Llama, LlamaConfig
+from models.generate import start_decoding, decode_next
+
+cfg = LlamaConfig(vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3, mlp_dim=1536,
+                  tie_embeddings=True, rope_theta=100000.0)
+lm = Llama(cfg, rngs=nnx.Rngs(0))
+B = int(sys.argv[2]) if len(sys.argv) > 2 else 8
+N, L, S0 = 121, 65, 24
+rounds = int(sys.argv[1]) if len(sys.argv) > 1 else 20
+x = jax.random.normal(jax.random.key(1), (B, N, cfg.dim)) * 0.02
+valid = jnp.ones((B, N), bool)
+starts = jnp.full((B,), S0, jnp.int32)
+def dart(keep, layer=2):
+    return tuple(R.build_layer_reducers(cfg.num_layers, {"method": "dart", "keep": keep, "layers": [layer],
+                                                         "num_image_pivots": 2, "num_text_pivots": 2}, point="llm"))
+n_short = N - L + 8
+configs = {
+    "full": dict(x=x, valid=valid),
+    "long(4x prompt)": dict(x=jnp.tile(x, (1, 4, 1)), valid=jnp.ones((B, 4 * N), bool)),
+    "short(tower-like)": dict(x=x[:, :n_short], valid=valid[:, :n_short]),
+    "dart@2": dict(x=x, valid=valid, reducers=dart(7), image_starts=starts, image_len=L),
+
+}
+states = {}
+for k, kw in configs.items():
+    st = start_decoding(lm, kw.pop("x"), kw.pop("valid"), max_new_tokens=9, **kw)
+    st = decode_next(st); jax.block_until_ready(st.tokens)
+    states[k] = st
+    print(k, "capacities", st.cache.capacities[:3], st.cache.capacities[-1], "slots", sum(st.cache.capacities), flush=True)
+times = {k: [] for k in states}
+for r in range(rounds):
+    for k in states:
+        t0 = time.perf_counter()
+        states[k] = decode_next(states[k]); jax.block_until_ready(states[k].tokens)
+        times[k].append(time.perf_counter() - t0)
+base = statistics.median(times["full"])
+for k, v in times.items():
+    m = statistics.median(v)
+    print(f"{k:20s} {1000*m:8.2f} ms  speed-up {base/m:.3f}")
