@@ -128,9 +128,12 @@ def part_artefacts(args, out: pathlib.Path) -> dict:
             rec.append((jnp.linalg.norm(x, axis=-1), probs, jnp.mean(k, axis=2)))
             y = blk.mlp(blk.norm2(x))
             x = x + (blk.ls2(y) if blk.ls2 is not None else y)
-        return rec
+        return rec, jnp.linalg.norm(x, axis=-1)                     # + the last block's output norms
 
-    rec = jax.device_get(trace(x_in))
+    rec, out_norm = jax.device_get(trace(x_in))
+    on = out_norm[:, p:]
+    final = {"max_over_median_norm": float(np.mean(on.max(-1) / np.median(on, -1))),
+             "num_high_norm": float((on > args.norm_ratio * np.median(on, -1, keepdims=True)).sum(-1).mean())}
     layers = []
     for li, (norm, probs, _) in enumerate(rec):
         pn = norm[:, p:]                                                            # patch norms [B, N]
@@ -147,6 +150,8 @@ def part_artefacts(args, out: pathlib.Path) -> dict:
             "cls_attn_to_cls": float(probs.mean(1)[:, 0, 0].mean()),
             "high_norm_on_object": float((high & obj).sum() / max(high.sum(), 1)),
             "spearman_norm_vs_received": float(np.mean(_spearman(pn, recv))),
+            "top1_patch_attn_share": float(np.mean(recv.max(-1) / recv.sum(-1))),     # 1 / N if uniform
+            "top1_patch_on_object": float(np.mean(np.take_along_axis(obj, recv.argmax(-1)[:, None], 1))),
         })
     stages = []
     for li in (3, 6, 9):
@@ -173,13 +178,16 @@ def part_artefacts(args, out: pathlib.Path) -> dict:
                 row[f"{name}_top{keep}_high_norm_share"] = float(np.take_along_axis(high, top, 1).sum() /
                                                                   max(high.sum(), 1))
         stages.append(row)
-    result = {"num_images": int(len(imgs)), "norm_ratio": args.norm_ratio, "layers": layers, "pruning_layers": stages}
+    result = {"num_images": int(len(imgs)), "norm_ratio": args.norm_ratio, "layers": layers,
+              "last_block_output": final, "pruning_layers": stages}
     (out / "artefacts.json").write_text(json.dumps(result, indent=1))
-    print("layer  max/med  #high  attn->high  clsattn->high  high-on-obj  rho(norm,recv)")
+    print("layer  max/med  #high  attn->high  clsattn->high  high-on-obj  rho(norm,recv)  top1-share  top1-on-obj")
     for r in layers:
         print(f"{r['layer']:5d}  {r['max_over_median_norm']:7.2f}  {r['num_high_norm']:5.2f}  "
               f"{r['attn_share_to_high_norm']:10.3f}  {r['cls_attn_share_to_high_norm']:13.3f}  "
-              f"{r['high_norm_on_object']:11.3f}  {r['spearman_norm_vs_received']:6.3f}")
+              f"{r['high_norm_on_object']:11.3f}  {r['spearman_norm_vs_received']:6.3f}  "
+              f"{r['top1_patch_attn_share']:10.4f}  {r['top1_patch_on_object']:.3f}")
+    print("last block output:", json.dumps(final))
     for r in stages:
         print(json.dumps(r))
     return result
@@ -240,13 +248,14 @@ def part_sweep(args, out: pathlib.Path) -> list:
         probes = {"cls_and_mean": (slice(None), fit_ridge_probe(tr_f, tr_y, num_classes=ncls)),
                   "cls": (slice(0, c), fit_ridge_probe(tr_f[:, :c], tr_y, num_classes=ncls)),
                   "mean": (slice(c, 2 * c), fit_ridge_probe(tr_f[:, c:], tr_y, num_classes=ncls))}
-    base_f, base_lg, _ = extract(model, none, te_x, size, mean, std)
+    base = extract(model, none, te_x, size, mean, std)
+    base_f = base[0]
     cost = vit_cost(model, size, head=classifier)
     rows = []
 
     def score(name, target, spec, frac, t0):
         reducers = tuple(R.build_layer_reducers(model.config.depth, spec)) if spec else none
-        f, lg, src = extract(model, reducers, te_x, size, mean, std)
+        f, lg, src = extract(model, reducers, te_x, size, mean, std) if spec else base
         kept = np.zeros_like(obj)
         for b in range(len(src)):
             ids = np.flatnonzero(src[b, p:] >= 0)
@@ -267,7 +276,7 @@ def part_sweep(args, out: pathlib.Path) -> list:
         print(json.dumps(row), flush=True)
 
     score("none", 1.0, None, 1.0, time.perf_counter())
-    base = budget.base_flops(cost)
+    base_flops = budget.base_flops(cost)
     for name in args.variants.split(","):
         method, opts = VARIANTS[name]
         for target in (float(t) for t in args.targets.split(",")):
@@ -278,7 +287,7 @@ def part_sweep(args, out: pathlib.Path) -> list:
             except ValueError as err:
                 print(f"{name}@{target}: {err}")
                 continue
-            score(name, target, choice.spec, choice.flops / base, t0)
+            score(name, target, choice.spec, choice.flops / base_flops, t0)
     tag = args.tag or args.backbone
     (out / f"sweep_{tag}.json").write_text(json.dumps(rows, indent=1))
     with open(out / f"sweep_{tag}.csv", "w", newline="") as fh:
