@@ -58,6 +58,7 @@ def test_feature_cosine_matches_loop_reference():
         feature_cosine(a, b[:, :3])
 
 
+@pytest.mark.long   # three compiles of a tiny ViT and a one-point sweep (over the 10 s budget of new default tests)
 def test_repo_vit_backbone_probe_features_and_sweep_column():
     """``probe_features="cls"`` gives the first half of the default features; every sweep row has ``feature_cos``
     (1 for the unreduced point, below 1 for a pruned one: here the mean of the patches pruned at layer 1)."""
