@@ -33,6 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     cfg.repeats = 3
     cfg.flop_tolerance = 0.05
     cfg.probe_l2_grid = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)
+    # the probe's input: "cls_and_mean" (CLS next to the size-weighted mean patch), "cls" (CLS alone: the choice of
+    # kept patches cannot bias it through the mean) or "mean"; docs/eval.md. Every point also reports feature_cos,
+    # the cosine of its probe features to the unreduced ones (a probe-free fidelity number)
+    cfg.probe_features = "cls_and_mean"
     cfg.visualize = True               # token_groups.png (one extra compile per method shown)
     cfg.visualize_methods = ("tome", "pitome", "zerotprune", "pool")  # ("all",) = every method in the sweep
     cfg.out_dir = ""                   # "" = results/eval/<config_name>

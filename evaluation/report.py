@@ -12,7 +12,7 @@ COLUMNS = ("method", "target", "flops_fraction", "analytic_gflops", "flop_count"
            "capacity_gflops", "valid_gflops_std", "valid_gflops_min", "valid_gflops_max", "valid_tokens_per_layer",
            "final_tokens_valid", "elementwise_gflops", "xla_gflops", "xla_rel_diff",
            "xla_rel_diff_matmul_only", "flops_flag",
-           "accuracy", "acc_retained", "images_per_s", "batch_ms", "throughput_batch", "final_tokens",
+           "accuracy", "acc_retained", "feature_cos", "images_per_s", "batch_ms", "throughput_batch", "final_tokens",
            "tokens_per_layer", "compile_s", "eval_s", "spec", "error")
 
 
@@ -84,11 +84,12 @@ def markdown_table(result: dict) -> str:
         f"elementwise estimate at the static capacity (LayerNorm, softmax, GELU, bias and residual adds in XLA's counting; "
         f"`evaluation.builtin.vit_elementwise_flops`); diff = XLA / (GFLOPs + elementwise) - 1, flagged beyond "
         f"{meta['flop_tolerance']:.0%}. Throughput: median of {meta['repeats']} timed runs after warm-up, "
-        f"batch {meta['throughput_batch']}, device {meta['device']}.",
+        f"batch {meta['throughput_batch']}, device {meta['device']}. feat cos = mean cosine of each test image's "
+        f"features (the probe's input; a classifier's logits) to its unreduced ones.",
         "",
-        "| method | target | FLOPs frac | count | cap. frac | GFLOPs | XLA GFLOPs | diff | accuracy % | retained % | img/s "
-        "| tokens out | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | target | FLOPs frac | count | cap. frac | GFLOPs | XLA GFLOPs | diff | accuracy % | retained % "
+        "| feat cos | img/s | tokens out | note |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         note = p.get("error") or p.get("flops_flag") or ""
@@ -97,8 +98,8 @@ def markdown_table(result: dict) -> str:
             f"{p.get('flop_count', '-')} | {_fmt(p.get('capacity_flops_fraction'), '.3f')} | "
             f"{_fmt(p.get('analytic_gflops'), '.3f')} | {_fmt(p.get('xla_gflops'), '.3f')} | "
             f"{_fmt(p.get('xla_rel_diff'), '+.1f', 100)}% | {_fmt(p.get('accuracy'), '.2f', 100)} | "
-            f"{_fmt(p.get('acc_retained'), '.1f', 100)} | {_fmt(p.get('images_per_s'), '.1f')} | "
-            f"{_tokens_out(p)} | {note} |"
+            f"{_fmt(p.get('acc_retained'), '.1f', 100)} | {_fmt(p.get('feature_cos'), '.3f')} | "
+            f"{_fmt(p.get('images_per_s'), '.1f')} | {_tokens_out(p)} | {note} |"
         )
     best = best_per_target(points)
     if best:

@@ -110,10 +110,22 @@ def resolve_methods(methods: Sequence[str]) -> list[str]:
     return seen
 
 
+def feature_cosine(feats: np.ndarray, base: np.ndarray) -> float:
+    """Mean over images of the cosine between reduced ``feats [B, F]`` and unreduced ``base [B, F]`` features
+    (float64; a zero vector counts as cosine 0)."""
+    a, b = np.asarray(feats, np.float64), np.asarray(base, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"feature shapes differ: {a.shape} vs {b.shape}")
+    den = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return float(np.mean(np.where(den > 0, (a * b).sum(-1) / np.maximum(den, 1e-300), 0.0)))
+
+
 def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optional[dict], probe: RidgeProbe,
            images: np.ndarray, labels: np.ndarray, base_flops: int, base_acc: Optional[float],
-           settings: SweepSettings) -> dict:
-    """Evaluate one setting; every number in the returned row is measured, none is copied."""
+           settings: SweepSettings, base_feats: Optional[np.ndarray] = None, sink: Optional[dict] = None) -> dict:
+    """Evaluate one setting; every number in the returned row is measured, none is copied. ``feature_cos``: the
+    cosine of its features (the probe's input, or the logits of a classifier) to ``base_feats``, the unreduced
+    ones; ``sink["feats"]`` receives this point's features."""
     reducers = tuple(build_layer_reducers(backbone.cost.depth, spec))
     row = {"method": method, "target": target, "spec": json.dumps(spec, sort_keys=True) if spec else ""}
     analytic = backbone.flops(reducers)
@@ -150,6 +162,9 @@ def _point(backbone: Backbone, method: str, target: Optional[float], spec: Optio
     row["eval_s"] = time.perf_counter() - start
     if not np.all(np.isfinite(feats)):
         row["error"] = "non-finite features"
+    if sink is not None:
+        sink["feats"] = feats
+    row["feature_cos"] = feature_cosine(feats, feats if base_feats is None else base_feats)
     acc = probe.accuracy(feats, labels)
     row["accuracy"] = acc
     row["acc_retained"] = acc / base_acc if base_acc else 1.0
@@ -251,6 +266,7 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
     base_flops = backbone.flops((None,) * backbone.cost.depth)
     points = []
     base_acc = None
+    base_feats = None
     todo = plan(backbone, settings)
     bar = tqdm(todo, desc=f"sweep {backbone.name}", disable=not progress, unit="pt")
     for method, target, spec, err in bar:
@@ -259,7 +275,11 @@ def run_sweep(backbone: Backbone, train: tuple, test: tuple, *, num_classes: int
             points.append({"method": method, "target": target, "spec": "", "error": err})
             continue
         try:
-            row = _point(backbone, method, target, spec, probe, test[0], test[1], base_flops, base_acc, settings)
+            sink: dict = {}
+            row = _point(backbone, method, target, spec, probe, test[0], test[1], base_flops, base_acc, settings,
+                         base_feats=base_feats, sink=sink)
+            if method == "none":
+                base_feats = sink.get("feats")
         except Exception as exc:  # noqa: BLE001 - one broken method must not hide the others' results
             row = {"method": method, "target": target, "spec": json.dumps(spec, sort_keys=True) if spec else "",
                    "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300]}
