@@ -69,7 +69,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
         correct, mask, times, real = [], [], [], []
         for b in batches:
             t1 = time.perf_counter()
-            correct.append(np.asarray(fn(params, b)))
+            correct.append(np.asarray(fn(params, b)[0]))
             times.append(time.perf_counter() - t1)
             mask.append(np.asarray(b["mask"]))
             real.append(np.asarray(count(params, batch_images(b, dcfg))))
