@@ -281,7 +281,9 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
         one = {k: v[:1] for k, v in batches[0].items()}
         xla = _xla_flops(fn, params, one) if cfg.xla_check else None
         dec_ms = None
-        if int(cfg.decode_steps) > 0:
+        if int(cfg.decode_steps) > 0 and learned_src:
+            log.warning("%s: no decode timing (generation does not run attached learned reducers)", s.label)
+        elif int(cfg.decode_steps) > 0:
             dec_ms = _decode_ms(m, t, tcfg, batches[0], int(cfg.repeats), int(cfg.decode_steps))
         rows.append(dict(
             label=s.label, point=s.point, method=s.method, fraction=s.fraction, spec=spec, learned=learned_src,
