@@ -90,8 +90,7 @@ def test_sweep_row_loads_the_trained_gate_and_differs_from_its_initialisation(vl
     assert float(init[1][0].learned["1"].gate.bias[...][0]) == 2.0    # "init": the module's initialisation
     batch = _batch(vlm.num_image_tokens())
     assert init[1][1] == plan                                        # same static plan: one compile serves both
-    graphdef, params = nnx.split(m)
-    fn = _score_fn(_task_for(_Task(), m, plan), TCFG, graphdef)
+    fn = _score_fn(_task_for(_Task(), m, plan), TCFG, nnx.graphdef(m))
     empty = {name: np.asarray(fn(nnx.state(mm), batch)[1]) for name, mm in (("trained", m), ("init", init[1][0]))}
     # trained: all 8 capacity slots of layer 1 empty in both (left-padded) examples; init: every slot holds a token
     np.testing.assert_array_equal(empty["trained"], [[0, 8], [0, 8]])
