@@ -3,19 +3,17 @@
 224 px generated scenes with 8 x 8 cells (3-9 objects of 21 px; single-digit counts), so a crop (112 px, 4 x 4
 cells) looks like a training scene while the 112 px thumbnail halves every object. Settings: the thumbnail alone
 (65 tokens), AnyRes 2 x 2 unreduced (5 x 65 = 325 tokens: thumbnail first, then the crops row-major, each with its
-class token), AnyRes + GlobalCom2 at a base ratio of 1/9 and 2/9 at the connector, and at the same budget a uniform
-per-crop allocation (GlobalCom2's ranking) and a per-crop random pruning. The projector was trained on 112 px
-thumbnails only (one tile, one class token in front): the tiled layout is new to it.
+class token), and at the VLM sweep's budgets (keep 1/3, 2/9, 1/9 of the 325 tokens: 108, 72, 36) AnyRes + GlobalCom2
+at the connector (``keep`` sets its base ratio), a uniform per-crop allocation (GlobalCom2's ranking) and a per-crop
+random pruning. The projector was trained on 112 px thumbnails only (one tile, one class token in front): the tiled
+layout is new to it (``model.vlm.tiling=(2,2)`` trains one on tiles, see docs/vlm.md).
 
-    python eval.py --config eval_vlm_anyres                 # evaluation.vlm_anyres; ~15 min on 2 loaded CPU cores
-    python eval.py --config eval_vlm_anyres num_test=200
+    python eval.py --config eval_vlm_anyres                 # evaluation.vlm_anyres; ~40 min on 2 loaded CPU cores
+    python eval.py --config eval_vlm_anyres num_test=200 "fractions=(0.1111111111111111,)"
+    python eval.py --config eval_vlm_anyres projector=runs/vlm_anyres    # a projector trained on tiles
 """
 
 import ml_collections
-
-
-def _gc2(ratio, **kw):
-    return {"point": "connector", "method": "globalcom2", "keep_ratio": ratio, "grid": [2, 2], **kw}
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -28,15 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_test = 50
     c.batch_size = 10
     c.tiling = (2, 2)
-    c.settings = (
-        ("thumbnail", False, None),
-        ("anyres", True, None),
-        ("anyres+globalcom2@1/9", True, _gc2(1 / 9)),
-        ("anyres+uniform@1/9", True, _gc2(1 / 9, allocation="uniform")),
-        ("anyres+random@1/9", True, _gc2(1 / 9, allocation="uniform", selection="random")),
-        ("anyres+globalcom2@2/9", True, _gc2(2 / 9)),
-        ("anyres+uniform@2/9", True, _gc2(2 / 9, allocation="uniform")),
-        ("anyres+random@2/9", True, _gc2(2 / 9, allocation="uniform", selection="random")),
-    )
+    c.baselines = True                   # the thumbnail alone and AnyRes unreduced first
+    c.fractions = (1 / 3, 2 / 9, 1 / 9)  # keep = round(fraction x 325) tokens of the AnyRes span
+    c.variants = ("globalcom2", "uniform", "random")   # evaluation.vlm_anyres.VARIANTS
+    c.settings = ()                      # extra (label, tiled, spec) rows, e.g. ("gc2@0.25", True, {...keep_ratio...})
     c.out_dir = ""
     return c

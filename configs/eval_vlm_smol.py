@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
     # pivots are sized for 576 image tokens, so at 65 the sweep halves them (2 + 2) to stay near each budget
     c.options = ml_collections.ConfigDict(dict(dart=ml_collections.ConfigDict(dict(num_image_pivots=2,
                                                                                  num_text_pivots=2))))
+    # trained weights of learned methods (evaluation.learned): a folder with learned.npz + config.json, a train.py run
+    # dir, or "init" (the untrained module); a learned method in `methods` without one raises LearnedReducerError
+    c.learned = ml_collections.ConfigDict(dict(delete_gate=""))
     c.repeats = 0                        # 0: time the evaluation batches after the first; n > 0: n extra calls
     c.decode_steps = 0                   # > 0: also time decode steps (bench/bench_vlm.py does, at batch 8)
     c.xla_check = True

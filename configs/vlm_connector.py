@@ -18,6 +18,7 @@ def get_config():
     c.task = "vqa"
     c.model.kind = "vlm"
     c.model.vlm = ml_collections.ConfigDict()
+    c.model.vlm.tiling = None            # AnyRes (rows, cols), e.g. (2, 2) with data.image_size = 2 x the tower's
     c.model.vlm.vision = ml_collections.ConfigDict(dict(image_size=64, patch_size=8, dim=96, num_layers=3,
                                                         num_heads=3, mlp_dim=192, feature_layer=-1))
     c.model.vlm.text = ml_collections.ConfigDict(dict(vocab_size=96, dim=96, num_layers=2, num_heads=3,

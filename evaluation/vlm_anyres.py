@@ -7,6 +7,12 @@ setting is ``(label, tiled, spec)``: ``tiled=False`` feeds the thumbnail alone (
 size by ``data.input_size``, the same resize the tiled model uses for its thumbnail); ``tiled=True`` uses
 ``VLMConfig.tiling = cfg.tiling`` with the connector ``spec``.
 
+The budgets are those of the VLM sweep: for every fraction in ``cfg.fractions`` (1/3, 2/9, 1/9) and every variant
+in ``cfg.variants`` (:data:`VARIANTS`: GlobalCom2, the uniform per-crop allocation with GlobalCom2's ranking, and
+per-crop random pruning) a row with ``keep = round(fraction x the AnyRes span's tokens)``; GlobalCom2 turns
+``keep`` into its base ratio (:func:`reduction.globalcom2.keep_to_ratio`). ``cfg.baselines`` adds the thumbnail
+alone and AnyRes unreduced first; ``cfg.settings`` adds explicit ``(label, tiled, spec)`` rows.
+
 Columns: ``accuracy``; ``image_tokens`` (static slots entering the LLM), ``real_tokens`` (mean valid slots: below
 the capacity for GlobalCom2's data-dependent per-crop counts); analytic FLOPs (at the static slot count: masked
 slots are computed); ``prefill_ms`` (median over the evaluation batches after the first).
@@ -30,13 +36,37 @@ from flax import nnx
 
 log = logging.getLogger("tokenreduce.eval")
 
-COLUMNS = ("label", "accuracy", "image_tokens", "real_tokens", "total_flops", "flop_ratio", "prefill_ms")
+COLUMNS = ("label", "accuracy", "image_tokens", "real_tokens", "total_flops", "real_total_flops", "flop_ratio",
+           "prefill_ms")
+# the same-budget rows: GlobalCom2 and its baselines (connector options besides keep and grid)
+VARIANTS = {"globalcom2": {}, "uniform": {"allocation": "uniform"},
+            "random": {"allocation": "uniform", "selection": "random"}}
+
+
+def anyres_settings(cfg, tiled_tokens: int) -> list:
+    """``(label, tiled, spec)`` rows: the baselines, the budgets x variants, then ``cfg.settings``."""
+    from configs import spec_from_node
+
+    tiling = [int(v) for v in cfg.tiling]
+    rows = [("thumbnail", False, None), ("anyres", True, None)] if cfg.get("baselines", True) else []
+    for frac in cfg.get("fractions", ()) or ():
+        keep = max(1, int(round(float(frac) * tiled_tokens)))
+        for name in cfg.get("variants", ()) or ():
+            if name not in VARIANTS:
+                raise ValueError(f"variants: unknown {name!r}; choose from {sorted(VARIANTS)}")
+            rows.append((f"anyres+{name}@{float(frac):.3f}", True,
+                         {"point": "connector", "method": "globalcom2", "grid": tiling, "keep": keep,
+                          **VARIANTS[name]}))
+    for label, use_tiles, spec in cfg.get("settings", ()) or ():
+        spec = None if spec is None else dict(spec_from_node(spec) if hasattr(spec, "to_dict") else spec)
+        rows.append((label, bool(use_tiles), spec))
+    return rows
 
 
 def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
-    from configs import load_config, save_config, spec_from_node
+    from configs import load_config, save_config
     from data import eval_batches, make_source
-    from evaluation.vlm_sweep import _score_fn, _task_for, load_projector
+    from evaluation.vlm_sweep import _score_fn, _task_for, load_projector, real_prefill_flops
     from models.vlm import VLM
     from training.builders import build_vlm
     from training.tasks import batch_images, make_task
@@ -57,8 +87,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
                for b in eval_batches(src, batch_size=int(cfg.batch_size), limit=n, shard_index=0, shard_count=1)]
     text_tokens = len(getattr(task, "prefix_ids", ())) + int(task.question_len)
     rows = []
-    for label, use_tiles, spec in cfg.settings:
-        spec = None if spec is None else dict(spec_from_node(spec) if hasattr(spec, "to_dict") else spec)
+    for label, use_tiles, spec in anyres_settings(cfg, tiled.num_image_tokens()):
         m, dcfg = (tiled, tcfg) if use_tiles else (model, thumb_cfg)
         graphdef, params = nnx.split(m)
         plan = m.build_plan(spec)
@@ -66,18 +95,23 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
         fn = _score_fn(t, dcfg, graphdef)
         count = jax.jit(lambda p, img, g=graphdef, pl=plan: _real_tokens(nnx.merge(g, p), img, pl))
         t0 = time.perf_counter()
-        correct, mask, times, real = [], [], [], []
+        correct, mask, times, real, empty = [], [], [], [], []
         for b in batches:
             t1 = time.perf_counter()
-            correct.append(np.asarray(fn(params, b)))
+            c, e = fn(params, b)
+            correct.append(np.asarray(c))
+            empty.append(np.asarray(e))
             times.append(time.perf_counter() - t1)
             mask.append(np.asarray(b["mask"]))
             real.append(np.asarray(count(params, batch_images(b, dcfg))))
         correct, mask, real = np.concatenate(correct), np.concatenate(mask), np.concatenate(real)
         fl = m.flops(plan, text_tokens=text_tokens)
+        real_prefill = real_prefill_flops(m.cfg.text, fl["prefill"], fl["cache_lengths"],
+                                          np.concatenate(empty)[mask])
         rows.append(dict(label=label, tiled=bool(use_tiles), spec=spec, accuracy=float(correct[mask].mean()),
                          image_tokens=fl["image_tokens"], real_tokens=float(real[mask].mean()),
                          tower_flops=fl["tower"], total_flops=fl["total"],
+                         real_total_flops=float(fl["tower"] + fl["connector"] + real_prefill.mean()),
                          prefill_ms=1000 * statistics.median(times[1:] if len(times) > 1 else times),
                          wall_s=time.perf_counter() - t0))
         log.info("%s: acc %.3f, %d image slots (%.1f real), %.2f GFLOP", label, rows[-1]["accuracy"],
@@ -86,9 +120,10 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
             print(f"{label}: acc {rows[-1]['accuracy']:.3f}, {fl['image_tokens']} slots "
                   f"({rows[-1]['real_tokens']:.1f} real), {fl['total'] / 1e9:.2f} GFLOP, "
                   f"{rows[-1]['wall_s']:.0f} s", flush=True)
-    base = next((r for r in rows if r["tiled"] and r["spec"] is None), rows[0])
+    # against AnyRes unreduced (analytic, so also without the baseline rows)
+    base_flops = tiled.flops(tiled.build_plan(None), text_tokens=text_tokens)["total"]
     for r in rows:
-        r["flop_ratio"] = base["total_flops"] / r["total_flops"]
+        r["flop_ratio"] = base_flops / r["total_flops"]
     meta = dict(config_name=cfg.config_name, train_config=cfg.train_config, overrides=list(cfg.train_overrides),
                 projector=proj_src, num_test=n, batch_size=int(cfg.batch_size), tiling=tiling,
                 device=str(jax.devices()[0].platform), total_s=time.perf_counter() - start)
@@ -117,7 +152,7 @@ def markdown_table(result) -> str:
         vals = []
         for c in COLUMNS:
             v = r.get(c)
-            if c == "total_flops":
+            if c in ("total_flops", "real_total_flops"):
                 vals.append(f"{v / 1e9:.2f} G")
             elif isinstance(v, float):
                 vals.append(f"{v:.3f}" if abs(v) < 100 else f"{v:.0f}")
@@ -127,4 +162,4 @@ def markdown_table(result) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-__all__ = ["run", "markdown_table"]
+__all__ = ["run", "markdown_table", "anyres_settings", "VARIANTS"]

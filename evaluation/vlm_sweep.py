@@ -13,6 +13,17 @@ the sweep measures on the same evaluation examples:
 * ``decode_ms_per_token``: the median time of one decode step over the reduced KV cache (batch of the sweep);
 * ``kv_cache_bytes``: the K and V caches per example after prefill.
 
+Capacity-padded methods (a static slot count plus a validity mask: ATP, tokencorr, the learned ``delete_gate``,
+GlobalCom2) compute every slot, so ``total_flops`` counts them at their capacity. The sweep also measures, per
+example and LLM layer, the slots that hold no token (``aux["layer_valid"]`` of the forward, prompt padding left
+out) and reports the prefill at the real counts: ``real_llm_tokens_after`` (mean tokens of the last layer) and
+``real_total_flops`` (tower + connector as computed, prefill as if the empty slots were not there, averaged over the
+examples). For a method without empty slots both equal the static figures.
+
+Learned methods (a declaration with ``learned = True``, e.g. ``delete_gate``) need trained weights:
+``learned.<method>`` names a folder (``pretrained/vlm_delete_gate``), a train.py run dir or ``"init"``
+(:mod:`evaluation.learned`); the sweep checks and loads them before anything compiles.
+
 The budgets follow LLaVA papers: keep 1/3, 2/9 and 1/9 of the image tokens (576 -> 192 / 128 / 64 at LLaVA size).
 The count given to a method is ``round(fraction x image tokens)``; the table reports the image tokens that really
 enter the LLM (and, for the LLM point, the tokens its later layers keep).
@@ -82,18 +93,36 @@ def _task_for(task, model, plan):
 
 
 def _score_fn(task, tcfg, graphdef):
-    """``(params, batch) -> correct [B] bool``, jitted; the task (with its plan) is static."""
+    """``(params, batch) -> (correct [B] bool, empty [B, L] int32)``, jitted; the task (with its plan) is static.
+    ``empty[b, l]``: the slots of LLM layer ``l`` that hold no token of example ``b`` (the empty slots of
+    capacity-padded reducers; prompt padding is not counted)."""
     from training.tasks import batch_images
 
     @jax.jit
     def fn(params, batch):
         model = nnx.merge(graphdef, params)
         ids, valid = task.prompt(batch)
-        logits, _ = model(ids, batch_images(batch, tcfg), valid=valid, plan=task.plan, last_logits=True)
+        logits, aux = model(ids, batch_images(batch, tcfg), valid=valid, plan=task.plan, last_logits=True)
         answer_logits = logits[:, -1, jnp.asarray(task.answer_ids)].astype(jnp.float32)
-        return jnp.argmax(answer_logits, -1) == batch["answer"]
+        pad = ids.shape[1] - jnp.sum(valid, axis=-1)
+        empty = jnp.stack([m.shape[1] - pad - jnp.sum(m, axis=-1) for m in aux["layer_valid"]], axis=1)
+        return jnp.argmax(answer_logits, -1) == batch["answer"], empty.astype(jnp.int32)
 
     return fn
+
+
+def layer_flops(text_cfg, t) -> int:
+    """FLOPs of one decoder layer on ``t`` tokens, as :meth:`models.llama.Llama.prefill_flops` counts them."""
+    qdim, kvdim = text_cfg.num_heads * text_cfg.dh, text_cfg.num_kv_heads * text_cfg.dh
+    return 2 * t * text_cfg.dim * (2 * qdim + 2 * kvdim) + 4 * t * t * qdim + 6 * t * text_cfg.dim * text_cfg.mlp_dim
+
+
+def real_prefill_flops(text_cfg, prefill: int, cache_lengths, empty: np.ndarray) -> np.ndarray:
+    """Per example ``[B]``: the static ``prefill`` FLOPs with every layer ``l`` at ``cache_lengths[l] - empty[:, l]``
+    tokens instead of ``cache_lengths[l]`` (``empty: [B, L]``; the reducers' own cost and the head unchanged)."""
+    static = np.asarray(cache_lengths, np.int64)[None]
+    real = static - np.asarray(empty, np.int64)
+    return prefill - np.sum(layer_flops(text_cfg, static) - layer_flops(text_cfg, real), axis=1)
 
 
 def _xla_flops(fn, params, batch) -> Optional[float]:
@@ -137,6 +166,27 @@ def _decode_ms(model, task, tcfg, params_batch, repeats: int, steps: int) -> flo
         jax.block_until_ready(state.tokens)
         times.append(time.perf_counter() - t0)
     return 1000 * statistics.median(times)
+
+
+def resolve_learned(cfg, model, settings) -> list:
+    """Per setting ``(model, plan, spec, learned source)``: the sweep's model and each setting's plan, or for a
+    learned method a VLM sharing the sweep model's parts with the weights of ``cfg.learned.<method>`` attached
+    (:func:`evaluation.learned.prepare_learned`; :class:`~evaluation.learned.LearnedReducerError` when they are
+    missing or do not fit). Runs before any compile."""
+    from evaluation.learned import is_learned, prepare_learned
+
+    sources = dict((cfg.get("learned") or {}).items()) if cfg.get("learned") is not None else {}
+    out = []
+    for s in settings:
+        plan = model.build_plan(s.spec)
+        if not is_learned(plan):
+            out.append((model, plan, s.spec, ""))
+            continue
+        source = str(sources.get(s.method, "") or "")
+        m, plan, spec, desc = prepare_learned(model, dict(s.spec), source)
+        log.info("%s: learned weights from %s", s.label, desc)
+        out.append((m, plan, spec, desc))
+    return out
 
 
 def load_projector(model, path: str) -> str:
@@ -196,55 +246,65 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     n = min(int(cfg.num_test), len(src))
     batches = [{k: jnp.asarray(v) for k, v in b.items()}
                for b in eval_batches(src, batch_size=int(cfg.batch_size), limit=n, shard_index=0, shard_count=1)]
-    graphdef, params = nnx.split(model)
     base_k = model.num_image_tokens(model.build_plan(None))
     settings = settings_for(cfg, base_k)
+    models = resolve_learned(cfg, model, settings)   # learned weights checked and loaded before any compile
     text_tokens = len(getattr(task, "prefix_ids", ())) + int(task.question_len)
     rows = []
-    iterator = settings
+    iterator = list(zip(settings, models))
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(settings, desc="vlm sweep", unit="setting")
-    for s in iterator:
-        plan = model.build_plan(s.spec)
-        t = _task_for(task, model, plan)
+        iterator = tqdm(iterator, desc="vlm sweep", unit="setting")
+    for s, (m, plan, spec, learned_src) in iterator:
+        graphdef, params = nnx.split(m)
+        t = _task_for(task, m, plan)
         fn = _score_fn(t, tcfg, graphdef)
         t0 = time.perf_counter()
-        correct, mask, times = [], [], []
+        correct, mask, times, empty = [], [], [], []
         for i, b in enumerate(batches):
             t1 = time.perf_counter()
-            c = np.asarray(fn(params, b))
+            c, e = fn(params, b)
+            c, e = np.asarray(c), np.asarray(e)
             times.append(time.perf_counter() - t1)
             correct.append(c)
+            empty.append(e)
             mask.append(np.asarray(b["mask"]))
-        correct, mask = np.concatenate(correct), np.concatenate(mask)
+        correct, mask, empty = np.concatenate(correct), np.concatenate(mask), np.concatenate(empty)[np.concatenate(mask)]
         acc = float(correct[mask].mean())
         if int(cfg.repeats) > 0 or len(times) < 2:
             prefill_s = _timed(fn, params, batches[0], repeats=max(1, int(cfg.repeats)))
         else:  # the evaluation batches after the first (which compiled) are the timed calls
             prefill_s = statistics.median(times[1:])
-        fl = model.flops(plan, text_tokens=text_tokens)
+        fl = m.flops(plan, text_tokens=text_tokens)
+        real_prefill = real_prefill_flops(m.cfg.text, fl["prefill"], fl["cache_lengths"], empty)
         one = {k: v[:1] for k, v in batches[0].items()}
         xla = _xla_flops(fn, params, one) if cfg.xla_check else None
         dec_ms = None
-        if int(cfg.decode_steps) > 0:
-            dec_ms = _decode_ms(model, t, tcfg, batches[0], int(cfg.repeats), int(cfg.decode_steps))
+        if int(cfg.decode_steps) > 0 and learned_src:
+            log.warning("%s: no decode timing (generation does not run attached learned reducers)", s.label)
+        elif int(cfg.decode_steps) > 0:
+            dec_ms = _decode_ms(m, t, tcfg, batches[0], int(cfg.repeats), int(cfg.decode_steps))
         rows.append(dict(
-            label=s.label, point=s.point, method=s.method, fraction=s.fraction, spec=s.spec, accuracy=acc,
-            accuracy_se=float(np.sqrt(acc * (1 - acc) / max(1, int(mask.sum())))),
+            label=s.label, point=s.point, method=s.method, fraction=s.fraction, spec=spec, learned=learned_src,
+            accuracy=acc, accuracy_se=float(np.sqrt(acc * (1 - acc) / max(1, int(mask.sum())))),
             correct=correct[mask].astype(int).tolist(),
             image_tokens=fl["image_tokens"], image_keep=fl["image_tokens"] / base_k,
-            llm_tokens_after=fl["cache_lengths"][-1], tower_flops=fl["tower"], connector_flops=fl["connector"],
+            real_image_tokens=float(fl["image_tokens"] - empty[:, 0].mean()),
+            llm_tokens_after=fl["cache_lengths"][-1],
+            real_llm_tokens_after=float(fl["cache_lengths"][-1] - empty[:, -1].mean()),
+            tower_flops=fl["tower"], connector_flops=fl["connector"],
             prefill_flops=fl["prefill"], total_flops=fl["total"], decode_flops=fl["decode"],
+            real_total_flops=float(fl["tower"] + fl["connector"] + real_prefill.mean()),
             xla_flops=xla, xla_ratio=None if xla is None else xla / fl["total"],
-            kv_cache_bytes=model.language_model.kv_cache_bytes(fl["cache_lengths"]),
+            kv_cache_bytes=m.language_model.kv_cache_bytes(fl["cache_lengths"]),
             prefill_ms=1000 * prefill_s, decode_ms_per_token=dec_ms, wall_s=time.perf_counter() - t0))
         log.info("%s: acc %.3f, %d image tokens, %.2f GFLOP, prefill %.0f ms%s", s.label, acc, fl["image_tokens"],
                  fl["total"] / 1e9, 1000 * prefill_s, "" if dec_ms is None else f", decode {dec_ms:.1f} ms/token")
     base = rows[0]
     for r in rows:
         r["flop_ratio"] = base["total_flops"] / r["total_flops"]
+        r["real_flop_ratio"] = base["total_flops"] / r["real_total_flops"]
         r["prefill_speedup"] = base["prefill_ms"] / r["prefill_ms"]
         r["kv_ratio"] = base["kv_cache_bytes"] / r["kv_cache_bytes"]
         if r["decode_ms_per_token"] and base["decode_ms_per_token"]:
@@ -265,8 +325,8 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     return result
 
 
-COLUMNS = ("label", "accuracy", "image_tokens", "llm_tokens_after", "total_flops", "flop_ratio", "xla_ratio",
-           "prefill_ms", "prefill_speedup", "decode_ms_per_token", "decode_speedup", "kv_cache_bytes", "kv_ratio")
+COLUMNS = ("label", "accuracy", "image_tokens", "llm_tokens_after", "real_llm_tokens_after", "total_flops",
+           "flop_ratio", "real_flop_ratio", "xla_ratio", "prefill_ms", "prefill_speedup", "decode_ms_per_token", "decode_speedup", "kv_cache_bytes", "kv_ratio")
 
 
 def write_csv(rows, path) -> None:
@@ -350,5 +410,5 @@ def plot_pareto(rows, path) -> None:
     plt.close(fig)
 
 
-__all__ = ["Setting", "settings_for", "run", "load_projector", "export_projector", "markdown_table", "paired_table",
-           "plot_pareto"]
+__all__ = ["Setting", "settings_for", "resolve_learned", "layer_flops", "real_prefill_flops", "run", "load_projector",
+           "export_projector", "markdown_table", "paired_table", "plot_pareto"]

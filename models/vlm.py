@@ -301,17 +301,19 @@ class VLM(nnx.Module):
         """Scoring forward: ``-> (logits [B, T', V] float32, aux)``; ``T' < T`` under in-LLM pruning.
         ``last_logits``: the head runs on the last position only (``[B, 1, V]``). ``train`` (static): the mode of the
         attached learned reducers (:meth:`attach_reducer`); ``aux`` then has ``reducer_aux`` (``{layer: aux dict}``)
-        and ``reducer_loss`` (the sum of their ``loss``)."""
+        and ``reducer_loss`` (the sum of their ``loss``). ``aux["layer_valid"]``: per LLM layer the ``[B, T_l]`` mask of
+        the tokens it ran on (padding and the empty slots of capacity-padded reducers are ``False``)."""
         valid = jnp.ones(ids.shape, bool) if valid is None else valid.astype(bool)
         x, is_image, token_valid = self.embed(ids, images, plan, return_valid=True)
         if token_valid is not None:
             valid = valid & token_valid
         lm = self.language_model
         sink: dict = {}
-        h, _, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid,
-                                      reducers=self.llm_reducers(plan, train=train, sink=sink),
-                                      image_starts=image_starts_from_mask(is_image),
-                                      image_len=self.num_image_tokens(plan))
+        h, kv, aux = lm.prefill_embeds(x, positions_from_valid(valid), valid,
+                                       reducers=self.llm_reducers(plan, train=train, sink=sink),
+                                       image_starts=image_starts_from_mask(is_image),
+                                       image_len=self.num_image_tokens(plan))
+        aux["layer_valid"] = [m for _, _, m in kv]
         if self.learned_layers:
             aux["reducer_aux"] = {layer: sink[layer] for layer in sorted(sink)}
             aux["reducer_loss"] = sum((jnp.asarray(a["loss"], jnp.float32) for a in aux["reducer_aux"].values()),

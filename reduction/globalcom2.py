@@ -48,7 +48,12 @@ Where this port differs from the official code (each a choice or a **GUESS**):
 * Batched: every example gets its own allocation (the official code rebinds its scores inside a per-image loop:
   batch size 1 only). Tower-invalid tokens (``state.valid``) rank last and stay invalid.
 * ``keep_ratio`` (the official ``retention_ratio``) applies to the thumbnail *and* is the crops' base ratio, as in
-  the code; the default ``0.25`` is the official one. The sweep's 1/9 budget is ``keep_ratio = 1/9``.
+  the code; the default ``0.25`` is the official one.
+* ``keep`` (this port's budget option, as the sweeps give every method): the tokens of the whole span to keep on
+  average, class tokens included. It sets the base ratio ``(keep - M) / (M N)`` (:func:`keep_to_ratio`), so every
+  tile keeps ``floor((keep - M) / M)`` patches on average before GlobalCom2 moves them between crops (the floors
+  put the real count at or a little below ``keep``; the static slot count is the capacity above). ``keep`` wins
+  over ``keep_ratio``, as for every pruning method.
 * Baselines at the same budget (options, not part of GlobalCom2): ``allocation="uniform"`` (every crop keeps
   ``k0``, the thumbnail-guided ranking of step 4) and ``selection="random"`` (seeded uniform scores inside every
   tile; with ``allocation="uniform"`` a per-crop random pruning).
@@ -121,6 +126,17 @@ def tile_layout(num_tokens: int, grid: tuple[int, int], num_protected: int) -> T
     if g < max(rows, cols):
         raise ValueError(f"globalcom2: the {g} x {g} thumbnail map cannot be cut into a {rows} x {cols} grid")
     return TileLayout(rows, cols, g)
+
+
+def keep_to_ratio(layout: TileLayout, keep: int) -> float:
+    """The base ratio that keeps ``keep`` tokens of the span on average: ``(keep - M) / (M N)``; a named error when
+    ``keep`` does not exceed the ``M`` class tokens, clipped at 1."""
+    keep = check_count(keep, "keep", allow_zero=False)
+    if keep <= layout.num_tiles:
+        raise ValueError(f"globalcom2: keep={keep} must exceed the {layout.num_tiles} class tokens of the "
+                         f"{layout.num_tiles} tiles (each tile keeps its class token)")
+    # + 1e-9: floor(N * ratio) = floor((keep - M) / M) exactly despite the division's rounding
+    return min(1.0, (keep - layout.num_tiles) / (layout.num_tiles * layout.patches) + 1e-9)
 
 
 def layout_counts(layout: TileLayout, keep_ratio: float, allocation: str) -> tuple[int, int]:
@@ -236,17 +252,27 @@ class GlobalCom2(Reducer):
     allocation: str = "thumbnail"
     selection: str = "combined"
     seed: int = 0
+    # the spec's ``keep`` (a field of another name: the connector repeats a reducer with a ``keep`` target until it
+    # reaches it, which a capacity-padded count never does)
+    span_keep: Optional[int] = None
     needs: ClassVar[frozenset] = frozenset({HIDDEN})
+
+    def ratio(self, num_tokens: int, info: LayerInfo) -> float:
+        """The base ratio: ``keep_ratio``, or with ``keep`` :func:`keep_to_ratio` of the span's layout."""
+        if self.span_keep is None:
+            return self.keep_ratio
+        return keep_to_ratio(tile_layout(num_tokens, self.grid, info.num_protected), self.span_keep)
 
     def num_out(self, num_tokens: int, info: LayerInfo) -> int:
         lay = tile_layout(num_tokens, self.grid, info.num_protected)
-        k0, cap = layout_counts(lay, self.keep_ratio, self.allocation)
+        k0, cap = layout_counts(lay, self.ratio(num_tokens, info), self.allocation)
         return lay.num_tiles + k0 + lay.num_crops * cap
 
     def plan(self, state: TokenState, info: LayerInfo) -> ReductionStep:
         rng = info.rng if info.rng is not None else jax.random.fold_in(jax.random.key(self.seed), info.layer)
         idx, slot_valid, _ = globalcom2_keep(info.require(HIDDEN, "globalcom2"), grid=self.grid,
-                                             keep_ratio=self.keep_ratio, temperature=self.temperature,
+                                             keep_ratio=self.ratio(state.num_tokens, info),
+                                             temperature=self.temperature,
                                              allocation=self.allocation, selection=self.selection,
                                              num_protected=info.num_protected, valid=state.valid, rng=rng)
         return prune_step(idx, state.num_tokens, valid=None if self.allocation == "uniform" else slot_valid)
@@ -257,13 +283,15 @@ class GlobalCom2(Reducer):
 
 @register("globalcom2", points=("connector",), layers="first")
 def _globalcom2_layers(num_layers: int, keep_ratio: float = 0.25, grid=(2, 2), temperature: float = 10.0,
-                       allocation: str = "thumbnail", selection: str = "combined", seed: int = 0, layers=None
-                       ) -> list[Optional[Reducer]]:
+                       allocation: str = "thumbnail", selection: str = "combined", seed: int = 0,
+                       keep: Optional[int] = None, layers=None) -> list[Optional[Reducer]]:
     """GlobalCom2 (Liu et al. 2025) on AnyRes tokens (``VLMConfig.tiling == grid``): the thumbnail keeps
     ``keep_ratio`` of its patches; crop ``i`` keeps ``keep_ratio * (1 + p_i - mean p)`` (``p``: softmax over the
-    crops of the thumbnail's summed scores / ``temperature``), ranked by own + thumbnail score. Baselines:
-    ``allocation="uniform"``, ``selection="random"``."""
+    crops of the thumbnail's summed scores / ``temperature``), ranked by own + thumbnail score. ``keep``: the span's
+    tokens kept on average (class tokens included), which sets the base ratio ``(keep - M) / (M N)`` and wins over
+    ``keep_ratio``. Baselines: ``allocation="uniform"``, ``selection="random"``."""
     keep_ratio = check_ratio(keep_ratio, "keep_ratio")
+    keep = None if keep is None else check_count(keep, "keep", allow_zero=False)
     grid = tuple(check_count(v, "grid", allow_zero=False) for v in grid)
     if len(grid) != 2:
         raise ValueError(f"grid must be (rows, cols), got {grid!r}")
@@ -271,10 +299,11 @@ def _globalcom2_layers(num_layers: int, keep_ratio: float = 0.25, grid=(2, 2), t
         raise ValueError(f"temperature must be a positive float, got {temperature!r}")
     red = GlobalCom2(keep_ratio=keep_ratio, grid=grid, temperature=float(temperature),
                      allocation=_check_choice(allocation, ALLOCATIONS, "allocation"),
-                     selection=_check_choice(selection, SELECTIONS, "selection"), seed=check_count(seed, "seed"))
+                     selection=_check_choice(selection, SELECTIONS, "selection"), seed=check_count(seed, "seed"),
+                     span_keep=keep)
     chosen = set([0] if layers is None else layers)
     return [red if i in chosen else None for i in range(num_layers)]
 
 
-__all__ = ["TileLayout", "tile_layout", "layout_counts", "crop_scales", "tile_scores", "globalcom2_keep",
+__all__ = ["TileLayout", "tile_layout", "keep_to_ratio", "layout_counts", "crop_scales", "tile_scores", "globalcom2_keep",
            "globalcom2_flops", "GlobalCom2"]

@@ -172,6 +172,41 @@ def test_reducer_at_connector_moves_the_selected_tokens():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_keep_sets_the_base_ratio_of_the_span():
+    grid, g, _ = CASE_A
+    t, info = 5 * (1 + g * g), R.LayerInfo(num_protected=1)
+
+    def red(**kw):
+        return R.build_layer_reducers(1, {"method": "globalcom2", "grid": [2, 2], **kw}, point="connector")[0]
+
+    for keep in (20, 41, 64, 200):
+        per_tile = min(g * g, (keep - 5) // 5)                 # patches per tile on average
+        uniform = red(keep=keep, allocation="uniform")
+        assert uniform.num_out(t, info) == 5 + 5 * per_tile <= keep
+        ratio = min(1.0, (keep - 5) / (5 * g * g))
+        assert abs(red(keep=keep).ratio(t, info) - ratio) < 1e-8
+        assert red(keep=keep).num_out(t, info) == red(keep_ratio=min(1.0, ratio + 1e-9)).num_out(t, info)
+    assert red(keep=20, keep_ratio=0.9).num_out(t, info) == red(keep=20).num_out(t, info)   # keep wins
+    with pytest.raises(ValueError, match="class tokens"):
+        red(keep=5).num_out(t, info)
+    with pytest.raises(ValueError, match="keep"):
+        red(keep=0)
+
+
+@pytest.mark.long   # one more compile (~4 s)
+def test_keep_at_the_connector_runs_once_with_its_ratio():
+    grid, g, _ = CASE_A
+    t, info = 5 * (1 + g * g), R.LayerInfo(num_protected=1)
+    red = R.build_layer_reducers(1, {"method": "globalcom2", "grid": [2, 2], "keep": 20}, point="connector")
+    x = _tiled(jax.random.key(3), 2, grid, g) * 3.0
+    y, v = jax.jit(lambda a: (lambda s: (s.x, s.valid))(connector_reduce(red, a, num_protected=1)))(x)
+    idx, ok, _ = _keep(x, grid=grid, keep_ratio=red[0].ratio(t, info))
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(ok))   # one pass (no keep-target repeats)
+    got = np.asarray(y)[np.asarray(v)]
+    np.testing.assert_allclose(got, np.asarray(jnp.take_along_axis(x, idx[..., None], 1))[np.asarray(ok)], rtol=1e-6)
+    assert int(np.asarray(ok).sum(1).max()) <= 20 + 4               # real count near the budget (per-crop floors)
+
+
 def test_named_errors():
     with pytest.raises(ValueError, match="class token"):
         tile_layout(5 * 17, (2, 2), 0)

