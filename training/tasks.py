@@ -128,7 +128,7 @@ class DenseTask:
     def forward(self, model, batch, cfg, reducers, rng, train: bool):
         import reduction as R
 
-        out, aux = model(_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train,
+        out, aux = model(batch_images(batch, cfg), reducers=reducers, deterministic=not train, rng=rng, train=train,
                          return_source=True)
         if out.ndim != 3:
             raise ValueError(f"task='dense' needs per-token outputs [B, T, classes] (model.vit.pool='dense'), got "
