@@ -48,13 +48,19 @@ def test_vit_tower_reads_the_vits_normed_tokens(images, keep_cls):
     np.testing.assert_allclose(np.asarray(early(images)[0]), np.asarray(state.x[:, 1:]), atol=1e-6)
 
 
-@pytest.mark.parametrize("keep_cls", [False, True])
-@pytest.mark.parametrize("spec", [None, {"point": "vision", "method": "tome", "r": 3},
-                                  {"point": "vision", "method": "topk_cls", "keep": 6},
-                                  {"point": "connector", "method": "pool", "k": 2},
-                                  {"point": "connector", "method": "divprune", "keep": 5},
-                                  {"point": "llm", "method": "fastv", "keep": 6, "layers": [1]}],
-                         ids=["none", "tower-tome", "tower-topk_cls", "conn-pool", "conn-divprune", "llm-fastv"])
+_COUNT_SPECS = {"none": None, "tower-tome": {"point": "vision", "method": "tome", "r": 3},
+                "tower-topk_cls": {"point": "vision", "method": "topk_cls", "keep": 6},
+                "conn-pool": {"point": "connector", "method": "pool", "k": 2},
+                "conn-divprune": {"point": "connector", "method": "divprune", "keep": 5},
+                "llm-fastv": {"point": "llm", "method": "fastv", "keep": 6, "layers": [1]}}
+_COUNT_LONG = {("tower-tome", False), ("tower-topk_cls", False), ("llm-fastv", True)}   # the slowest; the other
+                                                                                         # keep_cls of each is default
+
+
+@pytest.mark.parametrize("spec,keep_cls", [
+    pytest.param(spec, keep_cls, id=f"{name}-{keep_cls}",
+                 marks=[pytest.mark.long] if (name, keep_cls) in _COUNT_LONG else [])
+    for keep_cls in (False, True) for name, spec in _COUNT_SPECS.items()])
 def test_static_counts_match_the_forward_and_the_class_token_survives(images, keep_cls, spec):
     vlm = _vlm(keep_cls)
     plan = vlm.build_plan(spec)
