@@ -112,9 +112,11 @@ def _score_fn(task, tcfg, graphdef):
 
 
 def layer_flops(text_cfg, t) -> int:
-    """FLOPs of one decoder layer on ``t`` tokens, as :meth:`models.llama.Llama.prefill_flops` counts them."""
-    qdim, kvdim = text_cfg.num_heads * text_cfg.dh, text_cfg.num_kv_heads * text_cfg.dh
-    return 2 * t * text_cfg.dim * (2 * qdim + 2 * kvdim) + 4 * t * t * qdim + 6 * t * text_cfg.dim * text_cfg.mlp_dim
+    """FLOPs of one decoder layer on ``t`` tokens (an int or an integer array): the count
+    :meth:`models.llama.Llama.prefill_flops` uses (:func:`models.llama.decoder_layer_flops`)."""
+    from models.llama import decoder_layer_flops
+
+    return decoder_layer_flops(text_cfg, t)
 
 
 def real_prefill_flops(text_cfg, prefill: int, cache_lengths, empty: np.ndarray) -> np.ndarray:

@@ -79,6 +79,15 @@ class LlamaConfig:
 # -- layers --------------------------------------------------------------------------------------------
 
 
+def decoder_layer_flops(cfg: LlamaConfig, num_tokens):
+    """FLOPs (2 x MACs) of one decoder layer on ``num_tokens`` tokens: the q/k/v/o projections, causal attention
+    counted in full (as the dense kernels compute it) and the SwiGLU MLP. ``num_tokens``: an int, or an integer
+    array (elementwise)."""
+    t = num_tokens
+    qdim, kvdim = cfg.num_heads * cfg.dh, cfg.num_kv_heads * cfg.dh
+    return 2 * t * cfg.dim * (2 * qdim + 2 * kvdim) + 4 * t * t * qdim + 6 * t * cfg.dim * cfg.mlp_dim
+
+
 class RMSNorm(nnx.Module):
     """``x / rms(x) * scale`` computed in float32, cast back to ``x.dtype`` before the scale (as HF does)."""
 
@@ -237,13 +246,12 @@ class Llama(nnx.Module):
         cfg = self.cfg
         reducers = self._reducers(reducers)
         counts = self.tokens_per_layer(num_tokens, reducers, image_len=image_len, num_images=num_images)
-        qdim, kvdim = cfg.num_heads * cfg.dh, cfg.num_kv_heads * cfg.dh
         total = 0
         prev = num_tokens
         for t, red in zip(counts, reducers):
             if red is not None:
                 total += int(red.flops(prev, dim=cfg.dim, heads=cfg.num_heads))
-            total += 2 * t * cfg.dim * (2 * qdim + 2 * kvdim) + 4 * t * t * qdim + 6 * t * cfg.dim * cfg.mlp_dim
+            total += decoder_layer_flops(cfg, t)
             prev = t
         return int(total + 2 * logits_tokens * cfg.dim * cfg.vocab_size)
 
