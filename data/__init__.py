@@ -18,7 +18,7 @@ from data.fashion_mnist import fashion_mnist
 from data.image_folder import image_folder
 from data.pipeline import Augment, augment_from_config, eval_batches, num_eval_batches, shard_options, train_dataset
 from data.sources import ArraySource, DataError, FileImageSource, SkipStats, class_count, load_image
-from data.synth_vqa import SynthVQA
+from data.synth_vqa import DEFAULT_FAMILIES as _VQA_FAMILIES, SynthVQA
 from data.synth_seg import num_seg_classes, synth_seg
 from data.synthetic import synthetic_classification
 from data.text import WordVocab
@@ -32,15 +32,17 @@ def chat_prompt(data: Mapping[str, Any]):
     tok = data["tokenizer"] if "tokenizer" in data else ""
     if not tok:
         return None
-    return _chat_prompt(str(tok), int(data["prompt_tokens"] if "prompt_tokens" in data else 32))
+    system = data["system"] if "system" in data else None
+    return _chat_prompt(str(tok), int(data["prompt_tokens"] if "prompt_tokens" in data else 32),
+                        None if system is None else str(system))
 
 
 @functools.lru_cache(maxsize=4)
-def _chat_prompt(tok: str, prompt_tokens: int):
+def _chat_prompt(tok: str, prompt_tokens: int, system: str | None = None):
     from data.chat_prompts import ChatPrompt
     from loaders.pretrained import load_tokenizer
 
-    return ChatPrompt(load_tokenizer(tok), max_question_tokens=prompt_tokens)
+    return ChatPrompt(load_tokenizer(tok), max_question_tokens=prompt_tokens, system=system)
 
 
 def make_source(data: Mapping[str, Any], split: str):
@@ -48,7 +50,7 @@ def make_source(data: Mapping[str, Any], split: str):
 
     Keys used (missing ones take defaults): ``path``, ``image_size``, ``on_error`` ("raise" | "skip"),
     ``size`` / ``seed`` (generated sets), ``grid``, ``min_objects``, ``max_objects``, ``style``, ``tokenizer`` /
-    ``prompt_tokens`` (synth_vqa; ``patch`` / ``classes`` for synth_seg; with a tokenizer records carry chat-template ``prompt`` ids, :func:`chat_prompt`),
+    ``prompt_tokens`` / ``system`` (``None`` = the chat template's default system turn) / ``families`` / ``distinct`` (synth_vqa; ``patch`` / ``classes`` for synth_seg; with a tokenizer records carry chat-template ``prompt`` ids, :func:`chat_prompt`),
     ``num_classes`` (synthetic), ``limit`` (easy_vqa).
     """
     get = (lambda k, d=None: data[k] if k in data else d)
@@ -68,7 +70,9 @@ def make_source(data: Mapping[str, Any], split: str):
         chat = chat_prompt(data)
         return SynthVQA(split, size=sizes[split], seed=get("seed", 0), image_size=get("image_size", 64),
                         grid=get("grid", 4), min_objects=get("min_objects", 3), max_objects=get("max_objects", 10),
-                        style=get("style", "auto"), encode_question=None if chat is None else chat.question_ids)
+                        style=get("style", "auto"), families=tuple(get("families", _VQA_FAMILIES)),
+                        distinct=bool(get("distinct", False)),
+                        encode_question=None if chat is None else chat.question_ids)
     if name == "synth_seg":
         sizes = {"train": get("size", 2000), "val": get("eval_size", 500), "test": get("eval_size", 500)}
         return synth_seg(split, size=sizes[split], seed=get("seed", 0), image_size=get("image_size", 48),

@@ -5,11 +5,21 @@ object each, a distinct (colour, shape) pair. Objects are the Noto colour emoji 
 "<colour> square" and "<colour> heart" (rendered at the font's only size, 109 px, then resized), or
 PIL-drawn shapes of the same names when the font or emoji list is missing (``style="shapes"``).
 
-Question families (``qtype``):
-  0 count by shape:   "how many hearts are there"              -> "0" .. "<max>"
-  1 count by colour:  "how many blue objects are there"        -> "0" .. "<max>"
-  2 colour at cell:   "what colour is the object in row 2 column 3" -> colour
-  3 relative place:   "is the red circle left of the blue heart" (left/right/above/below) -> yes/no
+Question families (``qtype`` is the index in ``QTYPES``; ``families`` chooses which are drawn, default the first four):
+  0 count_shape:   "how many hearts are there"              -> "0" .. "<max>"
+  1 count_colour:  "how many blue objects are there"        -> "0" .. "<max>"
+  2 colour_at:     "what colour is the object in row 2 column 3" -> colour
+  3 relation:      "is the red circle left of the blue heart" (left/right/above/below) -> yes/no
+  4 colour_of:     "what colour is the heart"               -> colour   (needs ``distinct``)
+  5 shape_of:      "what shape is the red object"           -> shape    (needs ``distinct``)
+  6 count:         "how many objects are there"             -> "<min>" .. "<max>"
+
+``distinct=True`` draws each scene's objects with pairwise distinct colours *and* shapes (so at most
+``len(SHAPES)`` = 3 objects), which makes "the heart" and "the red object" name one object. With few small objects
+on a fine board (e.g. ``grid=7``: 12 px objects on a 112 px canvas, about 2-4 of DINOv2's 64 patches each) the
+answer sits in a handful of image tokens and the rest is background: the sparse preset of the real VLM
+(``configs/vlm_smol_sparse.py``) uses ``families=("colour_of", "shape_of", "count")`` so that which tokens a
+reduction keeps decides the answer.
 
 Everything is a pure function of ``(seed, split, index)``: the same arguments give the same image,
 question and answer in any process, and the splits use disjoint random streams.
@@ -29,7 +39,9 @@ from data.text import WordVocab
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "black")
 SHAPES = ("circle", "square", "heart")
 RELATIONS = ("left of", "right of", "above", "below")
-QTYPES = ("count_shape", "count_colour", "colour_at", "relation")
+QTYPES = ("count_shape", "count_colour", "colour_at", "relation", "colour_of", "shape_of", "count")
+DEFAULT_FAMILIES = QTYPES[:4]
+_NEED_DISTINCT = ("colour_of", "shape_of")
 SPLITS = {"train": 1, "val": 2, "test": 3}
 EMOJI_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
@@ -41,11 +53,14 @@ def answer_list(grid: int) -> list[str]:
     return ["no", "yes", *COLOURS, *SHAPES, *[str(i) for i in range(grid * grid + 1)]]
 
 
-def question_vocab(grid: int) -> WordVocab:
-    """Every word any template can produce, sorted (independent of data)."""
+def question_vocab(grid: int, families: tuple[str, ...] = DEFAULT_FAMILIES) -> WordVocab:
+    """Every word the templates of ``families`` can produce, sorted (independent of data; the default families'
+    vocabulary is the same as before the other families existed)."""
     texts = ["how many are there objects", "what colour is the object in row column",
              "is the", *RELATIONS, *COLOURS, *SHAPES, *[s + "s" for s in SHAPES],
              " ".join(str(i) for i in range(1, grid + 1))]
+    if "shape_of" in families:
+        texts.append("what shape")
     return WordVocab.from_texts(texts)
 
 
@@ -129,7 +144,7 @@ class SynthVQA:
 
     def __init__(self, split: str = "train", *, size: int = 10000, seed: int = 0, image_size: int = 64,
                  grid: int = 4, min_objects: int = 3, max_objects: int = 10, style: str = "auto",
-                 encode_question=None):
+                 families: tuple[str, ...] = DEFAULT_FAMILIES, distinct: bool = False, encode_question=None):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
         if image_size % grid:
@@ -137,13 +152,24 @@ class SynthVQA:
         if not 1 <= min_objects <= max_objects <= min(grid * grid, len(COLOURS) * len(SHAPES)):
             raise ValueError(f"need 1 <= min_objects <= max_objects <= {min(grid * grid, 24)}, "
                              f"got {min_objects}, {max_objects}")
+        families = tuple(families)
+        unknown = [f for f in families if f not in QTYPES]
+        if not families or unknown or len(set(families)) != len(families):
+            raise ValueError(f"families must be distinct names from {QTYPES}, got {families!r}")
+        if not distinct and any(f in _NEED_DISTINCT for f in families):
+            raise ValueError(f"families {[f for f in families if f in _NEED_DISTINCT]} name an object by its shape or "
+                             f"colour alone: they need distinct=True")
+        if distinct and max_objects > len(SHAPES):
+            raise ValueError(f"distinct=True gives every object its own shape: max_objects must be <= {len(SHAPES)}, "
+                             f"got {max_objects}")
+        self.families, self.distinct = families, bool(distinct)
         self.split, self.size, self.seed = split, int(size), int(seed)
         self.image_size, self.grid = image_size, grid
         self.min_objects, self.max_objects = min_objects, max_objects
         self.style = ("emoji" if emoji_available() else "shapes") if style == "auto" else style
         self.cell = image_size // grid
         self.obj = max(4, (self.cell * 3) // 4)
-        self.vocab = question_vocab(grid)
+        self.vocab = question_vocab(grid, families)
         self.answers = answer_list(grid)
         self._a = {a: i for i, a in enumerate(self.answers)}
         self.encode_question = encode_question
@@ -159,7 +185,12 @@ class SynthVQA:
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         cells = rng.choice(self.grid * self.grid, size=n, replace=False)
-        kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
+        if self.distinct:
+            colours = rng.choice(len(COLOURS), size=n, replace=False)
+            shapes = rng.choice(len(SHAPES), size=n, replace=False)
+            kinds = colours * len(SHAPES) + shapes
+        else:
+            kinds = rng.choice(len(COLOURS) * len(SHAPES), size=n, replace=False)
         slack = self.cell - self.obj
         out = []
         for cell, kind in zip(cells, kinds):
@@ -180,7 +211,15 @@ class SynthVQA:
         return canvas, [o[:4] for o in placed], rng
 
     def question(self, objects, rng) -> tuple[str, str, int]:
-        qtype = int(rng.integers(len(QTYPES)))
+        qtype = QTYPES.index(self.families[int(rng.integers(len(self.families)))])
+        if qtype == 4:
+            colour, shape = objects[int(rng.integers(len(objects)))][:2]
+            return f"what colour is the {shape}", colour, qtype
+        if qtype == 5:
+            colour, shape = objects[int(rng.integers(len(objects)))][:2]
+            return f"what shape is the {colour} object", shape, qtype
+        if qtype == 6:
+            return "how many objects are there", str(len(objects)), qtype
         if qtype == 0:
             shape = SHAPES[int(rng.integers(len(SHAPES)))]
             return f"how many {shape}s are there", str(sum(o[1] == shape for o in objects)), qtype
@@ -214,4 +253,6 @@ class SynthVQA:
         return rec
 
     def __repr__(self) -> str:
-        return f"SynthVQA({self.split}, n={self.size}, style={self.style}, {self.image_size}px, grid {self.grid})"
+        extra = "" if self.families == DEFAULT_FAMILIES else f", families={'/'.join(self.families)}"
+        return (f"SynthVQA({self.split}, n={self.size}, style={self.style}, {self.image_size}px, grid {self.grid}"
+                f"{extra})")

@@ -127,6 +127,16 @@ def real_prefill_flops(text_cfg, prefill: int, cache_lengths, empty: np.ndarray)
     return prefill - np.sum(layer_flops(text_cfg, static) - layer_flops(text_cfg, real), axis=1)
 
 
+def _families(batches) -> Optional[np.ndarray]:
+    """The question family name of every valid example (``data.synth_vqa.QTYPES[qtype]``), or None without ``qtype``."""
+    if not batches or "qtype" not in batches[0]:
+        return None
+    from data.synth_vqa import QTYPES
+
+    q = np.concatenate([np.asarray(b["qtype"])[np.asarray(b["mask"])] for b in batches])
+    return np.asarray([QTYPES[int(i)] for i in q])
+
+
 def _xla_flops(fn, params, batch) -> Optional[float]:
     try:
         ca = fn.lower(params, batch).cost_analysis()
@@ -249,6 +259,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
     batches = [{k: jnp.asarray(v) for k, v in b.items()}
                for b in eval_batches(src, batch_size=int(cfg.batch_size), limit=n, shard_index=0, shard_count=1)]
     base_k = model.num_image_tokens(model.build_plan(None))
+    families = _families(batches)
     settings = settings_for(cfg, base_k)
     models = resolve_learned(cfg, model, settings)   # learned weights checked and loaded before any compile
     text_tokens = len(getattr(task, "prefix_ids", ())) + int(task.question_len)
@@ -291,6 +302,8 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
             label=s.label, point=s.point, method=s.method, fraction=s.fraction, spec=spec, learned=learned_src,
             accuracy=acc, accuracy_se=float(np.sqrt(acc * (1 - acc) / max(1, int(mask.sum())))),
             correct=correct[mask].astype(int).tolist(),
+            accuracy_by_family=None if families is None else
+            {f: float(correct[mask][families == f].mean()) for f in dict.fromkeys(families.tolist())},
             image_tokens=fl["image_tokens"], image_keep=fl["image_tokens"] / base_k,
             real_image_tokens=float(fl["image_tokens"] - empty[:, 0].mean()),
             llm_tokens_after=fl["cache_lengths"][-1],
@@ -335,7 +348,7 @@ def write_csv(rows, path) -> None:
     import csv
 
     with open(path, "w", newline="") as f:
-        skip = ("spec", "correct")
+        skip = ("spec", "correct", "accuracy_by_family")
         w = csv.DictWriter(f, fieldnames=[c for c in rows[0] if c not in skip], extrasaction="ignore")
         w.writeheader()
         for r in rows:
@@ -359,7 +372,19 @@ def markdown_table(result) -> str:
         vals = [r.get(c) for c in COLUMNS]
         vals[COLUMNS.index("total_flops")] = f"{r['total_flops'] / 1e9:.2f} G"
         lines.append("| " + " | ".join(_fmt(v) for v in vals) + " |")
-    return head + "\n".join(lines) + "\n" + paired_table(result["points"])
+    return head + "\n".join(lines) + "\n" + family_table(result["points"]) + paired_table(result["points"])
+
+
+def family_table(rows) -> str:
+    """Accuracy per question family (``accuracy_by_family``), one row per setting; empty when the data has none."""
+    fams = list(dict.fromkeys(f for r in rows for f in (r.get("accuracy_by_family") or {})))
+    if not fams:
+        return ""
+    lines = ["\nAccuracy by question family:\n", "| setting | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for r in rows:
+        by = r.get("accuracy_by_family") or {}
+        lines.append(f"| {r['label']} | " + " | ".join(_fmt(by.get(f)) for f in fams) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def paired_table(rows) -> str:
@@ -413,4 +438,4 @@ def plot_pareto(rows, path) -> None:
 
 
 __all__ = ["Setting", "settings_for", "resolve_learned", "layer_flops", "real_prefill_flops", "run", "load_projector",
-           "export_projector", "markdown_table", "paired_table", "plot_pareto"]
+           "export_projector", "markdown_table", "family_table", "paired_table", "plot_pareto"]

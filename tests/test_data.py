@@ -126,6 +126,53 @@ def test_synth_vqa_deterministic_and_answers_follow_the_scene(style):
     assert not np.array_equal(other[0]["image"], a[0]["image"])
 
 
+@pytest.mark.parametrize("style", ["shapes", "emoji"])
+def test_synth_vqa_sparse_families_name_one_object_and_default_families_are_unchanged(style):
+    if style == "emoji" and not S.emoji_available():
+        pytest.skip("Noto colour emoji font or emoji-test.txt missing")
+    fam = ("colour_of", "shape_of", "count")
+    a = D.SynthVQA("train", size=90, seed=1, image_size=112, grid=7, min_objects=1, max_objects=3, style=style,
+                   families=fam, distinct=True)
+    seen, counts = set(), set()
+    for i in range(90):
+        rec, ex = a[i], a.example(i)
+        objs, q, ans = ex["objects"], ex["question_text"], ex["answer_text"]
+        assert a.answers[int(rec["answer"])] == ans and a.vocab.decode(rec["question"]) == q
+        assert len({o[0] for o in objs}) == len({o[1] for o in objs}) == len(objs)    # distinct colours, shapes
+        w = q.split()
+        if q.startswith("what colour is the"):
+            assert [o[0] for o in objs if o[1] == w[4]] == [ans]
+        elif q.startswith("what shape is the"):
+            assert [o[1] for o in objs if o[0] == w[4]] == [ans]
+        else:
+            assert q == "how many objects are there" and int(ans) == len(objs)
+            counts.add(len(objs))
+        seen.add(S.QTYPES[int(rec["qtype"])])
+        # the objects are small: most of the canvas is background
+        bg = (np.abs(rec["image"].astype(int) - np.array(S._BACKGROUND)).sum(-1) <= 30).mean()
+        assert bg > 1 - 3 * (a.obj / 112) ** 2 - 0.01
+    assert seen == set(fam) and counts == {1, 2, 3}
+    # the default families draw exactly what they drew before the new ones existed
+    d = D.SynthVQA("val", size=20, seed=4, style=style)
+    e = D.SynthVQA("val", size=20, seed=4, style=style, families=S.QTYPES[:4])
+    assert d.vocab.itos == e.vocab.itos == S.question_vocab(4).itos
+    for i in range(20):
+        np.testing.assert_array_equal(d[i]["image"], e[i]["image"])
+        assert d.example(i)["question_text"] == e.example(i)["question_text"]
+        assert S.QTYPES[int(d[i]["qtype"])] in S.QTYPES[:4]
+
+
+def test_synth_vqa_rejects_bad_families():
+    with pytest.raises(ValueError, match="distinct=True"):
+        D.SynthVQA(families=("colour_of",))
+    with pytest.raises(ValueError, match="max_objects must be <= 3"):
+        D.SynthVQA(families=("count",), distinct=True, max_objects=4)
+    with pytest.raises(ValueError, match="families must be"):
+        D.SynthVQA(families=("colour",))
+    with pytest.raises(ValueError, match="families must be"):
+        D.SynthVQA(families=())
+
+
 def test_synth_vqa_rejects_bad_arguments():
     with pytest.raises(ValueError, match="image_size"):
         D.SynthVQA(image_size=50, grid=4)
