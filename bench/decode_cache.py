@@ -3,8 +3,10 @@ tied 49152 vocabulary), no weights needed: the unreduced 121-token prompt, the s
 short as a tower-reduced one (64 tokens), and DART keeping 7 of 65 image tokens before layer 2 (layers 0-1 at full
 length, 2-29 at the kept count). Interleaved rounds, one decode step of each per round; median ms and speed-up.
 
-    python bench/decode_cache.py [rounds] [batch] [--no-long] [--real]   # e.g. 12 64
-    --no-long: skip the 4x prompt (its prefill dominates at large batches); --real: SmolLM2's GGUF weights
+    python bench/decode_cache.py [rounds] [batch] [--no-long] [--real] [--image-tokens=L]   # e.g. 12 64
+    --no-long: skip the 4x prompt (its prefill dominates at large batches); --real: SmolLM2's GGUF weights;
+    --image-tokens=325: an AnyRes 2 x 2 image span (5 tiles x 65) instead of one 65-token image; the prompt is
+    24 + L + 32 tokens, the tower-like and DART rows keep round(L / 9) image tokens
 
 Each row also prints the KV-cache slots against the unreduced layout and the speed-up the issue asks of a reduced
 cache, ``1 + (slot ratio - 1) / 2`` ("half the cache-size ratio's gain").
@@ -33,7 +35,9 @@ else:
     lm = Llama(cfg, rngs=nnx.Rngs(0))
 args = [a for a in sys.argv[1:] if not a.startswith("--")]
 B = int(args[1]) if len(args) > 1 else 8
-N, L, S0 = 121, 65, 24
+opts = dict(a[2:].split("=", 1) for a in sys.argv[1:] if a.startswith("--") and "=" in a)
+L, S0 = int(opts.get("image-tokens", 65)), 24
+N, K = S0 + L + 32, round(L / 9)
 rounds = int(args[0]) if args else 20
 x = jax.random.normal(jax.random.key(1), (B, N, cfg.dim)) * 0.02
 valid = jnp.ones((B, N), bool)
@@ -41,13 +45,13 @@ starts = jnp.full((B,), S0, jnp.int32)
 def dart(keep, layer=2):
     return tuple(R.build_layer_reducers(cfg.num_layers, {"method": "dart", "keep": keep, "layers": [layer],
                                                          "num_image_pivots": 2, "num_text_pivots": 2}, point="llm"))
-n_short = N - L + 8
+n_short = N - L + K + 1
 configs = {
     "full": dict(x=x, valid=valid),
     **({} if "--no-long" in sys.argv else
        {"long(4x prompt)": dict(x=jnp.tile(x, (1, 4, 1)), valid=jnp.ones((B, 4 * N), bool))}),
     "short(tower-like)": dict(x=x[:, :n_short], valid=valid[:, :n_short]),
-    "dart@2": dict(x=x, valid=valid, reducers=dart(7), image_starts=starts, image_len=L),
+    "dart@2": dict(x=x, valid=valid, reducers=dart(K), image_starts=starts, image_len=L),
 
 }
 states = {}
@@ -64,7 +68,7 @@ for r in range(rounds):
         times[k].append(time.perf_counter() - t0)
 base = statistics.median(times["full"])
 slots = {k: sum(st.cache.capacities) for k, st in states.items()}
-print(f"batch {B}, {rounds} rounds; median of the round-wise step times")
+print(f"batch {B}, {rounds} rounds, prompt {N} tokens ({L} image tokens, {K} kept); median step times")
 for k, v in times.items():
     m = statistics.median(v)
     paired = statistics.median(f / t for f, t in zip(times["full"], v))
