@@ -22,8 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.num_test = 150
     c.batch_size = 25
     c.methods = ml_collections.ConfigDict(dict(
-        vision=("tome", "visionzip"),
+        vision=("tome", "pitome", "visionzip"),
         connector=("random", "pool", "divprune"),
-        llm=("random", "dart", "fastv"),
+        llm=("random", "dart", "fastv", "atp"),      # atp: a fixed threshold, capacity = the budget
     ))
     return c
