@@ -237,7 +237,8 @@ def test_bench_accel_hlo_summary_reads_dot_operand_and_result_types():
     assert got.get("convert f32 -> bf16") == 1, got
 
 
-def test_bench_accel_smoke_run_has_no_section_errors(tmp_path):   # the benchmark command, CI-sized (~35 s)
+@pytest.mark.long   # ~45 s: the accelerator benchmark's command, CI-sized (the attention and dtype checks stay default)
+def test_bench_accel_smoke_run_has_no_section_errors(tmp_path):
     out = tmp_path / "accel.json"
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "bench_accel.py"), "--smoke", "--budget", "600",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900)

@@ -8,6 +8,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ["reduction", "models", "configs", "data", "loaders", "training", "evaluation", "evaluation.builtin",
             "evaluation.visualize", "training.cli", "evaluation.cli"]
@@ -59,6 +61,7 @@ def test_no_package_imports_the_command_line_scripts():
     assert not offenders, offenders
 
 
+@pytest.mark.long   # ~34 s; train.py's log lines reaching stderr stay default (test_train_faults)
 def test_train_script_logs_what_ran_and_exits_zero(tmp_path):
     """The console script exits 0 and its log lines reach stderr (an imported library's root handler used to
     swallow every ``log.info`` of the run)."""

@@ -53,7 +53,7 @@ _COUNT_SPECS = {"none": None, "tower-tome": {"point": "vision", "method": "tome"
                 "conn-pool": {"point": "connector", "method": "pool", "k": 2},
                 "conn-divprune": {"point": "connector", "method": "divprune", "keep": 5},
                 "llm-fastv": {"point": "llm", "method": "fastv", "keep": 6, "layers": [1]}}
-_COUNT_LONG = {("tower-tome", False), ("tower-topk_cls", False), ("llm-fastv", True)}   # the slowest; the other
+_COUNT_LONG = {("tower-tome", False), ("tower-topk_cls", False), ("llm-fastv", True), ("conn-pool", True)}   # the slowest; the other
                                                                                          # keep_cls of each is default
 
 
