@@ -137,6 +137,11 @@ def _families(batches) -> Optional[np.ndarray]:
     return np.asarray([QTYPES[int(i)] for i in q])
 
 
+def accuracy_by_family(correct: np.ndarray, families: np.ndarray) -> dict:
+    """``{family: accuracy}`` in first-seen order; ``correct`` and ``families`` are [N], one per valid example."""
+    return {f: float(correct[families == f].mean()) for f in dict.fromkeys(families.tolist())}
+
+
 def _xla_flops(fn, params, batch) -> Optional[float]:
     try:
         ca = fn.lower(params, batch).cost_analysis()
@@ -302,8 +307,7 @@ def run(cfg, out_dir: pathlib.Path, *, progress: bool = True) -> dict:
             label=s.label, point=s.point, method=s.method, fraction=s.fraction, spec=spec, learned=learned_src,
             accuracy=acc, accuracy_se=float(np.sqrt(acc * (1 - acc) / max(1, int(mask.sum())))),
             correct=correct[mask].astype(int).tolist(),
-            accuracy_by_family=None if families is None else
-            {f: float(correct[mask][families == f].mean()) for f in dict.fromkeys(families.tolist())},
+            accuracy_by_family=None if families is None else accuracy_by_family(correct[mask], families),
             image_tokens=fl["image_tokens"], image_keep=fl["image_tokens"] / base_k,
             real_image_tokens=float(fl["image_tokens"] - empty[:, 0].mean()),
             llm_tokens_after=fl["cache_lengths"][-1],
@@ -438,4 +442,4 @@ def plot_pareto(rows, path) -> None:
 
 
 __all__ = ["Setting", "settings_for", "resolve_learned", "layer_flops", "real_prefill_flops", "run", "load_projector",
-           "export_projector", "markdown_table", "family_table", "paired_table", "plot_pareto"]
+           "export_projector", "markdown_table", "accuracy_by_family", "family_table", "paired_table", "plot_pareto"]

@@ -6,7 +6,7 @@ part, the 17 scored answers start with distinct tokens. The sweep's family split
 import numpy as np
 import pytest
 
-from evaluation.vlm_sweep import _families, family_table
+from evaluation.vlm_sweep import _families, accuracy_by_family, family_table
 
 
 def _all_questions():
@@ -51,7 +51,7 @@ def test_family_table_splits_accuracy_by_question_family():
     assert fam.tolist() == [QTYPES[i] for i in (4, 5, 6, 4, 6, 6)]
     assert _families([{"image": np.zeros(2), "mask": np.ones(2, bool)}]) is None
     correct = np.asarray([1, 0, 1, 0, 1, 0])
-    by = {f: float(correct[fam == f].mean()) for f in dict.fromkeys(fam.tolist())}
+    by = accuracy_by_family(correct, fam)
     assert by == {"colour_of": 0.5, "shape_of": 0.0, "count": 2 / 3}
     rows = [dict(label="none", accuracy_by_family=by), dict(label="llm:random@0.111", accuracy_by_family=None)]
     text = family_table(rows)
